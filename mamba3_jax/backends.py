@@ -1,0 +1,88 @@
+"""Scan-backend registry: which implementation runs the SSM (and its gated output).
+
+Every backend has one signature (`mixer_core`'s): SSM inputs and state in, gated per-head output
+(B, L, H, P) float32 and the final state out. The XLA forms are always registered; Pallas
+kernels register themselves from `pallas_kernels` and may raise `Unsupported` for a shape, in
+which case 'auto' falls back to the XLA chunked form (a forced kernel re-raises with the reason).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Callable
+
+import jax
+
+from mamba3_jax.ops.mixer import gate_output
+from mamba3_jax.ops.ssm import SSM_FORMS
+
+log = logging.getLogger(__name__)
+
+
+class Unsupported(NotImplementedError):
+    """A backend cannot run this shape/config; the message says which constraint failed."""
+
+
+def _xla(form: str) -> Callable:
+    fn = SSM_FORMS[form]
+
+    def core(inp, state, *, z, D, mimo_x=None, mimo_z=None, mimo_o=None, norm_weight=None,
+             chunk_size=64, norm_eps=1e-5):
+        y, final = fn(inp, state, mimo_x, chunk_size=chunk_size)
+        return gate_output(y, inp.x, z, D, mimo_x, mimo_z, mimo_o, norm_weight, norm_eps), final
+
+    return core
+
+
+BACKENDS: dict[str, Callable] = {name: _xla(name) for name in SSM_FORMS}
+_PALLAS_LOADED = False
+
+
+def register(name: str, fn: Callable) -> None:
+    BACKENDS[name] = fn
+
+
+def _load_pallas() -> None:
+    global _PALLAS_LOADED
+    if not _PALLAS_LOADED:
+        _PALLAS_LOADED = True
+        try:
+            import pallas_kernels  # noqa: F401  (registers its backends)
+        except ImportError as e:  # the package is optional at run time
+            log.info("pallas_kernels not importable: %s", e)
+
+
+def resolve(backend: str) -> list[str]:
+    """Backends to try, in order, for a configured name."""
+    if backend.startswith("pallas"):
+        _load_pallas()
+    if backend == "auto":
+        _load_pallas()
+        platform = jax.default_backend()
+        preferred = {"gpu": "pallas_gpu", "cuda": "pallas_gpu", "tpu": "pallas_tpu"}.get(platform)
+        return [b for b in (preferred, "chunked") if b and b in BACKENDS]
+    if backend == "pallas":
+        platform = jax.default_backend()
+        name = {"gpu": "pallas_gpu", "cuda": "pallas_gpu", "tpu": "pallas_tpu"}.get(platform)
+        if name is None or name not in BACKENDS:
+            raise Unsupported(f"scan_backend='pallas' has no kernel for platform {platform!r}; "
+                              f"registered backends: {sorted(BACKENDS)}")
+        return [name]
+    if backend == "pallas_interpret":
+        backend = "pallas_gpu_interpret"
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown scan backend {backend!r}; registered: {sorted(BACKENDS)}")
+    return [backend]
+
+
+def mixer_core(inp, state, *, backend: str = "auto", **kw):
+    """Run the first backend of `resolve(backend)` that supports these inputs."""
+    names = resolve(backend)
+    for i, name in enumerate(names):
+        try:
+            return BACKENDS[name](inp, state, **kw)
+        except Unsupported as e:
+            if i == len(names) - 1 or backend != "auto":
+                raise Unsupported(f"backend {name!r}: {e}") from e
+            log.debug("backend %s unsupported (%s); falling back", name, e)
+    raise AssertionError("unreachable")

@@ -1,0 +1,204 @@
+"""Model configuration: one frozen dataclass, validated on construction.
+
+Every ablation switch of the paper is a field here, so experiments change behaviour by config only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Optional
+
+A_ACTIVATIONS = ("softplus", "heavy_tail")
+DISCRETIZATIONS = ("trapezoid", "trapezoid_half", "euler")
+ROTATIONS = ("data_dependent", "fixed", "none")
+SCAN_BACKENDS = ("auto", "reference", "associative", "chunked", "pallas", "pallas_interpret")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """A Mamba-3 language model (and the mixer's own settings).
+
+    Mixer fields follow `state-spaces/mamba` `Mamba3(...)` names where one exists.
+    """
+
+    vocab_size: int = 257
+    d_model: int = 256
+    n_layer: int = 4
+    # --- Mamba-3 mixer ---
+    d_state: int = 128
+    expand: int = 2
+    headdim: int = 64
+    ngroups: int = 1
+    rope_fraction: float = 0.5
+    mimo_rank: int = 1  # 1 = SISO
+    is_outproj_norm: bool = False
+    a_activation: str = "softplus"
+    a_floor: float = 1e-4
+    dt_min: float = 1e-3
+    dt_max: float = 1e-1
+    dt_init_floor: float = 1e-4
+    chunk_size: Optional[int] = None  # None: 64 // mimo_rank (at least 8)
+    scan_backend: str = "auto"
+    # --- ablation switches (paper Tables 5a, 8, 10) ---
+    discretization: str = "trapezoid"  # learned lambda | fixed 1/2 | exponential Euler (lambda = 1)
+    rotation: str = "data_dependent"  # data-dependent angles | standard fixed-frequency RoPE | none
+    rope_theta: float = 10000.0  # base of the fixed-frequency ablation
+    bc_bias: bool = True
+    bc_bias_init: float = 1.0
+    bc_bias_trainable: bool = True
+    d_conv: int = 0  # >0 adds the Mamba-2 style causal depthwise conv (+SiLU) on x, B, C
+    # --- language model ---
+    d_mlp: Optional[int] = None  # None: 2 * d_model; always rounded up to mlp_multiple_of
+    mlp_multiple_of: int = 128
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = True
+    initializer_range: float = 0.02
+    dtype: str = "float32"  # compute dtype of activations and matmuls
+    param_dtype: str = "float32"  # master weights
+    state_dtype: str = "float32"  # decode cache SSM state (float32 or bfloat16)
+
+    def __post_init__(self):
+        errors = []
+
+        def need(cond, msg):
+            if not cond:
+                errors.append(msg)
+
+        for name in ("vocab_size", "d_model", "n_layer", "d_state", "expand", "headdim", "ngroups",
+                     "mimo_rank"):
+            v = getattr(self, name)
+            need(isinstance(v, int) and v > 0, f"{name} must be a positive integer, got {v!r}")
+        if not errors:
+            need((self.expand * self.d_model) % self.headdim == 0,
+                 f"expand*d_model = {self.expand * self.d_model} must be divisible by headdim "
+                 f"= {self.headdim}")
+            if (self.expand * self.d_model) % self.headdim == 0:
+                need(self.nheads % self.ngroups == 0,
+                     f"nheads = {self.nheads} must be divisible by ngroups = {self.ngroups}")
+            need(self.d_state % 2 == 0, f"d_state must be even, got {self.d_state}")
+        need(self.rope_fraction in (0.5, 1.0),
+             f"rope_fraction must be 0.5 or 1.0, got {self.rope_fraction!r}")
+        need(self.a_activation in A_ACTIVATIONS,
+             f"a_activation must be one of {A_ACTIVATIONS}, got {self.a_activation!r}")
+        need(self.discretization in DISCRETIZATIONS,
+             f"discretization must be one of {DISCRETIZATIONS}, got {self.discretization!r}")
+        need(self.rotation in ROTATIONS, f"rotation must be one of {ROTATIONS}, got {self.rotation!r}")
+        need(self.scan_backend in SCAN_BACKENDS,
+             f"scan_backend must be one of {SCAN_BACKENDS}, got {self.scan_backend!r}")
+        for name in ("dtype", "param_dtype"):
+            need(getattr(self, name) in DTYPES,
+                 f"{name} must be one of {DTYPES}, got {getattr(self, name)!r}")
+        need(self.state_dtype in ("float32", "bfloat16"),
+             f"state_dtype must be float32 or bfloat16, got {self.state_dtype!r}")
+        need(self.a_floor > 0, f"a_floor must be > 0, got {self.a_floor}")
+        need(0 < self.dt_min <= self.dt_max, f"need 0 < dt_min <= dt_max, got {self.dt_min}, "
+             f"{self.dt_max}")
+        need(self.chunk_size is None or (isinstance(self.chunk_size, int) and self.chunk_size > 0),
+             f"chunk_size must be None or a positive integer, got {self.chunk_size!r}")
+        need(self.d_conv >= 0, f"d_conv must be >= 0, got {self.d_conv}")
+        need(self.d_mlp is None or self.d_mlp > 0, f"d_mlp must be None or > 0, got {self.d_mlp}")
+        need(self.mlp_multiple_of > 0, f"mlp_multiple_of must be > 0, got {self.mlp_multiple_of}")
+        need(self.rope_theta > 0, f"rope_theta must be > 0, got {self.rope_theta}")
+        if errors:
+            raise ValueError("invalid ModelConfig:\n  " + "\n  ".join(errors))
+
+    # ----- derived sizes (one place for each) -----
+    @property
+    def d_inner(self) -> int:
+        return self.expand * self.d_model
+
+    @property
+    def nheads(self) -> int:
+        return self.d_inner // self.headdim
+
+    @property
+    def num_rope_angles(self) -> int:
+        """S: rotated channel pairs per B/C vector (0 when rotation is off)."""
+        if self.rotation == "none":
+            return 0
+        return int(self.d_state * self.rope_fraction) // 2
+
+    @property
+    def learned_lambda(self) -> bool:
+        return self.discretization == "trapezoid"
+
+    @property
+    def data_dependent_angles(self) -> bool:
+        return self.rotation == "data_dependent"
+
+    @property
+    def resolved_chunk_size(self) -> int:
+        if self.chunk_size is not None:
+            return self.chunk_size
+        return max(64 // self.mimo_rank, 8)
+
+    @property
+    def resolved_d_mlp(self) -> int:
+        m = self.mlp_multiple_of
+        width = self.d_mlp if self.d_mlp is not None else 2 * self.d_model
+        return int(math.ceil(width / m) * m)
+
+    @property
+    def bc_width(self) -> int:
+        """Width of B (and of C) in in_proj: rank x group x state."""
+        return self.mimo_rank * self.ngroups * self.d_state
+
+    @property
+    def in_proj_splits(self) -> tuple[tuple[str, int], ...]:
+        """in_proj output layout, in order. Slots an ablation does not use are left out."""
+        h = self.nheads
+        parts = [("z", self.d_inner), ("x", self.d_inner), ("B", self.bc_width),
+                 ("C", self.bc_width), ("dd_dt", h), ("dd_A", h)]
+        if self.learned_lambda:
+            parts.append(("trap", h))
+        if self.data_dependent_angles and self.num_rope_angles > 0:
+            parts.append(("angles", self.num_rope_angles))
+        return tuple(parts)
+
+    @property
+    def d_in_proj(self) -> int:
+        return sum(n for _, n in self.in_proj_splits)
+
+    @property
+    def conv_channels(self) -> int:
+        return self.d_inner + 2 * self.bc_width if self.d_conv else 0
+
+    def mixer_params(self) -> int:
+        """Trainable parameters of one Mamba-3 mixer (must equal the module's count)."""
+        h, r, p, n = self.nheads, self.mimo_rank, self.headdim, self.d_state
+        total = self.d_model * self.d_in_proj + self.d_inner * self.d_model  # in/out proj
+        total += 2 * h + 2 * n  # dt_bias, D, B/C norm gains
+        if self.bc_bias and self.bc_bias_trainable:
+            total += 2 * h * r * n
+        if r > 1:
+            total += 3 * h * r * p
+        if self.is_outproj_norm:
+            total += self.d_inner
+        if self.d_conv:
+            total += (self.d_conv + 1) * self.conv_channels
+        return total
+
+    def num_params(self) -> int:
+        """Trainable parameters of the language model."""
+        d, f = self.d_model, self.resolved_d_mlp
+        block = self.mixer_params() + 2 * d + 3 * d * f
+        embed = self.vocab_size * d * (1 if self.tie_embeddings else 2)
+        return embed + self.n_layer * block + d
+
+    def replace(self, **kw) -> "ModelConfig":
+        return dataclasses.replace(self, **kw)
+
+    @classmethod
+    def from_dict(cls, d) -> "ModelConfig":
+        """Build from a dict / ConfigDict, rejecting unknown keys with the list of valid ones."""
+        d = dict(d)
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"unknown model config keys {unknown}; valid keys: {sorted(names)}")
+        return cls(**d)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)

@@ -1,0 +1,163 @@
+"""Flax NNX modules: thin holders of parameters around the pure functions in `mamba3_jax.ops`."""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from mamba3_jax.backends import mixer_core
+from mamba3_jax.config import ModelConfig
+from mamba3_jax.ops.discretization import init_dt_bias
+from mamba3_jax.ops.mixer import MixerCache, causal_conv, prepare, split_in_proj
+from mamba3_jax.ops.norms import rms_norm
+from mamba3_jax.ops.ssm import SSMState
+
+
+class Frozen(nnx.Variable):
+    """A fixed array saved with the model but not trained (e.g. frozen B/C biases)."""
+
+
+def torch_linear_init(fan_in: int, scale: float = 1.0):
+    """PyTorch's default Linear init, U(-1/sqrt(fan_in), 1/sqrt(fan_in)), times `scale`."""
+    bound = scale / math.sqrt(fan_in)
+
+    def init(key, shape, dtype=jnp.float32):
+        return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+    return init
+
+
+def _dtype(name: str):
+    return jnp.dtype(name)
+
+
+def linear(d_in, d_out, cfg: ModelConfig, rngs, scale: float = 1.0) -> nnx.Linear:
+    return nnx.Linear(d_in, d_out, use_bias=False, dtype=_dtype(cfg.dtype),
+                      param_dtype=_dtype(cfg.param_dtype),
+                      kernel_init=torch_linear_init(d_in, scale), rngs=rngs)
+
+
+class RMSNorm(nnx.Module):
+    def __init__(self, dim: int, eps: float = 1e-5):
+        self.weight = nnx.Param(jnp.ones((dim,), jnp.float32))
+        self.eps = eps
+
+    def __call__(self, x):
+        return rms_norm(x, self.weight[...], self.eps)
+
+
+class Mamba3(nnx.Module):
+    """The Mamba-3 mixer (SISO or MIMO rank R). Weight layout: see docs/weights.md."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        H, R, P, N = cfg.nheads, cfg.mimo_rank, cfg.headdim, cfg.d_state
+        self.in_proj = linear(cfg.d_model, cfg.d_in_proj, cfg, rngs)
+        self.dt_bias = nnx.Param(init_dt_bias(rngs.params(), H, cfg.dt_min, cfg.dt_max,
+                                              cfg.dt_init_floor))
+        self.B_norm = nnx.Param(jnp.ones((N,), jnp.float32))
+        self.C_norm = nnx.Param(jnp.ones((N,), jnp.float32))
+        if cfg.bc_bias:
+            kind = nnx.Param if cfg.bc_bias_trainable else Frozen
+            self.B_bias = kind(jnp.full((H, R, N), cfg.bc_bias_init, jnp.float32))
+            self.C_bias = kind(jnp.full((H, R, N), cfg.bc_bias_init, jnp.float32))
+        else:
+            self.B_bias = self.C_bias = None
+        self.D = nnx.Param(jnp.ones((H,), jnp.float32))
+        if R > 1:
+            self.mimo_x = nnx.Param(jnp.full((H, R, P), 1.0 / R, jnp.float32))
+            self.mimo_z = nnx.Param(jnp.ones((H, R, P), jnp.float32))
+            self.mimo_o = nnx.Param(jnp.full((H, R, P), 1.0 / R, jnp.float32))
+        else:
+            self.mimo_x = self.mimo_z = self.mimo_o = None
+        self.norm = nnx.Param(jnp.ones((H, P), jnp.float32)) if cfg.is_outproj_norm else None
+        if cfg.d_conv:
+            ch = cfg.conv_channels
+            self.conv_weight = nnx.Param(torch_linear_init(cfg.d_conv)(rngs.params(),
+                                                                       (cfg.d_conv, ch)))
+            self.conv_bias = nnx.Param(jnp.zeros((ch,), jnp.float32))
+        else:
+            self.conv_weight = self.conv_bias = None
+        # residual-branch output: PyTorch init scaled by 1/sqrt(2 n_layer) (two residuals a block)
+        self.out_proj = linear(cfg.d_inner, cfg.d_model, cfg, rngs,
+                               scale=1.0 / math.sqrt(2 * cfg.n_layer))
+
+    @staticmethod
+    def _value(v):
+        return None if v is None else v[...]
+
+    def init_cache(self, batch: int) -> MixerCache:
+        cfg = self.cfg
+        ssm = SSMState.zeros(batch, cfg.nheads, cfg.headdim, cfg.d_state, cfg.num_rope_angles,
+                             cfg.mimo_rank, dtype=_dtype(cfg.dtype),
+                             state_dtype=_dtype(cfg.state_dtype))
+        conv = (jnp.zeros((batch, cfg.d_conv - 1, cfg.conv_channels), _dtype(cfg.dtype))
+                if cfg.d_conv else None)
+        return MixerCache(ssm=ssm, conv=conv)
+
+    def __call__(self, u: jax.Array, *, reset: Optional[jax.Array] = None,
+                 cache: Optional[MixerCache] = None, backend: Optional[str] = None):
+        """u (B, L, d_model) -> (out (B, L, d_model), cache after the last token)."""
+        cfg = self.cfg
+        B, L, _ = u.shape
+        if cache is None:
+            cache = self.init_cache(B)
+        parts = split_in_proj(self.in_proj(u), cfg)
+        conv_window = None
+        if cfg.d_conv:
+            e, w = cfg.d_inner, cfg.bc_width
+            xbc = jnp.concatenate([parts["x"], parts["B"], parts["C"]], axis=-1)
+            xbc, conv_window = causal_conv(xbc, self.conv_weight[...], self.conv_bias[...],
+                                           reset, cache.conv)
+            parts.update(x=xbc[..., :e], B=xbc[..., e:e + w], C=xbc[..., e + w:])
+        p = {"dt_bias": self.dt_bias[...], "B_norm": self.B_norm[...],
+             "C_norm": self.C_norm[...], "B_bias": self._value(self.B_bias),
+             "C_bias": self._value(self.C_bias)}
+        inp = prepare(parts, p, cfg, reset)
+        z = parts["z"].reshape(B, L, cfg.nheads, cfg.headdim)
+        y, ssm_state = mixer_core(
+            inp, cache.ssm, backend=backend or cfg.scan_backend, z=z, D=self.D[...],
+            mimo_x=self._value(self.mimo_x), mimo_z=self._value(self.mimo_z),
+            mimo_o=self._value(self.mimo_o), norm_weight=self._value(self.norm),
+            chunk_size=cfg.resolved_chunk_size, norm_eps=1e-5)
+        out = self.out_proj(y.reshape(B, L, cfg.d_inner).astype(u.dtype))
+        return out, MixerCache(ssm=ssm_state, conv=conv_window)
+
+    def step(self, u: jax.Array, cache: MixerCache):
+        """One token: u (B, d_model) -> (out (B, d_model), cache)."""
+        out, cache = self(u[:, None], cache=cache, backend="reference")
+        return out[:, 0], cache
+
+
+class SwiGLU(nnx.Module):
+    """fc1 -> [value, gate] -> value * silu(gate) -> fc2 (the reference GatedMLP layout)."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        f = cfg.resolved_d_mlp
+        self.hidden = f
+        self.fc1 = linear(cfg.d_model, 2 * f, cfg, rngs)
+        self.fc2 = linear(f, cfg.d_model, cfg, rngs, scale=1.0 / math.sqrt(2 * cfg.n_layer))
+
+    def __call__(self, x):
+        h = self.fc1(x)
+        value, gate = h[..., :self.hidden], h[..., self.hidden:]
+        return self.fc2(value * jax.nn.silu(gate))
+
+
+class Block(nnx.Module):
+    """Pre-norm residual block: x + Mamba3(norm(x)); x + MLP(norm(x))."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.norm1 = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.mixer = Mamba3(cfg, rngs=rngs)
+        self.norm2 = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.mlp = SwiGLU(cfg, rngs=rngs)
+
+    def __call__(self, x, *, reset=None, cache=None, backend=None):
+        y, cache = self.mixer(self.norm1(x), reset=reset, cache=cache, backend=backend)
+        x = x + y
+        return x + self.mlp(self.norm2(x)), cache

@@ -1,0 +1,115 @@
+"""The Mamba-3 mixer as pure functions: in_proj split -> SSM inputs -> SSM -> gated output.
+
+The NNX module (`mamba3_jax.layers.Mamba3`) only holds parameters and calls these.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+
+from mamba3_jax.config import ModelConfig
+from mamba3_jax.ops.discretization import discretize, fixed_rope_frequencies
+from mamba3_jax.ops.norms import rms_norm
+from mamba3_jax.ops.rotary import data_dependent_increments
+from mamba3_jax.ops.ssm import SSMInputs, SSMState, lift
+
+f32 = jnp.float32
+
+
+class MixerCache(NamedTuple):
+    """Decode cache of one mixer: the SSM state and, with the short-conv ablation, its window."""
+
+    ssm: SSMState
+    conv: Optional[jax.Array] = None  # (B, d_conv - 1, conv_channels): last raw conv inputs
+
+
+def split_in_proj(zxbc: jax.Array, cfg: ModelConfig) -> dict:
+    """Split in_proj's output along its last axis by `cfg.in_proj_splits`."""
+    out, start = {}, 0
+    for name, width in cfg.in_proj_splits:
+        out[name] = zxbc[..., start:start + width]
+        start += width
+    return out
+
+
+def causal_conv(u: jax.Array, weight: jax.Array, bias: jax.Array, reset: Optional[jax.Array],
+                window: Optional[jax.Array]):
+    """Depthwise causal conv (+ SiLU) that does not look across segment starts.
+
+    u (B, L, Ch); weight (K, Ch) with weight[K-1] on the current token; window (B, K-1, Ch)
+    holds the previous K-1 inputs. Returns (output, new window).
+    """
+    K = weight.shape[0]
+    B, L, _ = u.shape
+    if window is None:
+        window = jnp.zeros((B, K - 1) + u.shape[2:], u.dtype)
+    full = jnp.concatenate([window.astype(u.dtype), u], axis=1)  # (B, K-1+L, Ch)
+    r = jnp.zeros((B, L), bool) if reset is None else reset
+    seg = jnp.cumsum(jnp.concatenate([jnp.zeros((B, K - 1), jnp.int32), r.astype(jnp.int32)],
+                                     axis=1), axis=1)
+    acc = jnp.zeros(u.shape, f32) + bias.astype(f32)
+    for j in range(K):  # tap j looks j tokens back
+        src = full[:, K - 1 - j:K - 1 - j + L].astype(f32)
+        same = (seg[:, K - 1 - j:K - 1 - j + L] == seg[:, K - 1:])[..., None]
+        acc = acc + jnp.where(same, src, 0.0) * weight[K - 1 - j].astype(f32)
+    new_window = full[:, L:]
+    # inputs of an older segment must not leak into the next decode step
+    new_window = jnp.where((seg[:, L:] == seg[:, -1:])[..., None], new_window, 0)
+    return jax.nn.silu(acc).astype(u.dtype), new_window
+
+
+def angle_increments(parts: dict, dt: jax.Array, cfg: ModelConfig) -> jax.Array:
+    """(B, L, H, S) rotary increments for the configured rotation mode."""
+    S = cfg.num_rope_angles
+    shape = dt.shape + (S,)
+    if cfg.rotation == "data_dependent" and S > 0:
+        return data_dependent_increments(parts["angles"], dt)
+    if cfg.rotation == "fixed":  # standard RoPE: theta_t = t * freq, independent of the data
+        return jnp.broadcast_to(jnp.asarray(fixed_rope_frequencies(S, cfg.rope_theta)), shape)
+    return jnp.zeros(shape, f32)
+
+
+def bc_to_heads(v: jax.Array, norm_weight, bias, cfg: ModelConfig, eps: float) -> jax.Array:
+    """B or C (B, L, R*G*N) -> normed, biased (B, L, R, H, N) float32 (BCNorm, then bias)."""
+    R, G, N, H = cfg.mimo_rank, cfg.ngroups, cfg.d_state, cfg.nheads
+    v = v.reshape(v.shape[:-1] + (R, G, N))
+    v = rms_norm(v.astype(f32), norm_weight, eps)
+    v = jnp.repeat(v, H // G, axis=-2)  # head h reads group h // (H / G)
+    if bias is not None:
+        v = v + jnp.swapaxes(bias, 0, 1).astype(f32)  # (H, R, N) -> (R, H, N)
+    return v
+
+
+def gate_output(y, x, z, D, mimo_x=None, mimo_z=None, mimo_o=None, norm_weight=None,
+                eps: float = 1e-5) -> jax.Array:
+    """y^(r) + D x^(r), optional per-head RMSNorm over P, times silu(z * mimo_z[r]), rank sum.
+
+    y (B, L, R, H, P) float32; x, z (B, L, H, P); returns (B, L, H, P) float32.
+    """
+    y = y + D.astype(f32)[:, None] * lift(x, mimo_x)
+    if norm_weight is not None:
+        y = rms_norm(y, norm_weight.astype(f32), eps)
+    zr = lift(z, mimo_z)
+    y = y * jax.nn.silu(zr)
+    if mimo_o is None:
+        return y[..., 0, :, :]
+    return jnp.einsum("...rhp,rhp->...hp", y, jnp.swapaxes(mimo_o, 0, 1).astype(f32))
+
+
+def prepare(parts: dict, p: dict, cfg: ModelConfig, reset: Optional[jax.Array]):
+    """Everything between in_proj (and the optional conv) and the SSM."""
+    B, L = parts["x"].shape[:2]
+    H, P = cfg.nheads, cfg.headdim
+    disc = discretize(parts["dd_dt"], parts["dd_A"], parts.get("trap"), p["dt_bias"],
+                      a_activation_kind=cfg.a_activation, a_floor=cfg.a_floor,
+                      discretization=cfg.discretization)
+    cdt = parts["x"].dtype
+    k = bc_to_heads(parts["B"], p["B_norm"], p.get("B_bias"), cfg, 1e-5).astype(cdt)
+    q = bc_to_heads(parts["C"], p["C_norm"], p.get("C_bias"), cfg, 1e-5).astype(cdt)
+    x = parts["x"].reshape(B, L, H, P)
+    inc = angle_increments(parts, disc.dt, cfg)
+    return SSMInputs(q=q, k=k, x=x, angle_inc=inc, log_decay=disc.log_decay, gamma=disc.gamma,
+                     eta=disc.eta, reset=reset)
