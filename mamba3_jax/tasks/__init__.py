@@ -65,7 +65,7 @@ def make_batch(
     (e.g. `seq_len=512, num_kv_pairs=64`), and `min_len`/`max_len`/`pad_to` must be left unset.
     """
     if isinstance(task, str):
-        task = get_task(task, **kwargs) if task == MQARTask.name else get_task(task)
+        task = get_task(task, **kwargs)
     elif kwargs and isinstance(task, MQARTask):
         task = dataclasses.replace(task, **kwargs)
     elif kwargs:

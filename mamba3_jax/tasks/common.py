@@ -89,7 +89,7 @@ def curriculum(
     for s in stages:
         if s < min_len:
             raise ValueError(f"stage length {s} is below min_len {min_len}")
-    if any(b < a for a, b in zip(stages, stages[1:])):
+    if any(b < a for a, b in zip(stages, stages[1:], strict=False)):
         raise ValueError(f"stage_lengths must be non-decreasing, got {stages}")
 
     def schedule(step: int) -> tuple[int, int]:

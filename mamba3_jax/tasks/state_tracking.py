@@ -205,7 +205,7 @@ class ModArithTask(StateTrackingTask):
         digits = rng.integers(0, MODULUS, size=(batch, max_ops + 1), dtype=np.int64)
         ops = rng.integers(0, 3, size=(batch, max_ops), dtype=np.int64)  # 0:+ 1:- 2:*
         # Row b uses the LAST n_ops[b] + 1 operands and the LAST n_ops[b] operators. For the
-        # evaluation, the unused prefix is read as `0 + 0 + ... + 0 +`, which leaves the value as is.
+        # evaluation the unused prefix reads `0 + 0 + ... + 0 +`, which leaves the value as is.
         live_digit = _right_aligned_mask(n_ops + 1, max_ops + 1)
         live_op = _right_aligned_mask(n_ops, max_ops)
         digits = np.where(live_digit, digits, 0)

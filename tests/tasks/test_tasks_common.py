@@ -62,8 +62,13 @@ def test_curriculum_default_schedule():
 def test_curriculum_configurable_and_validated():
     sched = curriculum(stage_lengths=(10, 20), steps_per_stage=5, min_len=2)
     assert [sched(s) for s in (0, 4, 5, 9, 10)] == [(2, 10), (2, 10), (2, 20), (2, 20), (2, 20)]
-    for bad in (dict(stage_lengths=()), dict(stage_lengths=(2,), min_len=3),
-                dict(stage_lengths=(40, 20)), dict(steps_per_stage=0), dict(min_len=0)):
+    for bad in (
+        dict(stage_lengths=()),
+        dict(stage_lengths=(2,), min_len=3),
+        dict(stage_lengths=(40, 20)),
+        dict(steps_per_stage=0),
+        dict(min_len=0),
+    ):
         with pytest.raises(ValueError):
             curriculum(**bad)
 
@@ -79,6 +84,10 @@ def test_registry():
         get_task("dyck")
     with pytest.raises(TypeError):
         get_task("parity", seq_len=3)
+    with pytest.raises(TypeError):
+        make_batch("parity", np.random.default_rng(0), 4, 3, 10, seq_len=3)
+    with pytest.raises(TypeError):
+        make_batch(get_task("parity"), np.random.default_rng(0), 4, 3, 10, seq_len=3)
     with pytest.raises(ValueError):
         make_batch("parity", np.random.default_rng(0), 4)  # lengths required
 

@@ -17,7 +17,7 @@ def check_row(inputs, targets, mask, num_kv_pairs, vocab_size, num_queries, fill
         problems.append("key out of range")
     if not ((values >= half) & (values < vocab_size)).all():
         problems.append("value out of range")
-    binding = dict(zip(keys.tolist(), values.tolist()))
+    binding = dict(zip(keys.tolist(), values.tolist(), strict=True))
 
     query_pos = np.flatnonzero(mask)
     if len(query_pos) != num_queries:

@@ -88,8 +88,9 @@ def eval_tokens(syms):
 def bracket_grammar_value(syms):
     """Strict parser of E := d | -d | (d) | (-d) | ( E op E ), op in {+, -}.
 
-    Returns (value mod 5, leaf kinds used, ops used); raises SyntaxError off-grammar."""
-    kinds, ops = [], []
+    Returns (value mod 5, leaf kinds used, ops used, splits); `splits` holds one
+    (composite length, left operand length) pair per composite. Raises SyntaxError off-grammar."""
+    kinds, ops, splits = [], [], []
 
     def digit(i):
         if i >= len(syms) or syms[i] not in DIGITS:
@@ -109,7 +110,12 @@ def bracket_grammar_value(syms):
         if i + 2 < len(syms) and syms[i + 1] in DIGITS and syms[i + 2] == ")":
             kinds.append("(d)")
             return digit(i + 1), i + 3
-        if i + 3 < len(syms) and syms[i + 1] == "-" and syms[i + 2] in DIGITS and syms[i + 3] == ")":
+        if (
+            i + 3 < len(syms)
+            and syms[i + 1] == "-"
+            and syms[i + 2] in DIGITS
+            and syms[i + 3] == ")"
+        ):
             kinds.append("(-d)")
             return -digit(i + 2), i + 4
         left, j = e(i + 1)
@@ -120,12 +126,13 @@ def bracket_grammar_value(syms):
         right, k = e(j + 1)
         if k >= len(syms) or syms[k] != ")":
             raise SyntaxError(f"')' expected at {k} in {syms}")
+        splits.append((k + 1 - i, j - i - 1))
         return (left + right if op == "+" else left - right), k + 1
 
     value, end = e(0)
     if end != len(syms):
         raise SyntaxError(f"trailing tokens in {syms}")
-    return value % 5, kinds, ops
+    return value % 5, kinds, ops, splits
 
 
 def check_flat_grammar(syms):
@@ -143,7 +150,7 @@ def reference_answer(task_name, syms):
     if task_name == "mod_arith":
         check_flat_grammar(syms)
     else:
-        grammar_value, _, _ = bracket_grammar_value(syms)
+        grammar_value = bracket_grammar_value(syms)[0]
     value = eval_tokens(syms)
     assert value == eval("".join(syms)) % 5, syms  # digits/operators only
     if task_name == "mod_arith_brackets":
@@ -266,12 +273,28 @@ def test_bracket_grammar_coverage():
     batch = make_batch("mod_arith_brackets", rng, 300, 3, 40)
     kinds, ops = set(), set()
     for r in range(300):
-        _, k, o = bracket_grammar_value(symbols("mod_arith_brackets", batch["inputs"][r]))
+        _, k, o, _ = bracket_grammar_value(symbols("mod_arith_brackets", batch["inputs"][r]))
         kinds.update(k)
         ops.update(o)
     assert kinds == {"d", "-d", "(d)", "(-d)"}
     assert ops == {"+", "-"}
     assert not np.isin(batch["inputs"], [8]).any()  # no '*' with brackets
+
+
+def test_bracket_split_is_uniform():
+    """A composite of n tokens splits its n - 3 inner tokens as left in [1, n - 4] uniformly."""
+    length, rows = 12, 4000
+    batch = make_batch("mod_arith_brackets", np.random.default_rng(8), rows, length, length)
+    root_left = []
+    for r in range(rows):
+        _, _, _, splits = bracket_grammar_value(symbols("mod_arith_brackets", batch["inputs"][r]))
+        assert all(1 <= left <= n - 4 for n, left in splits)
+        assert splits[-1][0] == length  # the root is the last composite closed
+        root_left.append(splits[-1][1])
+    counts = np.bincount(root_left, minlength=length - 3)[1:]
+    assert counts.size == length - 4  # left in 1..8
+    expected = rows / (length - 4)
+    assert np.abs(counts - expected).max() < 0.2 * expected, counts
 
 
 def test_flat_arith_uses_all_ops_and_no_brackets():
@@ -337,7 +360,9 @@ def test_vocab_and_decode():
     task = get_task("mod_arith_brackets")
     batch = make_batch(task, np.random.default_rng(0), 4, 5, 9)
     for r in range(4):
-        assert task.decode(batch["inputs"][r]) == "".join(symbols(task.name, batch["inputs"][r])) + "="
+        assert (
+            task.decode(batch["inputs"][r]) == "".join(symbols(task.name, batch["inputs"][r])) + "="
+        )
 
 
 def test_restrict_to_answers():

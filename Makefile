@@ -1,0 +1,39 @@
+# mamba3-jax: common tasks. `make help` lists them.
+PY ?= python3
+WORKDIR ?= runs/tiny
+
+.PHONY: help install test test-fast lint train bench bench-forms bench-kernels clean
+
+help:
+	@echo "install      pip-install the package with its test/plot/data extras"
+	@echo "test         run the whole test suite (what CI runs)"
+	@echo "test-fast    skip tests marked slow"
+	@echo "lint         ruff"
+	@echo "train        the README's main job: tiny model on the bundled books corpus (CPU)"
+	@echo "bench        GPU benchmarks: SSM forms and Pallas kernels (run on the GPU machine)"
+
+install:
+	$(PY) -m pip install -q -e ".[dev,plots,data]"
+
+test:
+	$(PY) -m pytest -q -n 2 --dist loadgroup tests
+
+test-fast:
+	$(PY) -m pytest -q -n 2 -m "not slow" tests
+
+lint:
+	$(PY) -m ruff check .
+
+train:
+	$(PY) -m mamba3_jax.train --config configs/tiny_cpu.py --workdir $(WORKDIR)
+
+bench: bench-forms bench-kernels
+
+bench-forms:
+	$(PY) experiments/bench_forms.py
+
+bench-kernels:
+	$(PY) -m pallas_kernels.bench
+
+clean:
+	rm -rf build dist *.egg-info .pytest_cache
