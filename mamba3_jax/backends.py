@@ -14,7 +14,7 @@ from typing import Callable
 import jax
 
 from mamba3_jax.ops.mixer import gate_output
-from mamba3_jax.ops.ssm import SSM_FORMS
+from mamba3_jax.ops.ssm import SSM_FORMS, per_head
 
 log = logging.getLogger(__name__)
 
@@ -35,11 +35,17 @@ def _xla(form: str) -> Callable:
 
 
 BACKENDS: dict[str, Callable] = {name: _xla(name) for name in SSM_FORMS}
+GROUP_AWARE: set[str] = set(SSM_FORMS)  # backends that take group-level q/k plus biases
 _PALLAS_LOADED = False
 
 
-def register(name: str, fn: Callable) -> None:
+def register(name: str, fn: Callable, *, group_aware: bool = False) -> None:
+    """Add a backend. Unless `group_aware`, it receives per-head, biased q and k."""
     BACKENDS[name] = fn
+    if group_aware:
+        GROUP_AWARE.add(name)
+    else:
+        GROUP_AWARE.discard(name)
 
 
 def _load_pallas() -> None:
@@ -75,12 +81,22 @@ def resolve(backend: str) -> list[str]:
     return [backend]
 
 
+def step_backend(backend: str) -> str:
+    """Backend for one-token decode steps: the configured backend's fused step kernel
+    ('<name>_step', registered by `pallas_kernels`) when there is one, else 'reference'."""
+    try:
+        first = resolve(backend)[0]
+    except (Unsupported, ValueError):
+        return "reference"
+    return first + "_step" if first + "_step" in BACKENDS else "reference"
+
+
 def mixer_core(inp, state, *, backend: str = "auto", **kw):
     """Run the first backend of `resolve(backend)` that supports these inputs."""
     names = resolve(backend)
     for i, name in enumerate(names):
         try:
-            return BACKENDS[name](inp, state, **kw)
+            return BACKENDS[name](inp if name in GROUP_AWARE else per_head(inp), state, **kw)
         except Unsupported as e:
             if i == len(names) - 1 or backend != "auto":
                 raise Unsupported(f"backend {name!r}: {e}") from e

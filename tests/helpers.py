@@ -15,6 +15,15 @@ def rel_err(a, b) -> float:
     return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
 
 
+TIME_FIELDS = ("q", "k", "x", "angle_inc", "log_decay", "gamma", "eta", "reset")
+
+
+def time_slice(inp, start, stop=None):
+    """The tokens [start, stop) of an SSMInputs (biases, which have no time axis, kept)."""
+    return inp._replace(**{f: getattr(inp, f)[:, start:stop] for f in TIME_FIELDS
+                           if getattr(inp, f) is not None})
+
+
 def tree_rel_err(a, b) -> float:
     return max(rel_err(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
 

@@ -5,8 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mamba3_jax.ops.ssm import SSMInputs, SSMState, ssm, ssm_reference, ssm_step
-from tests.helpers import random_problem, rel_err, tree_rel_err
+from mamba3_jax.ops.ssm import SSMInputs, SSMState, per_head, ssm, ssm_reference, ssm_step
+from tests.helpers import TIME_FIELDS, random_problem, rel_err, time_slice, tree_rel_err
 
 F32_TOL = 1e-5
 BF16_TOL = 3e-2  # bf16 inputs, f32 state and accumulation, compared with an f32 reference
@@ -35,7 +35,8 @@ def test_zero_initial_state_equals_no_history(form):
     y, _ = ssm(inp, st, mx, form=form, chunk_size=8)
     # prepend 5 junk tokens and start a new segment at the original first token
     junk, _, _ = random_problem(4, L=5, R=2, init_state=False)
-    cat = SSMInputs(*(jnp.concatenate([a, b], axis=1) for a, b in zip(junk[:-1], inp[:-1])),
+    cat = SSMInputs(**{f: jnp.concatenate([getattr(junk, f), getattr(inp, f)], axis=1)
+                       for f in TIME_FIELDS[:-1]},
                     reset=jnp.zeros((2, 25), bool).at[:, 5].set(True))
     y2, _ = ssm(cat, st, mx, form=form, chunk_size=8)
     assert rel_err(y2[:, 5:], y) < F32_TOL
@@ -89,8 +90,7 @@ def test_bf16_inputs_close_to_f32_reference(form, R):
 def test_state_handover_split_equals_whole(form, split):
     inp, st, mx = random_problem(5, L=29, R=2, reset_prob=0.1)
     y, f = ssm(inp, st, mx, form=form, chunk_size=8)
-    first = SSMInputs(*(None if a is None else a[:, :split] for a in inp))
-    second = SSMInputs(*(None if a is None else a[:, split:] for a in inp))
+    first, second = time_slice(inp, 0, split), time_slice(inp, split)
     y1, f1 = ssm(first, st, mx, form=form, chunk_size=8)
     y2, f2 = ssm(second, f1, mx, form=form, chunk_size=8)
     assert rel_err(jnp.concatenate([y1, y2], axis=1), y) < F32_TOL
@@ -134,7 +134,7 @@ def test_lambda_one_no_rotation_is_exponential_euler(form):
 def test_step_equals_one_token_forward():
     inp, st, mx = random_problem(10, L=1, R=2, reset_prob=0.0)
     y_ref, f_ref = ssm(inp, st, mx, form="chunked", chunk_size=8)
-    y, f = ssm_step(st, *(a[:, 0] for a in inp[:-1]), None, mx)
+    y, f = ssm_step(st, *(getattr(inp, f)[:, 0] for f in TIME_FIELDS[:-1]), None, mx)
     assert rel_err(y, y_ref[:, 0]) < F32_TOL
     assert tree_rel_err(f, f_ref) < F32_TOL
 
@@ -154,3 +154,21 @@ def test_reset_at_first_token_drops_initial_state():
         y0, _ = ssm(inp._replace(reset=None), zero, mx, form=form, chunk_size=4)
         assert rel_err(y, y0) < F32_TOL, form
     assert np.isfinite(np.asarray(y)).all()
+
+
+@pytest.mark.parametrize("form", ["reference"] + FORMS)
+def test_group_level_inputs_with_bias_equal_per_head(form):
+    """q/k given per B/C group plus per-head biases == the same expanded to heads by hand."""
+    inp, st, mx = random_problem(13, L=17, R=2, H=4, reset_prob=0.1)
+    ks = jax.random.split(jax.random.PRNGKey(14), 2)
+    grouped = inp._replace(q=inp.q[:, :, :, :2], k=inp.k[:, :, :, :2],  # G = 2 groups, H = 4
+                           q_bias=jax.random.normal(ks[0], (4, 2, 8)),
+                           k_bias=jax.random.normal(ks[1], (4, 2, 8)))
+    by_hand = inp._replace(
+        q=jnp.repeat(grouped.q, 2, axis=3) + jnp.swapaxes(grouped.q_bias, 0, 1),
+        k=jnp.repeat(grouped.k, 2, axis=3) + jnp.swapaxes(grouped.k_bias, 0, 1))
+    assert rel_err(per_head(grouped).q, by_hand.q) == 0.0
+    y_ref, f_ref = ssm_reference(by_hand, st, mx)
+    y, f = ssm(grouped, st, mx, form=form, chunk_size=8)
+    assert rel_err(y, y_ref) < F32_TOL
+    assert tree_rel_err(f, f_ref) < F32_TOL

@@ -48,8 +48,7 @@ def default_data_dir() -> Path:
             return candidate
     raise FileNotFoundError(
         "Could not find the shared data directory. Set $"
-        f"{DATA_DIR_ENV} or place it at <repo>/../shared/data. Searched: "
-        + ", ".join(searched)
+        f"{DATA_DIR_ENV} or place it at <repo>/../shared/data. Searched: " + ", ".join(searched)
     )
 
 

@@ -18,6 +18,7 @@ import lzma
 import mmap
 import os
 import re
+import threading
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -154,6 +155,7 @@ class BooksSource:
             n = keep
         self._starts, self._ends = starts, ends
         self._all_starts, self._all_lengths = all_starts, all_lengths
+        self._all_pg_ids = [r["pg_id"] for r in rows]
         self.pg_ids = [r["pg_id"] for r in rows[:n]]
         self.titles = [r.get("title", "") for r in rows[:n]]
         if cache_dir is None:
@@ -181,7 +183,9 @@ class BooksSource:
                 return
             warnings.warn(f"Ignoring cache file of the wrong size: {cache_path}", stacklevel=2)
         if self.is_partial and cache_path is None:
-            needed = int(self._all_starts[len(self._starts) - 1] + self._all_lengths[len(self._starts) - 1])
+            needed = int(
+                self._all_starts[len(self._starts) - 1] + self._all_lengths[len(self._starts) - 1]
+            )
             needed = min(needed + len(BOOK_SEPARATOR), self._full_length)
             with lzma.open(self.xz_path, "rb") as f:
                 data = f.read(needed)
@@ -216,7 +220,7 @@ class BooksSource:
                 break
             if data[end : end + 2] != BOOK_SEPARATOR:
                 raise ValueError(
-                    f"manifest.tsv byte count of book {i} (pg_id row {i}) in split "
+                    f"manifest.tsv byte count of book {i} (pg_id {self._all_pg_ids[i]}) of split "
                     f"{self.split!r} does not end at a book separator in {str(self.xz_path)!r}"
                 )
 
@@ -321,14 +325,15 @@ class JsonlSource:
         self.text_key = text_key
         file_ids, starts, ends = [], [], []
         for fid, path in enumerate(self.paths):
-            data = path.read_bytes() if path.stat().st_size < (1 << 20) else self._map(path)
+            data = self._map(path)
             arr = np.frombuffer(data, dtype=np.uint8)
             newlines = np.flatnonzero(arr == ord("\n"))
             s = np.concatenate([[0], newlines + 1])
             e = np.concatenate([newlines, [len(arr)]])
+            # Drop blank lines: empty, or a lone "\r" (CRLF files).
             keep = e > s
-            # Drop blank lines ("" or a lone "\r").
-            keep &= ~((e - s == 1) & (arr[np.minimum(s, max(len(arr) - 1, 0))] == ord("\r")))
+            single = np.flatnonzero(e - s == 1)
+            keep[single[arr[s[single]] == ord("\r")]] = False
             starts.append(s[keep])
             ends.append(e[keep])
             file_ids.append(np.full(int(keep.sum()), fid, dtype=np.int32))
@@ -400,11 +405,16 @@ class ParquetSource:
         self._group_ends = np.cumsum([g[2] for g in groups]).astype(np.int64)
         self._files: dict[int, Any] | None = None
         self._cache: collections.OrderedDict[int, list] = collections.OrderedDict()
+        self._lock = threading.Lock()  # the pipeline may read from several threads
 
     def __len__(self) -> int:
         return int(self._group_ends[-1]) if len(self._group_ends) else 0
 
     def _row_group(self, g: int) -> list:
+        with self._lock:
+            return self._row_group_locked(g)
+
+    def _row_group_locked(self, g: int) -> list:
         if g in self._cache:
             self._cache.move_to_end(g)
             return self._cache[g]
@@ -438,7 +448,12 @@ class ParquetSource:
         state = dict(self.__dict__)
         state["_files"] = None
         state["_cache"] = collections.OrderedDict()
+        del state["_lock"]
         return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
 
     def __repr__(self) -> str:
         return f"ParquetSource({len(self.paths)} files, {len(self)} docs)"
@@ -480,7 +495,9 @@ class ArrayRecordSource:
 TINYSHAKESPEARE_FRACTIONS = {"train": (0.0, 0.9), "valid": (0.9, 0.95), "test": (0.95, 1.0)}
 
 
-def tinyshakespeare_source(split: str = "train", data_dir: PathLike | None = None) -> InMemorySource:
+def tinyshakespeare_source(
+    split: str = "train", data_dir: PathLike | None = None
+) -> InMemorySource:
     """Tiny Shakespeare as ONE document per split: characters [0, 90%), [90, 95%), [95, 100%)."""
     if split not in TINYSHAKESPEARE_FRACTIONS:
         raise ValueError(f"Unknown split {split!r}; valid: {tuple(TINYSHAKESPEARE_FRACTIONS)}")

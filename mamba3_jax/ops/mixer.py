@@ -72,15 +72,10 @@ def angle_increments(parts: dict, dt: jax.Array, cfg: ModelConfig) -> jax.Array:
     return jnp.zeros(shape, f32)
 
 
-def bc_to_heads(v: jax.Array, norm_weight, bias, cfg: ModelConfig, eps: float) -> jax.Array:
-    """B or C (B, L, R*G*N) -> normed, biased (B, L, R, H, N) float32 (BCNorm, then bias)."""
-    R, G, N, H = cfg.mimo_rank, cfg.ngroups, cfg.d_state, cfg.nheads
-    v = v.reshape(v.shape[:-1] + (R, G, N))
-    v = rms_norm(v.astype(f32), norm_weight, eps)
-    v = jnp.repeat(v, H // G, axis=-2)  # head h reads group h // (H / G)
-    if bias is not None:
-        v = v + jnp.swapaxes(bias, 0, 1).astype(f32)  # (H, R, N) -> (R, H, N)
-    return v
+def bc_norm(v: jax.Array, norm_weight, cfg: ModelConfig, eps: float = 1e-5) -> jax.Array:
+    """B or C (B, L, R*G*N) laid out (rank, group, state) -> BCNorm-ed (B, L, R, G, N)."""
+    v = v.reshape(v.shape[:-1] + (cfg.mimo_rank, cfg.ngroups, cfg.d_state))
+    return rms_norm(v, norm_weight, eps)
 
 
 def gate_output(y, x, z, D, mimo_x=None, mimo_z=None, mimo_o=None, norm_weight=None,
@@ -106,10 +101,8 @@ def prepare(parts: dict, p: dict, cfg: ModelConfig, reset: Optional[jax.Array]):
     disc = discretize(parts["dd_dt"], parts["dd_A"], parts.get("trap"), p["dt_bias"],
                       a_activation_kind=cfg.a_activation, a_floor=cfg.a_floor,
                       discretization=cfg.discretization)
-    cdt = parts["x"].dtype
-    k = bc_to_heads(parts["B"], p["B_norm"], p.get("B_bias"), cfg, 1e-5).astype(cdt)
-    q = bc_to_heads(parts["C"], p["C_norm"], p.get("C_bias"), cfg, 1e-5).astype(cdt)
     x = parts["x"].reshape(B, L, H, P)
     inc = angle_increments(parts, disc.dt, cfg)
-    return SSMInputs(q=q, k=k, x=x, angle_inc=inc, log_decay=disc.log_decay, gamma=disc.gamma,
-                     eta=disc.eta, reset=reset)
+    return SSMInputs(q=bc_norm(parts["C"], p["C_norm"], cfg),
+                     k=bc_norm(parts["B"], p["B_norm"], cfg), x=x, angle_inc=inc, log_decay=disc.log_decay, gamma=disc.gamma, eta=disc.eta,
+                     reset=reset, q_bias=p.get("C_bias"), k_bias=p.get("B_bias"))

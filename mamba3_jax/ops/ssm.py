@@ -48,14 +48,39 @@ class SSMState(NamedTuple):
 
 
 class SSMInputs(NamedTuple):
-    q: jax.Array  # (B, L, R, H, N) biased C, not rotated
-    k: jax.Array  # (B, L, R, H, N) biased B, not rotated
+    """Inputs of the SSM. q and k are either per head, biased, (B, L, R, H, N), or per B/C group
+    (B, L, R, G, N) with the per-head biases in q_bias / k_bias (H, R, N): the group form lets a
+    kernel read G (usually 1) vectors per token instead of H. `per_head` turns one into the other."""
+
+    q: jax.Array  # (B, L, R, H or G, N) C after BCNorm, not rotated
+    k: jax.Array  # (B, L, R, H or G, N) B after BCNorm, not rotated
     x: jax.Array  # (B, L, H, P)
     angle_inc: jax.Array  # (B, L, H, S) float32 angle increments
     log_decay: jax.Array  # (B, L, H) float32, A * dt
     gamma: jax.Array  # (B, L, H) float32, lam * dt
     eta: jax.Array  # (B, L, H) float32, (1 - lam) * dt
     reset: Optional[jax.Array] = None  # (B, L) bool, True at the first token of a segment
+    q_bias: Optional[jax.Array] = None  # (H, R, N) float32, added to q per head
+    k_bias: Optional[jax.Array] = None  # (H, R, N) float32
+
+
+def per_head(inp: SSMInputs) -> SSMInputs:
+    """Expand group-level q, k to heads (head h reads group h // (H / G)) and add the biases."""
+    H = inp.x.shape[2]
+
+    def expand(v, bias):
+        if v.shape[3] != H:
+            if H % v.shape[3]:
+                raise ValueError(f"{v.shape[3]} B/C groups do not divide {H} heads")
+            v = jnp.repeat(v, H // v.shape[3], axis=3)
+        if bias is not None:
+            v = (v.astype(f32) + jnp.swapaxes(bias, 0, 1).astype(f32)).astype(v.dtype)
+        return v
+
+    if inp.q.shape[3] == H and inp.q_bias is None and inp.k_bias is None:
+        return inp
+    return inp._replace(q=expand(inp.q, inp.q_bias), k=expand(inp.k, inp.k_bias),
+                        q_bias=None, k_bias=None)
 
 
 def reset_from_segment_ids(segment_ids: jax.Array) -> jax.Array:
@@ -109,6 +134,7 @@ def ssm_step(state: SSMState, q, k, x, angle_inc, log_decay, gamma, eta, reset=N
 
 def ssm_reference(inp: SSMInputs, state: SSMState, mimo_x=None, **_):
     """Ground truth: the decode step scanned over time."""
+    inp = per_head(inp)
     reset = inp.reset
     if reset is None:
         reset = jnp.zeros(inp.x.shape[:2], bool)
@@ -154,6 +180,7 @@ def _masked_eta(inp: SSMInputs):
 def ssm_associative(inp: SSMInputs, state: SSMState, mimo_x=None, **_):
     """h_t for all t by an associative scan of pairs (alpha_t, u_t), trapezoid folded into u."""
     hp = jax.lax.Precision.HIGHEST
+    inp = per_head(inp)
     theta, qr, kr = _rotate_all(inp, state)
     alpha = jnp.exp(inp.log_decay)
     if inp.reset is not None:
@@ -180,6 +207,7 @@ def ssm_chunked(inp: SSMInputs, state: SSMState, mimo_x=None, chunk_size: int = 
     g_t = alpha_t g_{t-1} + scale_t kv_t (Mamba-2 with a per-key scale), and
     y_t = g_{t-1}-readout + sum_{s<t} decay(t,s) scale_s (q_t.k_s) v_s + gamma_t (q_t.k_t) v_t.
     """
+    inp = per_head(inp)
     B, L, R, H, N = inp.q.shape
     P = inp.x.shape[-1]
     C = int(chunk_size)

@@ -3,6 +3,10 @@
 import itertools
 import json
 import math
+import os
+import pathlib
+import subprocess
+import sys
 
 import grain
 import numpy as np
@@ -380,3 +384,30 @@ def test_batch_shapes():
     shapes = batch_shapes(2, 8)
     assert shapes["inputs"] == ((2, 8), np.int32)
     assert shapes["loss_mask"] == ((2, 8), np.float32)
+
+
+def test_open_iterator_at_exit_does_not_crash():
+    """An iterator left open at interpreter exit must not abort or print tracebacks."""
+    root = pathlib.Path(__file__).resolve().parents[2]
+    script = (
+        "from mamba3_jax.data import InMemorySource, ByteTokenizer, make_lm_dataset\n"
+        "docs = InMemorySource([str(i) * 50 for i in range(20)])\n"
+        "it = iter(make_lm_dataset(docs, ByteTokenizer(), seq_len=8, batch_size=4, prefetch=3,"
+        " num_threads=2))\n"
+        "next(it)\n"
+        "closed = iter(make_lm_dataset(docs, ByteTokenizer(), seq_len=8, batch_size=4))\n"
+        "next(closed)\n"
+        "closed.close()\n"
+        "print('done')\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=root,
+        env={**os.environ, "PYTHONPATH": str(root)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "done"
+    assert "Traceback" not in proc.stderr, proc.stderr
