@@ -1,0 +1,63 @@
+"""Timing and roofline helpers shared by the benchmark scripts (GPU machine)."""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def time_fn(fn: Callable, arg_sets: Sequence[tuple], reps: int = 20, warmup: int = 2) -> float:
+    """Median milliseconds of fn(*args), cycling through several argument sets (cache-cold)."""
+    for i in range(warmup):
+        jax.block_until_ready(fn(*arg_sets[i % len(arg_sets)]))
+    times = []
+    for i in range(reps):
+        args = arg_sets[i % len(arg_sets)]
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - t0)
+    return 1e3 * float(np.median(times))
+
+
+def measure_copy_bandwidth(nbytes: int = 1 << 30) -> float:
+    """Device copy bandwidth in bytes/s, counting bytes read plus bytes written."""
+    n = nbytes // 4
+    xs = [jnp.full((n,), float(i), jnp.float32) for i in range(2)]
+    copy = jax.jit(lambda a: a * 1.0001)
+    ms = time_fn(copy, [(x,) for x in xs], reps=20)
+    return 2 * n * 4 / (ms * 1e-3)
+
+
+def measure_matmul_rate(n: int = 8192, dtype=jnp.bfloat16) -> float:
+    """Dense matmul rate in FLOP/s at the given dtype."""
+    keys = jax.random.split(jax.random.PRNGKey(0), 4)
+    mats = [(jax.random.normal(keys[i], (n, n), dtype), jax.random.normal(keys[i + 1], (n, n),
+                                                                          dtype)) for i in (0, 2)]
+    mm = jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32).astype(dtype))
+    ms = time_fn(mm, mats, reps=20)
+    return 2 * n ** 3 / (ms * 1e-3)
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"],
+                                       text=True, stderr=subprocess.DEVNULL).strip()
+    except Exception:  # not a git checkout (e.g. a copied tree)
+        return "unknown"
+
+
+def device_name() -> str:
+    d = jax.devices()[0]
+    return f"{d.platform}:{getattr(d, 'device_kind', '?')}"
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for r in rows:
+        lines.append("| " + " | ".join(str(c) for c in r) + " |")
+    return "\n".join(lines)
