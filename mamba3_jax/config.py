@@ -12,6 +12,7 @@ from typing import Optional
 A_ACTIVATIONS = ("softplus", "heavy_tail")
 DISCRETIZATIONS = ("trapezoid", "trapezoid_half", "euler")
 ROTATIONS = ("data_dependent", "fixed", "none")
+MIXERS = ("mamba3", "mamba2")
 SCAN_BACKENDS = ("auto", "reference", "associative", "chunked", "pallas", "pallas_interpret")
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -26,7 +27,8 @@ class ModelConfig:
     vocab_size: int = 257
     d_model: int = 256
     n_layer: int = 4
-    # --- Mamba-3 mixer ---
+    # --- sequence mixer ---
+    mixer: str = "mamba3"  # "mamba2": the paper's Mamba-2 baseline (see mamba3_jax/baselines)
     d_state: int = 128
     expand: int = 2
     headdim: int = 64
@@ -49,6 +51,7 @@ class ModelConfig:
     bc_bias_init: float = 1.0
     bc_bias_trainable: bool = True
     d_conv: int = 0  # >0 adds the Mamba-2 style causal depthwise conv (+SiLU) on x, B, C
+    a_init_range: tuple = (1.0, 16.0)  # Mamba-2 only: A = -exp(A_log), A_log = log U(range)
     # --- language model ---
     d_mlp: Optional[int] = None  # None: 2 * d_model; always rounded up to mlp_multiple_of
     mlp_multiple_of: int = 128
@@ -84,6 +87,12 @@ class ModelConfig:
              f"a_activation must be one of {A_ACTIVATIONS}, got {self.a_activation!r}")
         need(self.discretization in DISCRETIZATIONS,
              f"discretization must be one of {DISCRETIZATIONS}, got {self.discretization!r}")
+        need(self.mixer in MIXERS, f"mixer must be one of {MIXERS}, got {self.mixer!r}")
+        if self.mixer == "mamba2":
+            need(self.mimo_rank == 1, "mixer='mamba2' is SISO: mimo_rank must be 1")
+            need(self.d_conv > 0, "mixer='mamba2' needs its short conv: set d_conv (e.g. 4)")
+            lo, hi = tuple(self.a_init_range)
+            need(0 < lo <= hi, f"a_init_range must satisfy 0 < lo <= hi, got {self.a_init_range}")
         need(self.rotation in ROTATIONS, f"rotation must be one of {ROTATIONS}, got {self.rotation!r}")
         need(self.scan_backend in SCAN_BACKENDS,
              f"scan_backend must be one of {SCAN_BACKENDS}, got {self.scan_backend!r}")
@@ -150,7 +159,10 @@ class ModelConfig:
         """in_proj output layout, in order. Slots an ablation does not use are left out."""
         h = self.nheads
         parts = [("z", self.d_inner), ("x", self.d_inner), ("B", self.bc_width),
-                 ("C", self.bc_width), ("dd_dt", h), ("dd_A", h)]
+                 ("C", self.bc_width), ("dd_dt", h)]
+        if self.mixer == "mamba2":
+            return tuple(parts)
+        parts.append(("dd_A", h))
         if self.learned_lambda:
             parts.append(("trap", h))
         if self.data_dependent_angles and self.num_rope_angles > 0:
@@ -169,6 +181,8 @@ class ModelConfig:
         """Trainable parameters of one Mamba-3 mixer (must equal the module's count)."""
         h, r, p, n = self.nheads, self.mimo_rank, self.headdim, self.d_state
         total = self.d_model * self.d_in_proj + self.d_inner * self.d_model  # in/out proj
+        if self.mixer == "mamba2":  # dt_bias, A_log, D, gated norm, conv
+            return total + 3 * h + self.d_inner + (self.d_conv + 1) * self.conv_channels
         total += 2 * h + 2 * n  # dt_bias, D, B/C norm gains
         if self.bc_bias and self.bc_bias_trainable:
             total += 2 * h * r * n

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from mamba3_jax.backends import mixer_core
+from mamba3_jax.backends import mixer_core, step_backend
 from mamba3_jax.config import ModelConfig
 from mamba3_jax.ops.discretization import init_dt_bias
 from mamba3_jax.ops.mixer import MixerCache, causal_conv, prepare, split_in_proj
@@ -128,8 +128,12 @@ class Mamba3(nnx.Module):
         return out, MixerCache(ssm=ssm_state, conv=conv_window)
 
     def step(self, u: jax.Array, cache: MixerCache):
-        """One token: u (B, d_model) -> (out (B, d_model), cache)."""
-        out, cache = self(u[:, None], cache=cache, backend="reference")
+        """One token: u (B, d_model) -> (out (B, d_model), cache).
+
+        Runs the fused Pallas decode kernel when the configured backend resolves to a Pallas one
+        (and there is no short conv); otherwise the reference form with L = 1."""
+        backend = "reference" if self.cfg.d_conv else step_backend(self.cfg.scan_backend)
+        out, cache = self(u[:, None], cache=cache, backend=backend)
         return out[:, 0], cache
 
 
@@ -153,7 +157,12 @@ class Block(nnx.Module):
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         self.norm1 = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.mixer = Mamba3(cfg, rngs=rngs)
+        if cfg.mixer == "mamba2":
+            from mamba3_jax.baselines.mamba2 import Mamba2  # baselines build on this module
+
+            self.mixer = Mamba2(cfg, rngs=rngs)
+        else:
+            self.mixer = Mamba3(cfg, rngs=rngs)
         self.norm2 = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.mlp = SwiGLU(cfg, rngs=rngs)
 
