@@ -1,0 +1,228 @@
+"""Paper Table 5b: state tracking (parity, modular arithmetic with and without brackets).
+
+One command trains every (task, variant) cell over a learning-rate sweep — all learning rates of
+a cell train at once, vmapped over stacked parameter copies — with the length curriculum, then
+evaluates at length 256 and keeps the best learning rate (the paper's protocol). It writes
+results.md (ours beside the paper's numbers), results.csv, plot.png and configs.json under
+experiments/results/state_tracking/ (or --out).
+
+    python experiments/state_tracking.py --preset fast          # GPU, the whole table
+    python experiments/state_tracking.py --preset ci            # seconds-scale CPU check
+    python experiments/state_tracking.py --preset fast --tasks parity --variants mamba3,mamba2
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import json
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from mamba3_jax.config import ModelConfig
+from mamba3_jax.model import Mamba3LM
+from mamba3_jax.tasks import curriculum, get_task, make_batch, scaled_accuracy
+from mamba3_jax.training.optim import decay_mask
+from mamba3_jax.training.step import loss_sums
+
+# Paper Table 5b (scaled accuracy %), SISO.
+PAPER = {
+    "mamba3": {"parity": 100.00, "mod_arith": 98.51, "mod_arith_brackets": 87.75},
+    "mamba3_std_rope": {"parity": 1.56, "mod_arith": 20.70, "mod_arith_brackets": 2.62},
+    "mamba3_no_rope": {"parity": 2.27, "mod_arith": 1.49, "mod_arith_brackets": 0.72},
+    "mamba2": {"parity": 0.90, "mod_arith": 47.81, "mod_arith_brackets": 0.88},
+}
+VARIANTS = {  # ModelConfig overrides per row of the table
+    "mamba3": {},
+    "mamba3_std_rope": {"rotation": "fixed"},
+    "mamba3_no_rope": {"rotation": "none"},
+    "mamba2": {"mixer": "mamba2", "d_conv": 4, "rotation": "none"},
+}
+LAYERS = {"parity": 1, "mod_arith": 3, "mod_arith_brackets": 3}  # paper: 1 layer for parity
+
+
+@dataclasses.dataclass(frozen=True)
+class Preset:
+    stage_lengths: tuple = (40, 80, 120, 160)
+    steps_per_stage: int = 10_000
+    batch_size: int = 256
+    lrs: tuple = tuple(float(x) for x in np.logspace(-4, -2, 8))
+    eval_length: int = 256
+    eval_batches: int = 4
+    d_model: int = 64
+    d_state: int = 64
+    headdim: int = 32
+    warmup: int = 500
+    weight_decay: float = 0.1
+    min_len: int = 3
+
+
+PRESETS = {
+    "paper": Preset(),  # 4 x 10^4 steps at batch 256, as in the paper
+    "fast": Preset(steps_per_stage=2_500),  # the whole table in hours on one GPU
+    "ci": Preset(stage_lengths=(10,), steps_per_stage=400, batch_size=64,
+                 lrs=(3e-3, 1e-2), eval_length=8, eval_batches=4, d_model=32, d_state=16,
+                 headdim=16, warmup=20, min_len=2),
+}
+
+
+def model_config(task_name: str, variant: str, p: Preset, vocab_size: int) -> ModelConfig:
+    return ModelConfig(vocab_size=vocab_size, d_model=p.d_model, n_layer=LAYERS[task_name],
+                       d_state=p.d_state, headdim=p.headdim, chunk_size=16,
+                       scan_backend="chunked", **VARIANTS[variant])
+
+
+def train_cell(task_name: str, variant: str, p: Preset, seed: int = 0, log=print) -> dict:
+    """Train one (task, variant) cell for every learning rate at once; evaluate each."""
+    task = get_task(task_name)
+    cfg = model_config(task_name, variant, p, task.vocab_size)
+    model = Mamba3LM(cfg, rngs=nnx.Rngs(seed))
+    graphdef, params, frozen = nnx.split(model, nnx.Param, ...)
+    params, frozen = nnx.to_pure_dict(params), nnx.to_pure_dict(frozen)
+    n_lr = len(p.lrs)
+    total = p.steps_per_stage * len(p.stage_lengths)
+    sched = optax.warmup_cosine_decay_schedule(0.0, 1.0, p.warmup, total, end_value=1e-2)
+    adamw = optax.inject_hyperparams(optax.adamw, static_args=("mask",))
+    tx = optax.chain(optax.clip_by_global_norm(1.0), adamw(
+        learning_rate=1.0, b1=0.9, b2=0.95, weight_decay=p.weight_decay,
+        mask=decay_mask(params)))
+    stack = lambda t: jax.tree.map(lambda a: jnp.broadcast_to(a, (n_lr,) + a.shape), t)  # noqa
+    params_n = stack(params)
+    opt_n = jax.vmap(tx.init)(params_n)
+    peaks = jnp.asarray(p.lrs, jnp.float32)
+
+    def one(params, opt_state, peak, batch, step):
+        (s, aux), g = jax.value_and_grad(
+            lambda q: loss_sums(graphdef, q, frozen, batch), has_aux=True)(params)
+        g = jax.tree.map(lambda x: x / jnp.maximum(aux["tokens"], 1.0), g)
+        clip, adam = opt_state
+        hp = dict(adam.hyperparams)
+        hp["learning_rate"] = peak * sched(step)
+        updates, (clip, adam) = tx.update(g, (clip, adam._replace(hyperparams=hp)), params)
+        return optax.apply_updates(params, updates), (clip, adam), s / aux["tokens"]
+
+    step_fn = jax.jit(jax.vmap(one, in_axes=(0, 0, 0, None, None)), donate_argnums=(0, 1))
+    answer_ids = jnp.asarray(task.answer_token_ids)
+
+    def predict(params, inputs, positions):
+        m = nnx.merge(graphdef, params, frozen)
+        logits = m(inputs, positions=positions)[:, -1]  # answers sit in the last column
+        return jnp.argmax(logits[:, answer_ids], axis=-1)
+
+    eval_fn = jax.jit(jax.vmap(predict, in_axes=(0, None, None)))
+    lengths_at = curriculum(p.stage_lengths, p.steps_per_stage, p.min_len)
+    rng = np.random.default_rng(seed)
+    pad_to = max(p.stage_lengths) + 1
+    t0 = time.time()
+    losses = None
+    for step in range(total):
+        lo, hi = lengths_at(step)
+        b = make_batch(task, rng, p.batch_size, lo, hi, pad_to=pad_to)
+        batch = {k: jnp.asarray(b[k]) for k in ("inputs", "targets", "positions", "loss_mask")}
+        batch["target_bytes"] = jnp.zeros_like(batch["inputs"])
+        params_n, opt_n, losses = step_fn(params_n, opt_n, peaks, batch, step)
+        if step % max(total // 10, 1) == 0 or step == total - 1:
+            log(f"  {task_name}/{variant} step {step} lengths {lo}..{hi} "
+                f"loss per lr {np.round(np.asarray(losses), 3).tolist()}")
+    train_s = time.time() - t0
+    correct = np.zeros(n_lr)
+    count = 0
+    erng = np.random.default_rng(seed + 12345)
+    for _ in range(p.eval_batches):
+        b = make_batch(task, erng, p.batch_size, p.eval_length, p.eval_length)
+        pred = np.asarray(eval_fn(params_n, jnp.asarray(b["inputs"]), jnp.asarray(b["positions"])))
+        correct += (pred == b["answers"][None]).sum(axis=1)
+        count += len(b["answers"])
+    acc = correct / count
+    scaled = 100.0 * np.asarray(scaled_accuracy(acc, task.num_classes))
+    best = int(np.argmax(scaled))
+    return {"task": task_name, "variant": variant, "best_lr": p.lrs[best],
+            "scaled_acc": float(scaled[best]), "acc": float(acc[best]),
+            "scaled_acc_per_lr": [float(s) for s in scaled], "final_loss_per_lr":
+            [float(x) for x in np.asarray(losses)], "train_seconds": round(train_s, 1),
+            "steps": total, "params": int(cfg.num_params()), "config": cfg.to_dict()}
+
+
+def write_results(rows: list[dict], out: str, preset_name: str, p: Preset) -> None:
+    os.makedirs(out, exist_ok=True)
+    tasks = [t for t in LAYERS if any(r["task"] == t for r in rows)]
+    variants = [v for v in VARIANTS if any(r["variant"] == v for r in rows)]
+    cell = {(r["task"], r["variant"]): r for r in rows}
+    lines = [f"# State tracking (paper Table 5b), preset `{preset_name}`", "",
+             f"Scaled accuracy % at length {p.eval_length}, best of {len(p.lrs)} learning "
+             f"rates; ours / paper. Device: {jax.devices()[0].device_kind}.", "",
+             "| model | " + " | ".join(tasks) + " |", "|---|" + "---|" * len(tasks)]
+    for v in variants:
+        vals = []
+        for t in tasks:
+            r = cell.get((t, v))
+            vals.append("-" if r is None else
+                        f"{r['scaled_acc']:.2f} / {PAPER[v][t]:.2f} ({r['train_seconds']:.0f}s)")
+        lines.append(f"| {v} | " + " | ".join(vals) + " |")
+    lines += ["", "Cells: ours / paper (wall seconds of training, all learning rates together)."]
+    with open(os.path.join(out, "results.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    with open(os.path.join(out, "results.csv"), "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["task", "variant", "scaled_acc", "acc", "best_lr", "paper", "train_seconds",
+                    "steps", "params"])
+        for r in rows:
+            w.writerow([r["task"], r["variant"], f"{r['scaled_acc']:.2f}", f"{r['acc']:.4f}",
+                        r["best_lr"], PAPER[r["variant"]][r["task"]], r["train_seconds"],
+                        r["steps"], r["params"]])
+    with open(os.path.join(out, "configs.json"), "w") as f:
+        json.dump({"preset": preset_name, "settings": dataclasses.asdict(p), "runs": rows}, f,
+                  indent=1)
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        fig, ax = plt.subplots(figsize=(7, 3.5))
+        width = 0.8 / max(len(variants), 1)
+        for i, v in enumerate(variants):
+            ys = [cell[(t, v)]["scaled_acc"] if (t, v) in cell else 0 for t in tasks]
+            ax.bar(np.arange(len(tasks)) + i * width, ys, width, label=v)
+        ax.set_xticks(np.arange(len(tasks)) + width * (len(variants) - 1) / 2, tasks)
+        ax.set_ylabel("scaled accuracy %")
+        ax.set_ylim(-5, 105)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(os.path.join(out, "plot.png"), dpi=120)
+    except ImportError:
+        pass
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--preset", default="fast", choices=sorted(PRESETS))
+    ap.add_argument("--tasks", default=",".join(LAYERS))
+    ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default="experiments/results/state_tracking")
+    args = ap.parse_args(argv)
+    p = PRESETS[args.preset]
+    rows = []
+    for t in args.tasks.split(","):
+        if t not in LAYERS:
+            raise SystemExit(f"unknown task {t!r}; choose from {list(LAYERS)}")
+        for v in args.variants.split(","):
+            if v not in VARIANTS:
+                raise SystemExit(f"unknown variant {v!r}; choose from {list(VARIANTS)}")
+            r = train_cell(t, v, p, args.seed)
+            print(f"{t:20s} {v:16s} scaled acc {r['scaled_acc']:6.2f}  best lr {r['best_lr']:.2e}"
+                  f"  ({r['train_seconds']:.0f}s)", flush=True)
+            rows.append(r)
+            write_results(rows, args.out, args.preset, p)
+    print(open(os.path.join(args.out, "results.md")).read())
+    return rows
+
+
+if __name__ == "__main__":
+    main()
