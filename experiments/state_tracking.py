@@ -23,14 +23,10 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
-from flax import nnx
 
 from mamba3_jax.config import ModelConfig
-from mamba3_jax.model import Mamba3LM
 from mamba3_jax.tasks import curriculum, get_task, make_batch, scaled_accuracy
-from mamba3_jax.training.optim import decay_mask
-from mamba3_jax.training.step import loss_sums
+from mamba3_jax.training.lr_sweep import LRSweep
 
 # Paper Table 5b (scaled accuracy %), SISO.
 PAPER = {
@@ -83,61 +79,31 @@ def train_cell(task_name: str, variant: str, p: Preset, seed: int = 0, log=print
     """Train one (task, variant) cell for every learning rate at once; evaluate each."""
     task = get_task(task_name)
     cfg = model_config(task_name, variant, p, task.vocab_size)
-    model = Mamba3LM(cfg, rngs=nnx.Rngs(seed))
-    graphdef, params, frozen = nnx.split(model, nnx.Param, ...)
-    params, frozen = nnx.to_pure_dict(params), nnx.to_pure_dict(frozen)
-    n_lr = len(p.lrs)
     total = p.steps_per_stage * len(p.stage_lengths)
-    sched = optax.warmup_cosine_decay_schedule(0.0, 1.0, p.warmup, total, end_value=1e-2)
-    adamw = optax.inject_hyperparams(optax.adamw, static_args=("mask",))
-    tx = optax.chain(optax.clip_by_global_norm(1.0), adamw(
-        learning_rate=1.0, b1=0.9, b2=0.95, weight_decay=p.weight_decay,
-        mask=decay_mask(params)))
-    stack = lambda t: jax.tree.map(lambda a: jnp.broadcast_to(a, (n_lr,) + a.shape), t)  # noqa
-    params_n = stack(params)
-    opt_n = jax.vmap(tx.init)(params_n)
-    peaks = jnp.asarray(p.lrs, jnp.float32)
-
-    def one(params, opt_state, peak, batch, step):
-        (s, aux), g = jax.value_and_grad(
-            lambda q: loss_sums(graphdef, q, frozen, batch), has_aux=True)(params)
-        g = jax.tree.map(lambda x: x / jnp.maximum(aux["tokens"], 1.0), g)
-        clip, adam = opt_state
-        hp = dict(adam.hyperparams)
-        hp["learning_rate"] = peak * sched(step)
-        updates, (clip, adam) = tx.update(g, (clip, adam._replace(hyperparams=hp)), params)
-        return optax.apply_updates(params, updates), (clip, adam), s / aux["tokens"]
-
-    step_fn = jax.jit(jax.vmap(one, in_axes=(0, 0, 0, None, None)), donate_argnums=(0, 1))
+    sweep = LRSweep(cfg, p.lrs, total, warmup=p.warmup, weight_decay=p.weight_decay, seed=seed)
     answer_ids = jnp.asarray(task.answer_token_ids)
 
-    def predict(params, inputs, positions):
-        m = nnx.merge(graphdef, params, frozen)
-        logits = m(inputs, positions=positions)[:, -1]  # answers sit in the last column
+    def predict(model, inputs, positions):
+        logits = model(inputs, positions=positions)[:, -1]  # answers sit in the last column
         return jnp.argmax(logits[:, answer_ids], axis=-1)
 
-    eval_fn = jax.jit(jax.vmap(predict, in_axes=(0, None, None)))
     lengths_at = curriculum(p.stage_lengths, p.steps_per_stage, p.min_len)
     rng = np.random.default_rng(seed)
     pad_to = max(p.stage_lengths) + 1
     t0 = time.time()
-    losses = None
     for step in range(total):
         lo, hi = lengths_at(step)
-        b = make_batch(task, rng, p.batch_size, lo, hi, pad_to=pad_to)
-        batch = {k: jnp.asarray(b[k]) for k in ("inputs", "targets", "positions", "loss_mask")}
-        batch["target_bytes"] = jnp.zeros_like(batch["inputs"])
-        params_n, opt_n, losses = step_fn(params_n, opt_n, peaks, batch, step)
+        losses = sweep.step(make_batch(task, rng, p.batch_size, lo, hi, pad_to=pad_to), step)
         if step % max(total // 10, 1) == 0 or step == total - 1:
             log(f"  {task_name}/{variant} step {step} lengths {lo}..{hi} "
                 f"loss per lr {np.round(np.asarray(losses), 3).tolist()}")
     train_s = time.time() - t0
-    correct = np.zeros(n_lr)
-    count = 0
+    evaluate = sweep.apply(predict)
+    correct, count = np.zeros(len(p.lrs)), 0
     erng = np.random.default_rng(seed + 12345)
     for _ in range(p.eval_batches):
         b = make_batch(task, erng, p.batch_size, p.eval_length, p.eval_length)
-        pred = np.asarray(eval_fn(params_n, jnp.asarray(b["inputs"]), jnp.asarray(b["positions"])))
+        pred = np.asarray(evaluate(b["inputs"], b["positions"]))
         correct += (pred == b["answers"][None]).sum(axis=1)
         count += len(b["answers"])
     acc = correct / count
@@ -145,9 +111,10 @@ def train_cell(task_name: str, variant: str, p: Preset, seed: int = 0, log=print
     best = int(np.argmax(scaled))
     return {"task": task_name, "variant": variant, "best_lr": p.lrs[best],
             "scaled_acc": float(scaled[best]), "acc": float(acc[best]),
-            "scaled_acc_per_lr": [float(s) for s in scaled], "final_loss_per_lr":
-            [float(x) for x in np.asarray(losses)], "train_seconds": round(train_s, 1),
-            "steps": total, "params": int(cfg.num_params()), "config": cfg.to_dict()}
+            "scaled_acc_per_lr": [float(s) for s in scaled],
+            "final_loss_per_lr": [float(x) for x in np.asarray(losses)],
+            "train_seconds": round(train_s, 1), "steps": total,
+            "params": int(cfg.num_params()), "config": cfg.to_dict()}
 
 
 def write_results(rows: list[dict], out: str, preset_name: str, p: Preset) -> None:
