@@ -1,0 +1,171 @@
+"""Small-scale language-model comparisons on the bundled books corpus (paper Tables 5a, 8, 10
+and the state-size claim), reported as test-split bits per byte, mean and spread over seeds.
+
+Studies:
+  state_size  d_state in {16, 32, 64, 128} x {Mamba-2, Mamba-3 SISO, Mamba-3 MIMO R=4 (narrower
+              MLP)}; Pareto plot of bits/byte against state size. Paper claim: Mamba-3 at
+              state 64 matches Mamba-2 at 128.
+  ablations   no bias + Euler, no bias, full, full + short conv (Table 5a); lambda learned /
+              1/2 / Euler (Table 8); B/C bias init 1 / 0 / frozen 1 (Table 10).
+
+Every run is a normal training run (`python -m mamba3_jax.train`, config `configs/small_gpu.py`
+by default) in its own workdir under --workdir, evaluated on the books *test* split
+(`data.eval_source.split=test`; nothing is selected on it). Interrupted studies resume.
+
+    python experiments/lm_compare.py --study state_size --workdir runs/lm_state_size
+    python experiments/lm_compare.py --study ablations --workdir runs/lm_ablations --dry_run
+    python experiments/lm_compare.py --study ablations --workdir runs/x --collect_only
+
+Outputs: experiments/results/lm_<study>/{results.md, results.csv, plot.png, configs.json}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from mamba3_jax.training import sweep  # noqa: E402
+
+MAMBA2 = {"model.mixer": "mamba2", "model.d_conv": "4", "model.rotation": "none"}
+MIMO = {"model.mimo_rank": "4", "model.d_mlp": "896"}  # narrower MLP, as configs/small_gpu.py
+STUDIES = {
+    "state_size": {
+        f"{name}_N{n}": {**over, "model.d_state": str(n)}
+        for name, over in (("mamba2", MAMBA2), ("siso", {}), ("mimo", MIMO))
+        for n in (16, 32, 64, 128)
+    },
+    "ablations": {  # paper value (440M test perplexity) in the comment
+        "full": {},  # 15.72
+        "nobias_euler": {"model.bc_bias": "False", "model.discretization": "euler"},  # 16.68
+        "nobias": {"model.bc_bias": "False"},  # 16.49
+        "full_conv": {"model.d_conv": "4"},  # 15.85
+        "lambda_half": {"model.discretization": "trapezoid_half"},  # 15.76
+        "lambda_euler": {"model.discretization": "euler"},  # 15.81
+        "bias_init0": {"model.bc_bias_init": "0.0"},  # 16.57
+        "bias_frozen1": {"model.bc_bias_trainable": "False"},  # 15.80
+    },
+}
+PAPER_PPL = {"full": 15.72, "nobias_euler": 16.68, "nobias": 16.49, "full_conv": 15.85,
+             "lambda_half": 15.76, "lambda_euler": 15.81, "bias_init0": 16.57,
+             "bias_frozen1": 15.80}
+
+
+def plan(study: str, config: str, workdir: str, seeds, fixed: dict) -> list[dict]:
+    runs = []
+    for variant, over in STUDIES[study].items():
+        for seed in seeds:
+            name = f"{variant}_seed{seed}"
+            overrides = {"data.eval_source.split": "test", "train.seed": str(seed), **fixed,
+                         **over}
+            wd = os.path.join(workdir, name)
+            runs.append({"name": name, "workdir": wd, "variant": variant, "seed": seed,
+                         "point": {"variant": variant, "seed": seed}, "overrides": overrides,
+                         "command": sweep.train_command(config, wd, overrides)})
+    return runs
+
+
+def aggregate(rows: list[dict]) -> list[dict]:
+    """Mean and spread (sample std; min..max) of final test bits/byte per variant."""
+    out = {}
+    for r in rows:
+        if r.get("eval_bpb") is None:
+            continue
+        out.setdefault(r["variant"], []).append(r)
+    table = []
+    for variant, rs in out.items():
+        vals = [r["eval_bpb"] for r in rs]
+        mean = sum(vals) / len(vals)
+        std = math.sqrt(sum((v - mean) ** 2 for v in vals) / (len(vals) - 1)) if len(vals) > 1 \
+            else float("nan")
+        table.append({"variant": variant, "seeds": len(vals), "test_bpb_mean": mean,
+                      "test_bpb_std": std, "min": min(vals), "max": max(vals),
+                      "params_M": rs[0].get("params_M")})
+    return table
+
+
+def write(study: str, table: list[dict], rows: list[dict], out: str, runs: list[dict]) -> None:
+    os.makedirs(out, exist_ok=True)
+    lines = [f"# LM comparison: {study}", "",
+             "Books corpus, test-split bits per byte at the end of training; mean ± sample std "
+             "over seeds (min..max).", "",
+             "| variant | params (M) | seeds | test bits/byte | min..max |"
+             + (" paper 440M ppl |" if study == "ablations" else ""),
+             "|---|---|---|---|---|" + ("---|" if study == "ablations" else "")]
+    for t in table:
+        line = (f"| {t['variant']} | {t['params_M']} | {t['seeds']} | "
+                f"{t['test_bpb_mean']:.4f} ± {t['test_bpb_std']:.4f} | "
+                f"{t['min']:.4f}..{t['max']:.4f} |")
+        if study == "ablations":
+            line += f" {PAPER_PPL.get(t['variant'], '')} |"
+        lines.append(line)
+    with open(os.path.join(out, "results.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    with open(os.path.join(out, "results.csv"), "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(table[0]) if table else ["variant"])
+        w.writeheader()
+        w.writerows(table)
+    with open(os.path.join(out, "configs.json"), "w") as f:
+        json.dump({"study": study, "runs": [{k: r[k] for k in ("name", "overrides")}
+                                            for r in runs], "per_run": rows}, f, indent=1)
+    if study == "state_size" and table:
+        try:
+            import matplotlib
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+            fig, ax = plt.subplots(figsize=(6, 4))
+            for model in ("mamba2", "siso", "mimo"):
+                pts = sorted((int(t["variant"].rsplit("_N", 1)[1]), t["test_bpb_mean"],
+                              t["test_bpb_std"]) for t in table
+                             if t["variant"].startswith(model + "_N"))
+                if pts:
+                    ax.errorbar([p[0] for p in pts], [p[1] for p in pts],
+                                yerr=[0 if math.isnan(p[2]) else p[2] for p in pts],
+                                marker="o", capsize=3, label=model)
+            ax.set_xscale("log", base=2)
+            ax.set_xlabel("d_state")
+            ax.set_ylabel("test bits per byte")
+            ax.legend()
+            fig.tight_layout()
+            fig.savefig(os.path.join(out, "plot.png"), dpi=120)
+        except ImportError:
+            pass
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--study", required=True, choices=sorted(STUDIES))
+    ap.add_argument("--workdir", required=True)
+    ap.add_argument("--config", default="configs/small_gpu.py")
+    ap.add_argument("--seeds", default="0,1")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="override for every run, e.g. train.steps=1500")
+    ap.add_argument("--dry_run", action="store_true")
+    ap.add_argument("--collect_only", action="store_true")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+    fixed = dict(sweep.parse_fixed(s) for s in args.set)
+    runs = plan(args.study, args.config, args.workdir, [int(s) for s in args.seeds.split(",")],
+                fixed)
+    if args.dry_run:
+        for r in runs:
+            print(sweep.shell_line(r["command"]))
+        return
+    if not args.collect_only:
+        sweep.run_all(runs)
+    rows = sweep.collect(runs)
+    for row, r in zip(rows, runs, strict=True):
+        row["variant"] = r["variant"]
+    table = aggregate(rows)
+    out = args.out or os.path.join("experiments", "results", f"lm_{args.study}")
+    write(args.study, table, rows, out, runs)
+    print(open(os.path.join(out, "results.md")).read())
+
+
+if __name__ == "__main__":
+    main()
