@@ -14,8 +14,14 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from mamba3_jax.benchmark import (device_name, git_commit, markdown_table, measure_copy_bandwidth,
-                                  measure_matmul_rate, time_fn)
+from mamba3_jax.benchmark import (
+    device_name,
+    git_commit,
+    markdown_table,
+    measure_copy_bandwidth,
+    measure_matmul_rate,
+    time_fn,
+)
 from mamba3_jax.ops.ssm import SSMInputs, SSMState, ssm
 
 

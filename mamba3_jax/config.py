@@ -93,7 +93,8 @@ class ModelConfig:
             need(self.d_conv > 0, "mixer='mamba2' needs its short conv: set d_conv (e.g. 4)")
             lo, hi = tuple(self.a_init_range)
             need(0 < lo <= hi, f"a_init_range must satisfy 0 < lo <= hi, got {self.a_init_range}")
-        need(self.rotation in ROTATIONS, f"rotation must be one of {ROTATIONS}, got {self.rotation!r}")
+        need(self.rotation in ROTATIONS,
+             f"rotation must be one of {ROTATIONS}, got {self.rotation!r}")
         need(self.scan_backend in SCAN_BACKENDS,
              f"scan_backend must be one of {SCAN_BACKENDS}, got {self.scan_backend!r}")
         for name in ("dtype", "param_dtype"):

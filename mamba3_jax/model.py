@@ -65,7 +65,7 @@ class Mamba3LM(nnx.Module):
         h = self.embed(tokens).astype(jnp.float32)  # residual stream kept in float32
         caches = self.init_cache(tokens.shape[0]) if cache is None else cache
         new_caches = []
-        for layer, c in zip(self.layers, caches):
+        for layer, c in zip(self.layers, caches, strict=True):
             h, c = layer(h, reset=reset, cache=c, backend=backend)
             new_caches.append(c)
         logits = self.logits(h)
@@ -75,7 +75,7 @@ class Mamba3LM(nnx.Module):
         """Decode one token per sequence: token (B,) -> (logits (B, V), cache)."""
         h = self.embed(token).astype(jnp.float32)
         new_caches = []
-        for layer, c in zip(self.layers, cache):
+        for layer, c in zip(self.layers, cache, strict=True):
             y, c = layer.mixer.step(layer.norm1(h), c)
             h = h + y
             h = h + layer.mlp(layer.norm2(h))

@@ -25,7 +25,7 @@ def time_slice(inp, start, stop=None):
 
 
 def tree_rel_err(a, b) -> float:
-    return max(rel_err(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+    return max(rel_err(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True))
 
 
 def random_problem(seed, *, B=2, L=37, R=1, H=3, N=8, P=4, S=2, dtype=jnp.float32,

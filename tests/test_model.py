@@ -1,4 +1,4 @@
-"""The NNX mixer and language model: init, parameter count, decode == forward, packing, ablations."""
+"""NNX mixer and language model: init, parameter count, decode == forward, packing, ablations."""
 
 import jax
 import jax.numpy as jnp
@@ -163,7 +163,7 @@ def test_backends_agree_on_logits_and_gradients():
     for b in ("associative", "chunked"):
         g, lg = results[b]
         assert rel_err(lg, lg_ref) < 1e-5
-        for x, y in zip(jax.tree.leaves(g), jax.tree.leaves(g_ref)):
+        for x, y in zip(jax.tree.leaves(g), jax.tree.leaves(g_ref), strict=True):
             assert rel_err(x, y) < 1e-4
 
 

@@ -60,7 +60,7 @@ def test_gradients_match_reference_f32(form, R):
     g_ref = jax.grad(wrap(ssm_reference), argnums=(0, 1, 2))(diff_inp, st, mx)
     g = jax.grad(wrap(lambda i, s, m: ssm(i, s, m, form=form, chunk_size=8)),
                  argnums=(0, 1, 2))(diff_inp, st, mx)
-    for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(g_ref)):
+    for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(g_ref), strict=True):
         assert rel_err(a, b) < 2 * F32_TOL
 
 
@@ -81,7 +81,7 @@ def test_bf16_inputs_close_to_f32_reference(form, R):
         inp._replace(reset=None))
     g_ref = jax.grad(lambda i: loss(lambda j: ssm_reference(j, _f32(st), mx), i))(
         _f32(inp)._replace(reset=None))
-    for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(g_ref)):
+    for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(g_ref), strict=True):
         assert rel_err(a, b) < 5 * BF16_TOL
 
 

@@ -28,7 +28,7 @@ class Discretized(NamedTuple):
 
 
 def heavy_tail(x: jax.Array) -> jax.Array:
-    """1 + x for x >= 0, 1 / (1 - x) for x < 0: positive, C1 at 0, grows linearly not exponentially."""
+    """1 + x (x >= 0), 1 / (1 - x) (x < 0): positive, C1 at 0, linear rather than exponential."""
     return jnp.maximum(x, 0.0) + 1.0 / (1.0 - jnp.minimum(x, 0.0))
 
 

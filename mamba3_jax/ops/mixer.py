@@ -104,5 +104,6 @@ def prepare(parts: dict, p: dict, cfg: ModelConfig, reset: Optional[jax.Array]):
     x = parts["x"].reshape(B, L, H, P)
     inc = angle_increments(parts, disc.dt, cfg)
     return SSMInputs(q=bc_norm(parts["C"], p["C_norm"], cfg),
-                     k=bc_norm(parts["B"], p["B_norm"], cfg), x=x, angle_inc=inc, log_decay=disc.log_decay, gamma=disc.gamma, eta=disc.eta,
-                     reset=reset, q_bias=p.get("C_bias"), k_bias=p.get("B_bias"))
+                     k=bc_norm(parts["B"], p["B_norm"], cfg), x=x, angle_inc=inc,
+                     log_decay=disc.log_decay, gamma=disc.gamma, eta=disc.eta, reset=reset,
+                     q_bias=p.get("C_bias"), k_bias=p.get("B_bias"))

@@ -33,7 +33,7 @@ def rotate(u: jax.Array, theta: jax.Array) -> jax.Array:
 
 
 def data_dependent_increments(angle_proj: jax.Array, dt: jax.Array) -> jax.Array:
-    """Per-head angle increments pi * tanh(angles_t) * dt_t[h]: (..., S), (..., H) -> (..., H, S)."""
+    """Per-head increments pi tanh(angles_t) dt_t[h]: (..., S), (..., H) -> (..., H, S)."""
     return math.pi * jnp.tanh(angle_proj.astype(jnp.float32))[..., None, :] * dt[..., :, None]
 
 
@@ -63,7 +63,8 @@ def cumulative_angles(inc: jax.Array, reset: Optional[jax.Array],
     inc (B, L, H, S); angle0 (B, H, S) is theta_{-1}. Returns (B, L, H, S) float32.
     """
     inc = inc.astype(jnp.float32)
-    keep = jnp.ones(inc.shape[:2], jnp.float32) if reset is None else 1.0 - reset.astype(jnp.float32)
+    keep = (jnp.ones(inc.shape[:2], jnp.float32) if reset is None
+            else 1.0 - reset.astype(jnp.float32))
     if angle0 is not None:
         inc = inc.at[:, 0].add(keep[:, 0, None, None] * angle0.astype(jnp.float32))
     return linear_scan(keep, inc, axis=1)

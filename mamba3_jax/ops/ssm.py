@@ -50,7 +50,7 @@ class SSMState(NamedTuple):
 class SSMInputs(NamedTuple):
     """Inputs of the SSM. q and k are either per head, biased, (B, L, R, H, N), or per B/C group
     (B, L, R, G, N) with the per-head biases in q_bias / k_bias (H, R, N): the group form lets a
-    kernel read G (usually 1) vectors per token instead of H. `per_head` turns one into the other."""
+    kernel read G (usually 1) vectors per token instead of H. `per_head` expands it."""
 
     q: jax.Array  # (B, L, R, H or G, N) C after BCNorm, not rotated
     k: jax.Array  # (B, L, R, H or G, N) B after BCNorm, not rotated
@@ -209,7 +209,6 @@ def ssm_chunked(inp: SSMInputs, state: SSMState, mimo_x=None, chunk_size: int = 
     """
     inp = per_head(inp)
     B, L, R, H, N = inp.q.shape
-    P = inp.x.shape[-1]
     C = int(chunk_size)
     cdt = inp.q.dtype
     prec = _dot_precision(cdt)
