@@ -1,0 +1,178 @@
+"""The functional train and eval steps (split the NNX model once, jit pure functions of arrays).
+
+Train state (a dict, so orbax saves it as is):
+    step       int32 ()            completed optimizer updates
+    params     pure dict           nnx.Param leaves (float32 master weights)
+    frozen     pure dict           other model variables (e.g. frozen B/C biases), never updated
+    opt_state  optax state
+    rng        uint32 key data     split once per step (the model has no dropout today)
+    finite     bool ()             False once a non-finite loss / grad norm / param norm was seen
+
+A step whose loss, grad norm or new param norm is not finite leaves the state unchanged and sets
+`finite` False; every later step is a no-op too, so the host (which reads metrics one step late)
+still finds the last good state on the device when it notices.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from mamba3_jax.config import ModelConfig
+from mamba3_jax.model import Mamba3LM
+from mamba3_jax.training.mesh import BATCH_AXES
+
+LN2 = math.log(2.0)
+
+
+class StepConfig(NamedTuple):
+    """Static settings baked into the compiled step."""
+
+    grad_accum: int = 1
+    inject_nan_at_step: int = -1  # 1-based step whose loss is made NaN (debugging)
+    check_finite: bool = True
+
+
+def model_graphdef(cfg: ModelConfig):
+    abstract = nnx.eval_shape(lambda: Mamba3LM(cfg, rngs=nnx.Rngs(0)))
+    graphdef, _, _ = nnx.split(abstract, nnx.Param, ...)
+    return graphdef
+
+
+def init_state(cfg: ModelConfig, tx: optax.GradientTransformation, seed: int) -> dict:
+    """A fresh train state (call under jit with out_shardings to create it sharded)."""
+    model = Mamba3LM(cfg, rngs=nnx.Rngs(seed))
+    _, params, rest = nnx.split(model, nnx.Param, ...)
+    params = nnx.to_pure_dict(params)
+    return {
+        "step": jnp.zeros((), jnp.int32),
+        "params": params,
+        "frozen": nnx.to_pure_dict(rest),
+        "opt_state": tx.init(params),
+        "rng": jax.random.key_data(jax.random.fold_in(jax.random.key(seed), 1)),
+        "finite": jnp.ones((), bool),
+    }
+
+
+def loss_sums(graphdef, params, frozen, batch, nll_scale=1.0):
+    """Masked sums over one (micro)batch: (sum nll [nats], aux dict of sums)."""
+    model = nnx.merge(graphdef, params, frozen)
+    logits = model(batch["inputs"], positions=batch["positions"])
+    nll = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
+    mask = batch["loss_mask"].astype(jnp.float32)
+    sum_nll = jnp.sum(nll * mask) * nll_scale
+    correct = jnp.sum((jnp.argmax(logits, -1) == batch["targets"]) * mask)
+    aux = {"sum_nll": sum_nll, "tokens": jnp.sum(mask),
+           "bytes": jnp.sum(batch["target_bytes"].astype(jnp.float32)), "correct": correct}
+    return sum_nll, aux
+
+
+def _microbatches(batch: dict, k: int, mesh: Mesh | None) -> dict:
+    """(B, ...) -> (k, B/k, ...); microbatch i holds rows i, i+k, ... so each one spans all
+    devices of the batch sharding."""
+    def split(x):
+        b = x.shape[0]
+        y = jnp.swapaxes(x.reshape((b // k, k) + x.shape[1:]), 0, 1)
+        if mesh is not None:
+            spec = P(None, BATCH_AXES, *([None] * (x.ndim - 1)))
+            y = jax.lax.with_sharding_constraint(y, NamedSharding(mesh, spec))
+        return y
+    return jax.tree.map(split, batch)
+
+
+def make_grad_fn(graphdef, grad_accum: int = 1, mesh: Mesh | None = None):
+    """(params, frozen, batch, nll_scale) -> (grads of the masked mean loss, aux sums).
+
+    With grad_accum = k the batch is split into k microbatches scanned in sequence; sums are
+    accumulated and divided once by the batch's total loss tokens, so the result equals one big
+    batch up to float summation order."""
+    grad_fn = jax.value_and_grad(lambda p, f, b, s: loss_sums(graphdef, p, f, b, s),
+                                 has_aux=True)
+
+    def fn(params, frozen, batch, nll_scale=1.0):
+        if grad_accum == 1:
+            (_, aux), grads = grad_fn(params, frozen, batch, nll_scale)
+        else:
+            mbs = _microbatches(batch, grad_accum, mesh)
+
+            def body(carry, mb):
+                g_acc, a_acc = carry
+                (_, a), g = grad_fn(params, frozen, mb, nll_scale)
+                return (jax.tree.map(jnp.add, g_acc, g), jax.tree.map(jnp.add, a_acc, a)), None
+
+            zeros_g = jax.tree.map(jnp.zeros_like, params)
+            zeros_a = {n: jnp.zeros((), jnp.float32) for n in ("sum_nll", "tokens", "bytes",
+                                                               "correct")}
+            (grads, aux), _ = jax.lax.scan(body, (zeros_g, zeros_a), mbs)
+        count = jnp.maximum(aux["tokens"], 1.0)
+        return jax.tree.map(lambda g: g / count, grads), aux
+
+    return fn
+
+
+def make_train_step(graphdef, tx: optax.GradientTransformation, schedule: Callable,
+                    step_cfg: StepConfig | None = None, mesh: Mesh | None = None):
+    """state, batch -> (new state, metrics). Pure; jit it (see `jit_train_step`)."""
+    step_cfg = step_cfg or StepConfig()
+    grads_of = make_grad_fn(graphdef, step_cfg.grad_accum, mesh)
+
+    def train_step(state: dict, batch: dict):
+        params, frozen = state["params"], state["frozen"]
+        nll_scale = jnp.float32(1.0)
+        if step_cfg.inject_nan_at_step >= 0:
+            nll_scale = jnp.where(state["step"] + 1 == step_cfg.inject_nan_at_step,
+                                  jnp.float32(jnp.nan), nll_scale)
+        grads, aux = grads_of(params, frozen, batch, nll_scale)
+        count = jnp.maximum(aux["tokens"], 1.0)
+        loss = aux["sum_nll"] / count
+        grad_norm = optax.tree.norm(grads)
+        updates, opt_state = tx.update(grads, state["opt_state"], params)
+        new_params = optax.apply_updates(params, updates)
+        param_norm = optax.tree.norm(new_params)
+        rng = jax.random.key_data(jax.random.split(jax.random.wrap_key_data(state["rng"]))[0])
+        new = {"step": state["step"] + 1, "params": new_params, "frozen": frozen,
+               "opt_state": opt_state, "rng": rng, "finite": state["finite"]}
+        if step_cfg.check_finite:
+            ok = (state["finite"] & jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+                  & jnp.isfinite(param_norm))
+            new = jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, state)
+            new["finite"] = ok
+        metrics = {
+            "loss": loss,
+            "bits_per_byte": aux["sum_nll"] / (LN2 * jnp.maximum(aux["bytes"], 1.0)),
+            "accuracy": aux["correct"] / count,
+            "grad_norm": grad_norm,
+            "param_norm": param_norm,
+            "lr": schedule(state["step"]),
+            "loss_tokens": aux["tokens"],
+            "finite": new["finite"],
+        }
+        return new, metrics
+
+    return train_step
+
+
+def make_eval_step(graphdef):
+    def eval_step(state: dict, batch: dict):
+        _, aux = loss_sums(graphdef, state["params"], state["frozen"], batch)
+        return aux
+    return eval_step
+
+
+def jit_train_step(train_step, state_sharding: Any, batch_sharding: NamedSharding,
+                   mesh: Mesh):
+    rep = NamedSharding(mesh, P())
+    return jax.jit(train_step, in_shardings=(state_sharding, batch_sharding),
+                   out_shardings=(state_sharding, rep), donate_argnums=(0,))
+
+
+def jit_eval_step(eval_step, state_sharding: Any, batch_sharding: NamedSharding, mesh: Mesh):
+    rep = NamedSharding(mesh, P())
+    return jax.jit(eval_step, in_shardings=(state_sharding, batch_sharding), out_shardings=rep)

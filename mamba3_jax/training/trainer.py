@@ -1,0 +1,341 @@
+"""The training loop: build (or restore) the sharded state, step, log, evaluate, checkpoint.
+
+    summary = train(config, workdir)
+
+Host/device overlap: the loop dispatches step s, then reads the metrics of step s-1 (which are
+ready by then), so the host never waits for the device except at checkpoint and eval steps.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import math
+import os
+import signal
+import time
+from collections import OrderedDict
+from typing import Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mamba3_jax.training import flops as flops_lib
+from mamba3_jax.training.checkpoint import Checkpointer, abstract_with_shardings
+from mamba3_jax.training.config import config_json, model_config, to_dict, validate
+from mamba3_jax.training.data import EvalData, tokenizer_from_config, train_dataset
+from mamba3_jax.training.mesh import (
+    batch_sharding,
+    check_batch,
+    host_batch_to_global,
+    make_mesh,
+    state_shardings,
+)
+from mamba3_jax.training.metrics import METRICS_FILE, MetricsWriter, read_jsonl, truncate_after
+from mamba3_jax.training.optim import make_optimizer
+from mamba3_jax.training.step import (
+    StepConfig,
+    init_state,
+    jit_eval_step,
+    jit_train_step,
+    make_eval_step,
+    make_train_step,
+    model_graphdef,
+)
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteLossError(FloatingPointError):
+    """Training stopped on a NaN/Inf loss, gradient norm or parameter norm."""
+
+    def __init__(self, message: str, step: int, checkpoint: Optional[str]):
+        super().__init__(message)
+        self.step = step
+        self.checkpoint = checkpoint
+
+
+class _Preempted(Exception):
+    pass
+
+
+def _use_compilation_cache(path: str) -> None:
+    """Persistent XLA compilation cache (works on CPU too); re-initialised if the process had
+    already compiled without one."""
+    from jax.experimental.compilation_cache import compilation_cache as cc
+
+    if jax.config.jax_compilation_cache_dir != path:
+        cc.set_cache_dir(path)
+        cc.reset_cache()
+
+
+def _to_float(x) -> float:
+    return float(np.asarray(x))
+
+
+class Trainer:
+    """One training run in `workdir`. `run()` trains to `config.train.steps` (resuming if a
+    checkpoint exists) and returns a summary dict."""
+
+    def __init__(self, config, workdir: str, devices: Optional[Sequence] = None):
+        validate(config)
+        self.config = config
+        self.cfg_dict = to_dict(config)
+        self.workdir = os.path.abspath(workdir)
+        self.is_main = jax.process_index() == 0
+        t = config.train
+        if t.compilation_cache_dir:
+            _use_compilation_cache(t.compilation_cache_dir)
+
+        self.tokenizer = tokenizer_from_config(config)
+        self.model_cfg = model_config(config, self.tokenizer.vocab_size)
+        self.mesh = make_mesh(config.mesh, devices)
+        check_batch(config, self.mesh)
+        self.total_steps = int(t.steps)
+        self.tx, self.schedule = make_optimizer(config.optim, self.total_steps)
+        self.graphdef = model_graphdef(self.model_cfg)
+        self._init_fn = functools.partial(init_state, self.model_cfg, self.tx, int(t.seed))
+        self.abstract_state = jax.eval_shape(self._init_fn)
+        self.state_sharding = state_shardings(self.abstract_state, self.mesh,
+                                              int(config.mesh.fsdp_min_size))
+        self.batch_sharding = batch_sharding(self.mesh)
+        step_cfg = StepConfig(grad_accum=int(t.grad_accum),
+                              inject_nan_at_step=int(config.debug.inject_nan_at_step),
+                              check_finite=bool(config.debug.check_finite))
+        self.train_step = jit_train_step(
+            make_train_step(self.graphdef, self.tx, self.schedule, step_cfg, self.mesh),
+            self.state_sharding, self.batch_sharding, self.mesh)
+        self.eval_step = jit_eval_step(make_eval_step(self.graphdef), self.state_sharding,
+                                       self.batch_sharding, self.mesh)
+        self.tokens_per_step = int(config.data.batch_size) * int(config.data.seq_len)
+        self.flops_per_token = flops_lib.train_flops_per_token(self.model_cfg)
+        self.n_devices = self.mesh.devices.size
+        self.peak_flops = (float(t.peak_flops_per_device)
+                           or flops_lib.peak_flops(jax.devices()[0].device_kind))
+        self._ckpt: Optional[Checkpointer] = None
+        self._eval_data = None
+
+    # ------------------------------------------------------------------ pieces
+
+    @property
+    def ckpt(self) -> Checkpointer:
+        if self._ckpt is None:
+            t = self.config.train
+            self._ckpt = Checkpointer(os.path.join(self.workdir, "checkpoints"),
+                                      keep=int(t.keep), async_save=bool(t.async_checkpoint))
+        return self._ckpt
+
+    def fresh_state(self) -> dict:
+        """A newly initialised train state, created directly with its shardings."""
+        return jax.jit(self._init_fn, out_shardings=self.state_sharding)()
+
+    def put_batch(self, batch: dict) -> dict:
+        """Host numpy batch (this host's rows) -> global arrays on the mesh."""
+        return host_batch_to_global(batch, self.batch_sharding)
+
+    def init_or_restore(self, data_iterator=None):
+        """(state, start step, restored?) — the newest checkpoint if any, else a fresh state."""
+        latest = self.ckpt.latest_step()
+        if latest is None:
+            return self.fresh_state(), 0, False
+        self.ckpt.check_compatible(latest, self.cfg_dict,
+                                   bool(self.config.train.allow_config_change))
+        target = abstract_with_shardings(self.abstract_state, self.state_sharding)
+        state = self.ckpt.restore(latest, target, data_iterator)
+        return state, int(np.asarray(state["step"])), True
+
+    def evaluate(self, state) -> dict:
+        if self._eval_data is None:
+            self._eval_data = EvalData(self.config, self.tokenizer)
+        sums = None
+        for batch in self._eval_data:
+            aux = self.eval_step(state, host_batch_to_global(batch, self.batch_sharding))
+            sums = aux if sums is None else jax.tree.map(jnp.add, sums, aux)
+        if sums is None:
+            return {}
+        s = {k: _to_float(v) for k, v in jax.device_get(sums).items()}
+        tokens = max(s["tokens"], 1.0)
+        loss = s["sum_nll"] / tokens
+        return {"loss": loss,
+                "bits_per_byte": s["sum_nll"] / (math.log(2.0) * max(s["bytes"], 1.0)),
+                "perplexity": math.exp(min(loss, 700.0)), "accuracy": s["correct"] / tokens,
+                "tokens": s["tokens"], "bytes": s["bytes"]}
+
+    # ------------------------------------------------------------------ loop
+
+    def run(self) -> dict:
+        cfg, t = self.config, self.config.train
+        os.makedirs(self.workdir, exist_ok=True)
+        t_start = time.time()
+        train_ds = train_dataset(cfg, self.tokenizer)
+        it = iter(train_ds)
+        state, start, restored = self.init_or_restore(it)
+        summary_path = os.path.join(self.workdir, "summary.json")
+        if start >= self.total_steps and os.path.exists(summary_path):
+            it.close()
+            self.ckpt.close()
+            if self.is_main:
+                print(f"already trained to step {start} >= train.steps={self.total_steps}; "
+                      f"nothing to do ({summary_path})", flush=True)
+            with open(summary_path, encoding="utf-8") as f:
+                return json.load(f)
+        metrics_path = os.path.join(self.workdir, METRICS_FILE)
+        if self.is_main:
+            truncate_after(metrics_path, start)
+            with open(os.path.join(self.workdir, "config.json"), "w", encoding="utf-8") as f:
+                f.write(config_json(cfg))
+        writer = MetricsWriter(self.workdir, enabled=self.is_main,
+                               tensorboard=bool(t.tensorboard), progress=bool(t.progress),
+                               total_steps=self.total_steps)
+        n_params = self.model_cfg.num_params()
+        writer.line(
+            f"mamba3 training: {n_params / 1e6:.2f}M params, {self.n_devices} device(s) "
+            f"{dict(self.mesh.shape)}, {self.tokens_per_step} tokens/step, "
+            f"{self.flops_per_token / 1e6:.1f} MFLOP/token; "
+            + (f"resumed from step {start}" if restored else "fresh start")
+            + f"; workdir {self.workdir}")
+
+        data_states: OrderedDict[int, dict] = OrderedDict({start: it.get_state()})
+        self._last_log = (time.time(), start)
+        self._last_train: dict = {}
+        self._last_eval: dict = {}
+        self._best_eval = math.inf
+        self._timed_from: Optional[tuple[float, int]] = None
+        preempted = {"flag": False}
+
+        def on_term(signum, frame):  # preemption: checkpoint after the current step, then stop
+            preempted["flag"] = True
+
+        try:
+            old_handler = signal.signal(signal.SIGTERM, on_term)
+        except ValueError:  # not in the main thread
+            old_handler = None
+
+        eval_every, ckpt_every = int(t.eval_every), int(t.checkpoint_every)
+        do_eval = int(t.eval_steps) > 0
+        pending = None
+        self._preempted = False
+        try:
+            if do_eval and start == 0 and eval_every:
+                self._log_eval(writer, 0, state)
+            for step in range(start + 1, self.total_steps + 1):
+                batch = next(it)
+                data_states[step] = it.get_state()
+                while len(data_states) > 4:
+                    data_states.popitem(last=False)
+                state, m = self.train_step(state, host_batch_to_global(batch,
+                                                                       self.batch_sharding))
+                if pending is not None:
+                    self._handle(pending, state, data_states, writer)
+                pending = (step, m)
+                if cfg.debug.step_delay:
+                    time.sleep(float(cfg.debug.step_delay))
+                last = step == self.total_steps
+                want_ckpt = last or (ckpt_every and step % ckpt_every == 0) or preempted["flag"]
+                want_eval = do_eval and (last or (eval_every and step % eval_every == 0))
+                if want_ckpt or want_eval:
+                    self._handle(pending, state, data_states, writer)
+                    pending = None
+                if want_ckpt:
+                    self.ckpt.save(step, state, data_states[step], self.cfg_dict)
+                if want_eval:
+                    self._log_eval(writer, step, state)
+                if preempted["flag"] and not last:
+                    raise _Preempted(step)
+            if pending is not None:
+                self._handle(pending, state, data_states, writer)
+        except _Preempted as e:
+            self._preempted = True
+            writer.line(f"SIGTERM: saved checkpoint at step {e.args[0]} and stopped")
+        finally:
+            self.ckpt.close()
+            writer.close()
+            it.close()
+            if old_handler is not None:
+                signal.signal(signal.SIGTERM, old_handler)
+
+        if self.is_main:  # best over the whole run, including evals before a resume
+            evals = [r["eval/bits_per_byte"] for r in read_jsonl(metrics_path)
+                     if isinstance(r.get("eval/bits_per_byte"), (int, float))]
+            self._best_eval = min(evals + [self._best_eval])
+        summary = {
+            "step": int(np.asarray(state["step"])),
+            "params": n_params,
+            "wall_time_sec": round(time.time() - t_start, 2),
+            "final_train": self._last_train,
+            "final_eval": self._last_eval,
+            "best_eval_bits_per_byte": (None if self._best_eval == math.inf
+                                        else self._best_eval),
+            "workdir": self.workdir,
+            "preempted": self._preempted,
+        }
+        if self.is_main:
+            with open(summary_path, "w", encoding="utf-8") as f:
+                json.dump(summary, f, indent=2, default=str)
+        return summary
+
+    def _log_eval(self, writer: MetricsWriter, step: int, state) -> None:
+        ev = self.evaluate(state)
+        if not ev:
+            return
+        self._last_eval = ev
+        self._best_eval = min(self._best_eval, ev["bits_per_byte"])
+        writer.write(step, ev, "eval")
+        writer.line(f"eval step {step}: loss {ev['loss']:.4f} | bits/byte "
+                    f"{ev['bits_per_byte']:.4f} | ppl {ev['perplexity']:.2f} | "
+                    f"acc {ev['accuracy']:.3f}")
+
+    def _handle(self, pending, state, data_states, writer: MetricsWriter) -> None:
+        """Read one step's metrics (blocks until that step is done), stop on non-finite, log."""
+        step, m_dev = pending
+        m = {k: _to_float(v) for k, v in jax.device_get(m_dev).items()}
+        if self.config.debug.check_finite and not m["finite"]:
+            self._stop_nonfinite(step, m, state, data_states, writer)
+        now = time.time()
+        if self._timed_from is None:  # the first step includes compilation: time from here
+            self._timed_from = (now, step)
+            self._last_log = (now, step)
+        t = self.config.train
+        if step % int(t.log_every) and step != self.total_steps:
+            return
+        t0, s0 = self._last_log
+        steps_per_sec = (step - s0) / (now - t0) if step > s0 and now > t0 else None
+        tok_s = steps_per_sec * self.tokens_per_step if steps_per_sec else None
+        out = {k: m[k] for k in ("loss", "bits_per_byte", "accuracy", "grad_norm", "param_norm",
+                                 "lr")}
+        out["perplexity"] = math.exp(min(m["loss"], 700.0))
+        out["tokens_seen"] = step * self.tokens_per_step
+        out["steps_per_sec"] = steps_per_sec
+        out["tokens_per_sec"] = tok_s
+        out["mfu"] = (flops_lib.mfu(tok_s, self.model_cfg, self.peak_flops, self.n_devices)
+                      if tok_s else None)
+        self._last_log = (now, step)
+        self._last_train = out
+        writer.write(step, out, "train")
+        writer.progress(step, out)
+
+    def _stop_nonfinite(self, step, m, state, data_states, writer) -> None:
+        good = int(np.asarray(state["step"]))  # guarded steps left the last good state in place
+        where = None
+        if good in data_states:
+            if good not in self.ckpt.all_steps():
+                ok_state = dict(state)
+                ok_state["finite"] = jax.device_put(jnp.ones((), bool),
+                                                    self.state_sharding["finite"])
+                self.ckpt.save(good, ok_state, data_states[good], self.cfg_dict)
+                self.ckpt.wait()
+            where = self.ckpt.step_dir(good)
+        msg = (f"non-finite training at step {step}: loss={m['loss']}, "
+               f"grad_norm={m['grad_norm']}, param_norm={m['param_norm']}. "
+               + (f"Saved the last good state (step {good}) to {where}."
+                  if where else f"The last good state is step {good} (no checkpoint written)."))
+        writer.write(step, {"loss": m["loss"], "grad_norm": m["grad_norm"], "nonfinite": 1.0},
+                     "train")
+        writer.line(msg)
+        raise NonFiniteLossError(msg, step, where)
+
+
+def train(config, workdir: str, devices: Optional[Sequence] = None) -> dict:
+    return Trainer(config, workdir, devices).run()

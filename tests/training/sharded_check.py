@@ -1,0 +1,61 @@
+"""Run in a subprocess with XLA_FLAGS=--xla_force_host_platform_device_count=4 (see
+test_sharding.py): one/two train steps on 1 device vs. on 4 host devices with data x fsdp meshes.
+Prints one JSON line with the measured differences."""
+
+import json
+import sys
+
+import jax
+import numpy as np
+
+from mamba3_jax.training.step import make_grad_fn
+from mamba3_jax.training.trainer import Trainer
+from tests.training.common import synthetic_batch, tiny_config
+
+
+def run(cache, devices, **overrides):
+    c = tiny_config(cache)
+    c.data.batch_size = 8
+    c.mesh.fsdp_min_size = 0
+    for k, v in overrides.items():
+        sec, key = k.split("__")
+        c[sec][key] = v
+    tr = Trainer(c, "/nonexistent-unused", devices=devices)
+    state = tr.fresh_state()
+    b1, b2 = tr.put_batch(synthetic_batch(8, 32, 1)), tr.put_batch(synthetic_batch(8, 32, 2))
+    grads, _ = jax.jit(make_grad_fn(tr.graphdef, c.train.grad_accum, tr.mesh))(
+        state["params"], state["frozen"], b1)
+    grads = jax.device_get(grads)
+    sharded = sum(1 for s in jax.tree.leaves(
+        jax.tree.map(lambda x: "fsdp" in str(x.sharding.spec), state["params"])) if s)
+    metrics = []
+    for b in (b1, b2):
+        state, m = tr.train_step(state, b)
+        metrics.append({k: float(v) for k, v in jax.device_get(m).items()})
+    return {"grads": grads, "metrics": metrics, "sharded_leaves": sharded,
+            "n_leaves": len(jax.tree.leaves(state["params"])), "mesh": dict(tr.mesh.shape)}
+
+
+def main(cache):
+    assert jax.device_count() == 4, jax.devices()
+    single = run(cache, jax.devices()[:1])
+    out = {"single_mesh": single["mesh"]}
+    # one sharded layout that exercises data parallelism, fsdp and microbatching together
+    for name, kw in {"dp2_fsdp2_accum2": dict(mesh__data=2, mesh__fsdp=2,
+                                              train__grad_accum=2)}.items():
+        r = run(cache, None, **kw)
+        scale = max(float(np.abs(g).max()) for g in jax.tree.leaves(single["grads"]))
+        grad_err = max(float(np.abs(a - b).max()) for a, b in
+                       zip(jax.tree.leaves(single["grads"]), jax.tree.leaves(r["grads"]),
+                           strict=True))
+        metric_err = max(abs(a[k] - b[k]) / max(abs(a[k]), 1e-12)
+                         for a, b in zip(single["metrics"], r["metrics"], strict=True)
+                         for k in ("loss", "grad_norm", "param_norm", "bits_per_byte"))
+        out[name] = {"mesh": r["mesh"], "grad_err_rel": grad_err / scale,
+                     "metric_err_rel": metric_err, "sharded_leaves": r["sharded_leaves"],
+                     "n_leaves": r["n_leaves"]}
+    print("RESULT " + json.dumps(out))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

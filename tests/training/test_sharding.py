@@ -1,0 +1,53 @@
+"""The sharded train step (4 forced host devices, a 2 x 2 data x fsdp mesh, 2 microbatches)
+equals the single-device step. Runs in a subprocess because the device count must
+be set before jax initialises."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from mamba3_jax.training.config import ConfigError
+from mamba3_jax.training.mesh import leaf_spec, mesh_shape
+from tests.training.common import REPO
+
+
+def test_sharded_step_equals_single_device(jax_cache):
+    env = dict(os.environ)
+    flags = env.get("XLA_FLAGS", "")
+    env["XLA_FLAGS"] = (flags + " --xla_force_host_platform_device_count=4").strip()
+    env["JAX_PLATFORMS"] = "cpu"
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    r = subprocess.run([sys.executable, "-m", "tests.training.sharded_check", jax_cache],
+                       cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout + r.stderr
+    line = next(ln for ln in r.stdout.splitlines() if ln.startswith("RESULT "))
+    res = json.loads(line[len("RESULT "):])
+    assert res["single_mesh"] == {"data": 1, "fsdp": 1}
+    got = res["dp2_fsdp2_accum2"]
+    assert got["mesh"] == {"data": 2, "fsdp": 2}
+    assert got["sharded_leaves"] >= got["n_leaves"] // 2, got  # params really sharded
+    assert got["grad_err_rel"] < 1e-5, got
+    assert got["metric_err_rel"] < 1e-5, got
+
+
+def test_leaf_spec_picks_largest_divisible_axis():
+    assert tuple(leaf_spec((256, 64), 4, 0)) == ("fsdp", None)
+    assert tuple(leaf_spec((6, 64), 4, 0)) == (None, "fsdp")
+    assert tuple(leaf_spec((3, 5), 4, 0)) == ()
+    assert tuple(leaf_spec((256, 64), 1, 0)) == ()
+    assert tuple(leaf_spec((64,), 4, 1024)) == ()  # small: replicated
+
+
+def test_mesh_shape_errors():
+    class M:
+        data, fsdp = -1, 3
+    with pytest.raises(ConfigError, match="does not divide"):
+        mesh_shape(M, 4)
+    M.data, M.fsdp = 2, 1
+    with pytest.raises(ConfigError, match="must equal the number of devices"):
+        mesh_shape(M, 4)
+    M.data, M.fsdp = -1, 2
+    assert mesh_shape(M, 8) == (4, 2)

@@ -1,0 +1,93 @@
+"""Sweep expansion, launch commands and the results table / plot."""
+
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from mamba3_jax.training import sweep
+from tests.training.common import REPO
+
+
+def test_expand_grid_and_names():
+    axes = [sweep.parse_axis("model.d_state=16,32,64,128"),
+            sweep.parse_axis("--config.model.mimo_rank=1,4")]
+    points = sweep.expand(axes)
+    assert len(points) == 8
+    assert points[0] == {"model.d_state": "16", "model.mimo_rank": "1"}
+    assert points[1] == {"model.d_state": "16", "model.mimo_rank": "4"}
+    assert sweep.run_name(points[-1]) == "d_state=128+mimo_rank=4"
+    # same last component: the full key disambiguates
+    assert sweep.run_name({"optim.eps": "1", "model.eps": "2"}) == "optim.eps=1+model.eps=2"
+
+
+@pytest.mark.parametrize("bad", ["model.d_state", "d_state=1,2", "model.d_state=1,,2",
+                                 "model.d_state=1,1"])
+def test_bad_axes(bad):
+    with pytest.raises(ValueError):
+        sweep.parse_axis(bad)
+
+
+def test_plan_commands():
+    runs = sweep.plan("configs/small_gpu.py", "runs/sw",
+                      [sweep.parse_axis("model.d_state=16,32")], {"train.steps": "100"})
+    assert [r["name"] for r in runs] == ["d_state=16", "d_state=32"]
+    cmd = runs[1]["command"]
+    assert cmd[1:] == ["-m", "mamba3_jax.train", "--config", "configs/small_gpu.py",
+                       "--workdir", os.path.join("runs/sw", "d_state=32"),
+                       "--config.train.steps=100", "--config.model.d_state=32"]
+    with pytest.raises(ValueError, match="both swept and fixed"):
+        sweep.plan("c.py", "w", [sweep.parse_axis("train.steps=1,2")], {"train.steps": "5"})
+
+
+def _fake_run(workdir, losses, evals, steps, params=1234567):
+    os.makedirs(workdir)
+    with open(os.path.join(workdir, "metrics.jsonl"), "w") as f:
+        for i, loss in enumerate(losses, 1):
+            f.write(json.dumps({"step": i, "train/loss": loss, "train/tokens_per_sec": 100.0 * i})
+                    + "\n")
+        for step, bpb in evals:
+            f.write(json.dumps({"step": step, "eval/bits_per_byte": bpb, "eval/loss": bpb / 2})
+                    + "\n")
+        f.write('{"step": 99, "train/lo')  # a torn line from a killed run is ignored
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+        json.dump({"train": {"steps": steps}}, f)
+    with open(os.path.join(workdir, "summary.json"), "w") as f:
+        json.dump({"step": len(losses), "params": params, "wall_time_sec": 12.5}, f)
+
+
+def test_collect_table_and_plot(tmp_path):
+    axes = [sweep.parse_axis("model.d_state=16,32,64")]
+    runs = sweep.plan("configs/x.py", str(tmp_path), axes)
+    _fake_run(runs[0]["workdir"], [3.0, 2.5, 2.0], [(0, 8.0), (3, 3.5)], steps=3)
+    _fake_run(runs[1]["workdir"], [3.0, 2.4], [(0, 8.0), (2, 3.0), (2, 3.1)], steps=3)
+    out = sweep.write_results(runs, str(tmp_path))
+    rows = list(csv.DictReader(open(out["csv"])))
+    assert [r["run"] for r in rows] == ["d_state=16", "d_state=32", "d_state=64"]
+    assert [r["model.d_state"] for r in rows] == ["16", "32", "64"]
+    assert [r["status"] for r in rows] == ["complete", "incomplete", "missing"]
+    assert float(rows[0]["train_loss"]) == 2.0 and float(rows[0]["eval_bpb"]) == 3.5
+    assert float(rows[1]["eval_bpb"]) == 3.1 and float(rows[1]["best_eval_bpb"]) == 3.0
+    assert float(rows[0]["tokens_per_sec"]) == 200.0
+    assert float(rows[0]["params_M"]) == pytest.approx(1.235, abs=1e-3)
+    assert rows[2]["eval_bpb"] == ""
+    md = open(out["md"]).read().splitlines()
+    assert md[0].startswith("| run | model.d_state | status |")
+    assert len(md) == 2 + 3 and "| d_state=16 | 16 | complete |" in md[2]
+    assert os.path.getsize(out["png"]) > 1000
+
+
+def test_cli_dry_run_prints_commands(tmp_path):
+    r = subprocess.run([sys.executable, "experiments/sweep.py", "--config",
+                        "configs/tiny_cpu.py", "--workdir", str(tmp_path), "--sweep",
+                        "model.d_state=16,32", "--sweep", "model.mimo_rank=1,4", "--set",
+                        "train.steps=10", "--dry_run"], cwd=REPO, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.strip().splitlines()
+    assert len(lines) == 4
+    assert lines[3].endswith("--config.train.steps=10 --config.model.d_state=32 "
+                             "--config.model.mimo_rank=4")
+    assert not os.listdir(tmp_path)  # a dry run writes nothing
