@@ -88,5 +88,6 @@ def get_config(arg: str = "180m"):
     c.train.checkpoint_every = 1000
     c.train.keep = 3
     c.train.grad_accum = 1  # raise it when 256 x 2048 does not fit (must divide the batch)
+    c.train.loss_chunk = 512  # 100K-vocab logits 512 positions at a time (memory)
     c.mesh.fsdp = 1  # e.g. 8 on one 8-GPU host for the larger sizes
     return c

@@ -53,6 +53,22 @@ class Mamba3LM(nnx.Module):
         return jnp.einsum("...d,dv->...v", h, w.astype(h.dtype),
                           preferred_element_type=jnp.float32)
 
+    def features(self, tokens: jax.Array, *, segment_ids: Optional[jax.Array] = None,
+                 positions: Optional[jax.Array] = None, cache=None,
+                 backend: Optional[str] = None):
+        """tokens (B, L) -> (residual stream after the last block (B, L, d) float32, caches).
+
+        `logits(features)` gives the logits; a loss can apply it chunk by chunk to keep the
+        (B, L, V) logits out of memory (see `mamba3_jax.training.step`)."""
+        reset = segment_reset(segment_ids, positions)
+        h = self.embed(tokens).astype(jnp.float32)  # residual stream kept in float32
+        caches = self.init_cache(tokens.shape[0]) if cache is None else cache
+        new_caches = []
+        for layer, c in zip(self.layers, caches, strict=True):
+            h, c = layer(h, reset=reset, cache=c, backend=backend)
+            new_caches.append(c)
+        return h, new_caches
+
     def __call__(self, tokens: jax.Array, *, segment_ids: Optional[jax.Array] = None,
                  positions: Optional[jax.Array] = None, cache=None, return_cache: bool = False,
                  backend: Optional[str] = None):
@@ -61,15 +77,10 @@ class Mamba3LM(nnx.Module):
         Packed sequences: pass `positions` (restart at 0 per document) or `segment_ids`; the
         recurrent state restarts at each document start.
         """
-        reset = segment_reset(segment_ids, positions)
-        h = self.embed(tokens).astype(jnp.float32)  # residual stream kept in float32
-        caches = self.init_cache(tokens.shape[0]) if cache is None else cache
-        new_caches = []
-        for layer, c in zip(self.layers, caches, strict=True):
-            h, c = layer(h, reset=reset, cache=c, backend=backend)
-            new_caches.append(c)
+        h, caches = self.features(tokens, segment_ids=segment_ids, positions=positions,
+                                  cache=cache, backend=backend)
         logits = self.logits(h)
-        return (logits, new_caches) if return_cache else logits
+        return (logits, caches) if return_cache else logits
 
     def step(self, token: jax.Array, cache):
         """Decode one token per sequence: token (B,) -> (logits (B, V), cache)."""

@@ -31,7 +31,7 @@ RESUME_SAFE_PREFIXES = (
     "train.steps", "train.log_every", "train.eval_every", "train.eval_steps",
     "train.checkpoint_every", "train.keep", "train.async_checkpoint", "train.progress",
     "train.tensorboard", "train.peak_flops_per_device", "train.allow_config_change",
-    "train.compilation_cache_dir", "mesh.", "debug.", "data.prefetch",
+    "train.compilation_cache_dir", "train.loss_chunk", "mesh.", "debug.", "data.prefetch",
     "data.num_threads", "data.eval_source", "data.eval_batch_size",
 )
 
@@ -89,6 +89,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.steps = 1000
     c.train.seed = 0  # model init, data order and the step RNG
     c.train.grad_accum = 1  # microbatches per step (scan inside the jitted step)
+    c.train.loss_chunk = 0  # >0: compute logits/loss this many positions at a time (memory)
     c.train.log_every = 10
     c.train.eval_every = 200  # 0: no periodic evaluation (one at the end if eval_steps > 0)
     c.train.eval_steps = 20  # validation batches per evaluation; 0: no evaluation
@@ -199,7 +200,8 @@ def validate(config) -> None:
         for k in keys:
             need(is_int(sec[k]) and sec[k] >= 1,
                  f"{sec_name}.{k} must be a positive integer, got {sec[k]!r}")
-    for sec_name, sec, keys in (("train", t, ("eval_every", "eval_steps", "checkpoint_every")),
+    for sec_name, sec, keys in (("train", t, ("eval_every", "eval_steps", "checkpoint_every",
+                                             "loss_chunk")),
                                 ("data", d, ("eval_batch_size", "num_streams", "num_threads",
                                              "prefetch")),
                                 ("optim", o, ("warmup_steps", "decay_steps"))):

@@ -36,6 +36,7 @@ class StepConfig(NamedTuple):
     """Static settings baked into the compiled step."""
 
     grad_accum: int = 1
+    loss_chunk: int = 0  # >0: logits and loss computed this many positions at a time
     inject_nan_at_step: int = -1  # 1-based step whose loss is made NaN (debugging)
     check_finite: bool = True
 
@@ -61,14 +62,41 @@ def init_state(cfg: ModelConfig, tx: optax.GradientTransformation, seed: int) ->
     }
 
 
-def loss_sums(graphdef, params, frozen, batch, nll_scale=1.0):
+def _nll_and_hits(model, h, targets):
+    logits = model.logits(h)
+    nll = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+    return nll, (jnp.argmax(logits, -1) == targets).astype(jnp.float32)
+
+
+def token_losses(model, h, targets, chunk: int = 0):
+    """Per-token nll and argmax hits from the final features h (B, L, d).
+
+    chunk > 0 computes the logits `chunk` positions at a time under jax.checkpoint, so only one
+    (B, chunk, V) slab of logits is alive (forward and backward) instead of (B, L, V)."""
+    L = h.shape[1]
+    if not chunk or chunk >= L:
+        return _nll_and_hits(model, h, targets)
+    pad = (-L) % chunk
+    hp = jnp.pad(h, ((0, 0), (0, pad), (0, 0)))
+    tp = jnp.pad(targets, ((0, 0), (0, pad)))
+    n = (L + pad) // chunk
+    hs = jnp.moveaxis(hp.reshape(h.shape[0], n, chunk, h.shape[2]), 1, 0)
+    ts = jnp.moveaxis(tp.reshape(h.shape[0], n, chunk), 1, 0)
+    graphdef, state = nnx.split(model)
+    one = jax.checkpoint(lambda st, hc, tc: _nll_and_hits(nnx.merge(graphdef, st), hc, tc))
+    nll, hits = jax.lax.map(lambda a: one(state, *a), (hs, ts))
+    unchunk = lambda x: jnp.moveaxis(x, 0, 1).reshape(h.shape[0], -1)[:, :L]  # noqa: E731
+    return unchunk(nll), unchunk(hits)
+
+
+def loss_sums(graphdef, params, frozen, batch, nll_scale=1.0, loss_chunk: int = 0):
     """Masked sums over one (micro)batch: (sum nll [nats], aux dict of sums)."""
     model = nnx.merge(graphdef, params, frozen)
-    logits = model(batch["inputs"], positions=batch["positions"])
-    nll = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
+    h, _ = model.features(batch["inputs"], positions=batch["positions"])
+    nll, hits = token_losses(model, h, batch["targets"], loss_chunk)
     mask = batch["loss_mask"].astype(jnp.float32)
     sum_nll = jnp.sum(nll * mask) * nll_scale
-    correct = jnp.sum((jnp.argmax(logits, -1) == batch["targets"]) * mask)
+    correct = jnp.sum(hits * mask)
     aux = {"sum_nll": sum_nll, "tokens": jnp.sum(mask),
            "bytes": jnp.sum(batch["target_bytes"].astype(jnp.float32)), "correct": correct}
     return sum_nll, aux
@@ -87,13 +115,13 @@ def _microbatches(batch: dict, k: int, mesh: Mesh | None) -> dict:
     return jax.tree.map(split, batch)
 
 
-def make_grad_fn(graphdef, grad_accum: int = 1, mesh: Mesh | None = None):
+def make_grad_fn(graphdef, grad_accum: int = 1, mesh: Mesh | None = None, loss_chunk: int = 0):
     """(params, frozen, batch, nll_scale) -> (grads of the masked mean loss, aux sums).
 
     With grad_accum = k the batch is split into k microbatches scanned in sequence; sums are
     accumulated and divided once by the batch's total loss tokens, so the result equals one big
     batch up to float summation order."""
-    grad_fn = jax.value_and_grad(lambda p, f, b, s: loss_sums(graphdef, p, f, b, s),
+    grad_fn = jax.value_and_grad(lambda p, f, b, s: loss_sums(graphdef, p, f, b, s, loss_chunk),
                                  has_aux=True)
 
     def fn(params, frozen, batch, nll_scale=1.0):
@@ -121,7 +149,7 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, schedule: Callab
                     step_cfg: StepConfig | None = None, mesh: Mesh | None = None):
     """state, batch -> (new state, metrics). Pure; jit it (see `jit_train_step`)."""
     step_cfg = step_cfg or StepConfig()
-    grads_of = make_grad_fn(graphdef, step_cfg.grad_accum, mesh)
+    grads_of = make_grad_fn(graphdef, step_cfg.grad_accum, mesh, step_cfg.loss_chunk)
 
     def train_step(state: dict, batch: dict):
         params, frozen = state["params"], state["frozen"]

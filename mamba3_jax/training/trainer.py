@@ -101,7 +101,7 @@ class Trainer:
         self.state_sharding = state_shardings(self.abstract_state, self.mesh,
                                               int(config.mesh.fsdp_min_size))
         self.batch_sharding = batch_sharding(self.mesh)
-        step_cfg = StepConfig(grad_accum=int(t.grad_accum),
+        step_cfg = StepConfig(grad_accum=int(t.grad_accum), loss_chunk=int(t.loss_chunk),
                               inject_nan_at_step=int(config.debug.inject_nan_at_step),
                               check_finite=bool(config.debug.check_finite))
         self.train_step = jit_train_step(
