@@ -22,13 +22,14 @@ Outputs: experiments/results/lm_<study>/{results.md, results.csv, plot.png, conf
 from __future__ import annotations
 
 import argparse
-import csv
-import json
 import math
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from report import write_report  # noqa: E402
 
 from mamba3_jax.training import sweep  # noqa: E402
 
@@ -90,51 +91,41 @@ def aggregate(rows: list[dict]) -> list[dict]:
 
 
 def write(study: str, table: list[dict], rows: list[dict], out: str, runs: list[dict]) -> None:
-    os.makedirs(out, exist_ok=True)
+    abl = study == "ablations"
     lines = [f"# LM comparison: {study}", "",
              "Books corpus, test-split bits per byte at the end of training; mean ± sample std "
              "over seeds (min..max).", "",
              "| variant | params (M) | seeds | test bits/byte | min..max |"
-             + (" paper 440M ppl |" if study == "ablations" else ""),
-             "|---|---|---|---|---|" + ("---|" if study == "ablations" else "")]
+             + (" paper 440M ppl |" if abl else ""),
+             "|---|---|---|---|---|" + ("---|" if abl else "")]
     for t in table:
         line = (f"| {t['variant']} | {t['params_M']} | {t['seeds']} | "
                 f"{t['test_bpb_mean']:.4f} ± {t['test_bpb_std']:.4f} | "
                 f"{t['min']:.4f}..{t['max']:.4f} |")
-        if study == "ablations":
-            line += f" {PAPER_PPL.get(t['variant'], '')} |"
-        lines.append(line)
-    with open(os.path.join(out, "results.md"), "w") as f:
-        f.write("\n".join(lines) + "\n")
-    with open(os.path.join(out, "results.csv"), "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(table[0]) if table else ["variant"])
-        w.writeheader()
-        w.writerows(table)
-    with open(os.path.join(out, "configs.json"), "w") as f:
-        json.dump({"study": study, "runs": [{k: r[k] for k in ("name", "overrides")}
-                                            for r in runs], "per_run": rows}, f, indent=1)
-    if study == "state_size" and table:
-        try:
-            import matplotlib
-            matplotlib.use("Agg")
-            import matplotlib.pyplot as plt
-            fig, ax = plt.subplots(figsize=(6, 4))
-            for model in ("mamba2", "siso", "mimo"):
-                pts = sorted((int(t["variant"].rsplit("_N", 1)[1]), t["test_bpb_mean"],
-                              t["test_bpb_std"]) for t in table
-                             if t["variant"].startswith(model + "_N"))
-                if pts:
-                    ax.errorbar([p[0] for p in pts], [p[1] for p in pts],
-                                yerr=[0 if math.isnan(p[2]) else p[2] for p in pts],
-                                marker="o", capsize=3, label=model)
-            ax.set_xscale("log", base=2)
-            ax.set_xlabel("d_state")
-            ax.set_ylabel("test bits per byte")
-            ax.legend()
-            fig.tight_layout()
-            fig.savefig(os.path.join(out, "plot.png"), dpi=120)
-        except ImportError:
-            pass
+        lines.append(line + (f" {PAPER_PPL.get(t['variant'], '')} |" if abl else ""))
+
+    def plot(plt):
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for model in ("mamba2", "siso", "mimo"):
+            pts = sorted((int(t["variant"].rsplit("_N", 1)[1]), t["test_bpb_mean"],
+                          t["test_bpb_std"]) for t in table
+                         if t["variant"].startswith(model + "_N"))
+            if pts:
+                ax.errorbar([q[0] for q in pts], [q[1] for q in pts],
+                            yerr=[0 if math.isnan(q[2]) else q[2] for q in pts],
+                            marker="o", capsize=3, label=model)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("d_state")
+        ax.set_ylabel("test bits per byte")
+        ax.legend()
+        return fig
+
+    header = list(table[0]) if table else ["variant"]
+    write_report(out, markdown="\n".join(lines), header=header,
+                 rows=[[t[k] for k in header] for t in table],
+                 configs={"study": study, "runs": [{k: r[k] for k in ("name", "overrides")}
+                                                   for r in runs], "per_run": rows},
+                 plot=plot if study == "state_size" and table else None)
 
 
 def main(argv=None):

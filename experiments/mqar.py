@@ -13,11 +13,10 @@ experiments/results/mqar/ (or --out).
 from __future__ import annotations
 
 import argparse
-import csv
 import dataclasses
 import itertools
-import json
 import os
+import sys
 import time
 
 import jax
@@ -27,6 +26,9 @@ import numpy as np
 from mamba3_jax.config import ModelConfig
 from mamba3_jax.tasks import MQARTask
 from mamba3_jax.training.lr_sweep import LRSweep
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from report import write_report  # noqa: E402
 
 MODELS = {
     "mamba2": {"mixer": "mamba2", "d_conv": 4, "rotation": "none"},
@@ -93,7 +95,6 @@ def train_cell(model: str, d_model: int, d_state: int, p: Preset, seed: int = 0)
 
 
 def write_results(rows, out, preset_name, p: Preset):
-    os.makedirs(out, exist_ok=True)
     d_states = sorted({r["d_state"] for r in rows})
     lines = [f"# MQAR, preset `{preset_name}`", "",
              f"seq_len {p.seq_len}, {p.num_kv_pairs} key-value pairs, vocab {p.vocab_size}, "
@@ -103,27 +104,15 @@ def write_results(rows, out, preset_name, p: Preset):
              "| model | d_model | " + " | ".join(f"N={n}" for n in d_states) + " |",
              "|---|---|" + "---|" * len(d_states)]
     keyed = {(r["model"], r["d_model"], r["d_state"]): r for r in rows}
-    for model, d in sorted({(r["model"], r["d_model"]) for r in rows}):
+    lines_of = sorted({(r["model"], r["d_model"]) for r in rows})
+    for model, d in lines_of:
         cells = [f"{100 * keyed[(model, d, n)]['acc']:.1f}" if (model, d, n) in keyed else "-"
                  for n in d_states]
         lines.append(f"| {model} | {d} | " + " | ".join(cells) + " |")
-    with open(os.path.join(out, "results.md"), "w") as f:
-        f.write("\n".join(lines) + "\n")
-    with open(os.path.join(out, "results.csv"), "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["model", "d_model", "d_state", "acc", "best_lr", "params", "train_seconds"])
-        for r in rows:
-            w.writerow([r["model"], r["d_model"], r["d_state"], f"{r['acc']:.4f}", r["best_lr"],
-                        r["params"], r["train_seconds"]])
-    with open(os.path.join(out, "configs.json"), "w") as f:
-        json.dump({"preset": preset_name, "settings": dataclasses.asdict(p), "runs": rows}, f,
-                  indent=1)
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+
+    def plot(plt):
         fig, ax = plt.subplots(figsize=(6, 4))
-        for model, d in sorted({(r["model"], r["d_model"]) for r in rows}):
+        for model, d in lines_of:
             pts = sorted((r["d_state"], r["acc"]) for r in rows
                          if r["model"] == model and r["d_model"] == d)
             ax.plot([x for x, _ in pts], [100 * y for _, y in pts], marker="o",
@@ -132,10 +121,15 @@ def write_results(rows, out, preset_name, p: Preset):
         ax.set_xlabel("d_state")
         ax.set_ylabel("MQAR accuracy %")
         ax.legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(os.path.join(out, "plot.png"), dpi=120)
-    except ImportError:
-        pass
+        return fig
+
+    write_report(
+        out, markdown="\n".join(lines),
+        header=["model", "d_model", "d_state", "acc", "best_lr", "params", "train_seconds"],
+        rows=[[r["model"], r["d_model"], r["d_state"], f"{r['acc']:.4f}", r["best_lr"],
+               r["params"], r["train_seconds"]] for r in rows],
+        configs={"preset": preset_name, "settings": dataclasses.asdict(p), "runs": rows},
+        plot=plot)
 
 
 def main(argv=None):

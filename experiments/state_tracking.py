@@ -14,10 +14,9 @@ experiments/results/state_tracking/ (or --out).
 from __future__ import annotations
 
 import argparse
-import csv
 import dataclasses
-import json
 import os
+import sys
 import time
 
 import jax
@@ -27,6 +26,9 @@ import numpy as np
 from mamba3_jax.config import ModelConfig
 from mamba3_jax.tasks import curriculum, get_task, make_batch, scaled_accuracy
 from mamba3_jax.training.lr_sweep import LRSweep
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from report import write_report  # noqa: E402
 
 # Paper Table 5b (scaled accuracy %), SISO.
 PAPER = {
@@ -118,7 +120,6 @@ def train_cell(task_name: str, variant: str, p: Preset, seed: int = 0, log=print
 
 
 def write_results(rows: list[dict], out: str, preset_name: str, p: Preset) -> None:
-    os.makedirs(out, exist_ok=True)
     tasks = [t for t in LAYERS if any(r["task"] == t for r in rows)]
     variants = [v for v in VARIANTS if any(r["variant"] == v for r in rows)]
     cell = {(r["task"], r["variant"]): r for r in rows}
@@ -134,23 +135,8 @@ def write_results(rows: list[dict], out: str, preset_name: str, p: Preset) -> No
                         f"{r['scaled_acc']:.2f} / {PAPER[v][t]:.2f} ({r['train_seconds']:.0f}s)")
         lines.append(f"| {v} | " + " | ".join(vals) + " |")
     lines += ["", "Cells: ours / paper (wall seconds of training, all learning rates together)."]
-    with open(os.path.join(out, "results.md"), "w") as f:
-        f.write("\n".join(lines) + "\n")
-    with open(os.path.join(out, "results.csv"), "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["task", "variant", "scaled_acc", "acc", "best_lr", "paper", "train_seconds",
-                    "steps", "params"])
-        for r in rows:
-            w.writerow([r["task"], r["variant"], f"{r['scaled_acc']:.2f}", f"{r['acc']:.4f}",
-                        r["best_lr"], PAPER[r["variant"]][r["task"]], r["train_seconds"],
-                        r["steps"], r["params"]])
-    with open(os.path.join(out, "configs.json"), "w") as f:
-        json.dump({"preset": preset_name, "settings": dataclasses.asdict(p), "runs": rows}, f,
-                  indent=1)
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+
+    def plot(plt):
         fig, ax = plt.subplots(figsize=(7, 3.5))
         width = 0.8 / max(len(variants), 1)
         for i, v in enumerate(variants):
@@ -160,10 +146,17 @@ def write_results(rows: list[dict], out: str, preset_name: str, p: Preset) -> No
         ax.set_ylabel("scaled accuracy %")
         ax.set_ylim(-5, 105)
         ax.legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(os.path.join(out, "plot.png"), dpi=120)
-    except ImportError:
-        pass
+        return fig
+
+    write_report(
+        out, markdown="\n".join(lines),
+        header=["task", "variant", "scaled_acc", "acc", "best_lr", "paper", "train_seconds",
+                "steps", "params"],
+        rows=[[r["task"], r["variant"], f"{r['scaled_acc']:.2f}", f"{r['acc']:.4f}",
+               r["best_lr"], PAPER[r["variant"]][r["task"]], r["train_seconds"], r["steps"],
+               r["params"]] for r in rows],
+        configs={"preset": preset_name, "settings": dataclasses.asdict(p), "runs": rows},
+        plot=plot)
 
 
 def main(argv=None):
