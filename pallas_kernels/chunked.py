@@ -130,6 +130,18 @@ class _Static:
         return 2 + 3 * self.R
 
 
+def epilogue_params(D, mimo_x, mimo_z, mimo_o, norm_weight, H, R, P):
+    """The gate epilogue's per-head parameters packed as one (H, 2 + 3R, P) float32 array:
+    rows [D, mimo_x (R), mimo_z (R), mimo_o (R), norm weight]; absent ones are ones."""
+    ones = jnp.ones((H, R, P), f32)
+    mx = ones if mimo_x is None else mimo_x.astype(f32)
+    mz = ones if mimo_z is None else mimo_z.astype(f32)
+    mo = ones if mimo_o is None else mimo_o.astype(f32)
+    nw = jnp.ones((H, P), f32) if norm_weight is None else norm_weight.astype(f32)
+    return jnp.concatenate([jnp.broadcast_to(D.astype(f32)[:, None, None], (H, 1, P)), mx, mz,
+                            mo, nw[:, None, :]], axis=1)
+
+
 # ----------------------------------------------------------------------------- in-kernel helpers
 
 
@@ -662,13 +674,7 @@ def chunked_core(inp: SSMInputs, state: SSMState, *, z, D, mimo_x=None, mimo_z=N
     def heads_first(a):  # (B, Lp, H) -> (B, H, Lp)
         return jnp.transpose(a, (0, 2, 1))
 
-    ones = jnp.ones((H, R, P), f32)
-    mx = ones if mimo_x is None else mimo_x.astype(f32)
-    mz = ones if mimo_z is None else mimo_z.astype(f32)
-    mo = ones if mimo_o is None else mimo_o.astype(f32)
-    nw = jnp.ones((H, P), f32) if norm_weight is None else norm_weight.astype(f32)
-    prm = jnp.concatenate([jnp.broadcast_to(D.astype(f32)[:, None, None], (H, 1, P)), mx, mz, mo,
-                           nw[:, None, :]], axis=1)  # (H, 2 + 3R, P)
+    prm = epilogue_params(D, mimo_x, mimo_z, mimo_o, norm_weight, H, R, P)
 
     biases = [getattr(inp, name, None) for name in ("q_bias", "k_bias")]
     qkb = jnp.stack([jnp.zeros((H, R, N), f32) if b is None else b.astype(f32) for b in biases],

@@ -20,7 +20,7 @@ from jax.experimental import pallas as pl
 from mamba3_jax.ops.rotary import TWO_PI
 from mamba3_jax.ops.ssm import SSMState
 from pallas_kernels._compat import SQ, compiler_params, is_pow2, plgpu, swap_pairs
-from pallas_kernels.chunked import KernelUnsupported
+from pallas_kernels.chunked import KernelUnsupported, epilogue_params
 
 f32 = jnp.float32
 
@@ -116,13 +116,7 @@ def decode_step(state: SSMState, q, k, x, z, angle_inc, log_decay, gamma, eta, r
     keep = jnp.ones((B,), f32) if reset is None else 1.0 - reset.astype(f32)
     sc = jnp.stack([log_decay.astype(f32), gamma.astype(f32), eta.astype(f32),
                     jnp.broadcast_to(keep[:, None], (B, H))], axis=-1)  # (B, H, 4)
-    ones = jnp.ones((H, R, P), f32)
-    mx = ones if mimo_x is None else mimo_x.astype(f32)
-    mz = ones if mimo_z is None else mimo_z.astype(f32)
-    mo = ones if mimo_o is None else mimo_o.astype(f32)
-    nw = jnp.ones((H, P), f32) if norm_weight is None else norm_weight.astype(f32)
-    prm = jnp.concatenate([jnp.broadcast_to(D.astype(f32)[:, None, None], (H, 1, P)), mx, mz, mo,
-                           nw[:, None, :]], axis=1)  # (H, 2 + 3R, P)
+    prm = epilogue_params(D, mimo_x, mimo_z, mimo_o, norm_weight, H, R, P)
     K = prm.shape[1]
     Sk = max(S, 1)
     ang = state.angle if S else jnp.zeros((B, H, 1), f32)
