@@ -17,7 +17,7 @@ from flax import nnx
 from mamba3_jax.config import ModelConfig
 from mamba3_jax.model import Mamba3LM
 from mamba3_jax.training.optim import decay_mask
-from mamba3_jax.training.step import loss_sums
+from mamba3_jax.training.step import make_grad_fn
 
 BATCH_KEYS = ("inputs", "targets", "positions", "loss_mask")
 
@@ -40,17 +40,16 @@ class LRSweep:
         self.params = jax.tree.map(lambda a: jnp.broadcast_to(a, (n,) + a.shape), params)
         self.opt_state = jax.vmap(tx.init)(self.params)
         self.peaks = jnp.asarray(self.lrs, jnp.float32)
-        graphdef, frozen_ = self.graphdef, self.frozen
+        grads_of, frozen_ = make_grad_fn(self.graphdef), self.frozen
 
         def one(params, opt_state, peak, batch, step):
-            (s, aux), g = jax.value_and_grad(
-                lambda q: loss_sums(graphdef, q, frozen_, batch), has_aux=True)(params)
-            g = jax.tree.map(lambda x: x / jnp.maximum(aux["tokens"], 1.0), g)
+            g, aux = grads_of(params, frozen_, batch)
             clip, adam = opt_state
             hp = dict(adam.hyperparams)
             hp["learning_rate"] = peak * sched(step)
             updates, opt_state = tx.update(g, (clip, adam._replace(hyperparams=hp)), params)
-            return optax.apply_updates(params, updates), opt_state, s / aux["tokens"]
+            loss = aux["sum_nll"] / jnp.maximum(aux["tokens"], 1.0)
+            return optax.apply_updates(params, updates), opt_state, loss
 
         self._step = jax.jit(jax.vmap(one, in_axes=(0, 0, 0, None, None)), donate_argnums=(0, 1))
 
