@@ -2,7 +2,7 @@
 PY ?= python3
 WORKDIR ?= runs/tiny
 
-.PHONY: help install test test-fast lint train bench bench-forms bench-kernels clean
+.PHONY: help install test test-fast lint train bench bench-forms bench-kernels bench-decode clean
 
 help:
 	@echo "install      pip-install the package with its test/plot/data extras"
@@ -10,7 +10,7 @@ help:
 	@echo "test-fast    skip tests marked slow"
 	@echo "lint         ruff"
 	@echo "train        the README's main job: tiny model on the bundled books corpus (CPU)"
-	@echo "bench        GPU benchmarks: SSM forms and Pallas kernels (run on the GPU machine)"
+	@echo "bench        GPU benchmarks: SSM forms, Pallas kernels, layer decode (on the GPU machine)"
 
 install:
 	$(PY) -m pip install -q -e ".[dev,plots,data]"
@@ -27,13 +27,16 @@ lint:
 train:
 	$(PY) -m mamba3_jax.train --config configs/tiny_cpu.py --workdir $(WORKDIR)
 
-bench: bench-forms bench-kernels
+bench: bench-forms bench-kernels bench-decode
 
 bench-forms:
 	$(PY) experiments/bench_forms.py
 
 bench-kernels:
 	$(PY) -m pallas_kernels.bench
+
+bench-decode:
+	$(PY) experiments/bench_decode.py
 
 clean:
 	rm -rf build dist *.egg-info .pytest_cache

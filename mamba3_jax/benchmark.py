@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import subprocess
 import time
-from typing import Callable, Sequence
+from pathlib import Path
+from typing import Callable, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -61,3 +62,18 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence]) -> str:
     for r in rows:
         lines.append("| " + " | ".join(str(c) for c in r) + " |")
     return "\n".join(lines)
+
+
+def replace_doc_section(title: str, body: str, path: Optional[Path] = None) -> None:
+    """Replace the Markdown section starting at `title` (up to the next '## ') in
+    docs/benchmarks.md with `title` + `body`, or append it when absent."""
+    path = path or Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
+    section = title + "\n\n" + body.strip("\n") + "\n"
+    text = path.read_text() if path.exists() else "# Benchmarks\n"
+    start = text.find(title)
+    if start >= 0:
+        end = text.find("\n## ", start + len(title))
+        text = text[:start] + section + (text[end:] if end >= 0 else "")
+    else:
+        text = text.rstrip("\n") + "\n\n" + section
+    path.write_text(text)

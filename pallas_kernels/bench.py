@@ -21,7 +21,6 @@ import functools
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -31,6 +30,8 @@ import jax
 import jax.numpy as jnp
 
 from mamba3_jax import backends
+from mamba3_jax.benchmark import git_commit as commit
+from mamba3_jax.benchmark import replace_doc_section
 from mamba3_jax.ops.mixer import gate_output
 from mamba3_jax.ops.ssm import SSMInputs, SSMState, ssm_step
 from pallas_kernels import BlockSizes, chunked_core, decode_step
@@ -331,26 +332,6 @@ def run_decode(rows, ceil, args):
 # ----------------------------------------------------------------------------- main
 
 
-def commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                              text=True, check=True).stdout.strip()
-    except Exception:
-        return "unknown"
-
-
-def write_docs(path: Path, header: str, body: str):
-    section = "## Pallas kernels\n\n" + header + "\n\n" + body + "\n"
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    start = text.find("## Pallas kernels")
-    if start >= 0:
-        end = text.find("\n## ", start + 3)
-        text = text[:start] + section + (text[end + 1:] if end >= 0 else "")
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    path.write_text(text)
-
-
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--what", default="fwd,fwd+bwd,decode,sweep")
@@ -395,7 +376,7 @@ def main(argv=None):
     if out_dir:
         Path(out_dir, "bench_kernels.md").write_text(header + "\n\n" + body + "\n")
     if args.write_docs:
-        write_docs(Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md", header, body)
+        replace_doc_section("## Pallas kernels", header + "\n\n" + body)
     print("\n" + header + "\n\n" + body, flush=True)
 
 

@@ -36,3 +36,22 @@ def test_sampling_respects_top_k_and_seed():
     c = generate(model, prompt, jax.random.PRNGKey(7), max_new_tokens=6, temperature=1.0)
     np.testing.assert_array_equal(np.asarray(b), np.asarray(c))
     assert int(b.min()) >= 0 and int(b.max()) < 64
+
+
+def test_bf16_decode_state_keeps_its_dtype_and_tracks_the_forward():
+    """state_dtype=bfloat16: every decode step stores the state back in bf16 (a scan over steps
+    needs a fixed carry type), for both mixers, and greedy decoding still follows the forward."""
+    for extra in ({}, {"mixer": "mamba2", "d_conv": 4, "rotation": "none"}):
+        cfg = ModelConfig(vocab_size=64, d_model=32, n_layer=2, d_state=16, headdim=16,
+                          chunk_size=8, state_dtype="bfloat16", **extra)
+        model = Mamba3LM(cfg, rngs=nnx.Rngs(0))
+        prompt = jax.random.randint(jax.random.PRNGKey(1), (2, 7), 0, 64)
+        _, cache = model(prompt, return_cache=True)
+        _, stepped = nnx.jit(lambda m, t, c: m.step(t, c))(model, prompt[:, -1], cache)
+        for before, after in zip(jax.tree.leaves(cache), jax.tree.leaves(stepped), strict=True):
+            assert before.dtype == after.dtype and before.shape == after.shape
+        assert {c.ssm.h.dtype for c in cache} == {jnp.dtype("bfloat16")}
+        new = generate(model, prompt, jax.random.PRNGKey(2), max_new_tokens=5)
+        logits = model(jnp.concatenate([prompt, new], axis=1))
+        agree = np.mean(np.asarray(jnp.argmax(logits[:, 6:-1], -1)) == np.asarray(new))
+        assert agree >= 0.8, (extra, agree)

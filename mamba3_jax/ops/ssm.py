@@ -146,9 +146,9 @@ def ssm_reference(inp: SSMInputs, state: SSMState, mimo_x=None, **_):
         y, carry = ssm_step(carry, q, k, x, inc, ld, g, e, r, mimo_x)
         return carry, y
 
-    state = state._replace(h=state.h.astype(f32))
-    final, ys = jax.lax.scan(body, state, xs)
-    return jnp.swapaxes(ys, 0, 1), final
+    final, ys = jax.lax.scan(body, state._replace(h=state.h.astype(f32)), xs)
+    # the state accumulates in f32 within the call and is stored back in its own dtype
+    return jnp.swapaxes(ys, 0, 1), final._replace(h=final.h.astype(state.h.dtype))
 
 
 # ----------------------------------------------------------------------------- shared parallel prep

@@ -1,0 +1,220 @@
+"""Paper Table 6: latency of one decode step of one mixing layer (in_proj, SSM step, gate,
+out_proj), batch 128, d_model 2048, P = 64, expand 2, against the memory roofline.
+
+    python experiments/bench_decode.py                  # GPU: the whole table (make bench-decode)
+    python experiments/bench_decode.py --write-docs     # ... and update docs/benchmarks.md
+    python experiments/bench_decode.py --smoke          # tiny shapes, kernels interpreted (CPU)
+
+Columns as in the paper: "fp32" runs the layer with fp32 weights, activations and SSM state,
+"bf16" with bf16 weights, activations and state (the fp32 parameters of the recurrence, dt_bias,
+D, norms, biases and MIMO scales, stay fp32 as in training). Each Mamba-3 cell is timed twice in
+the same run: with the fused Pallas decode kernel (`scan_backend="pallas"`) and with the XLA
+sequential step (`"reference"`); Mamba-2 runs its XLA step.
+
+Timing: `--steps` decode steps run inside one jitted `lax.scan` with the cache donated, so each
+step costs device time only, as the paper's CUDA-graph timing does; the median over `--reps`
+such calls, divided by the steps, is the latency. A second column times one jitted call per token
+(host dispatch included), as a plain Python decode loop would see it.
+
+Roofline: the bytes one step must move, read from the arrays themselves (every parameter of the
+layer once, the cache read and written, the token in and out), divided by the copy bandwidth
+measured in the same run. Before timing, the kernel step's output is checked against the XLA
+step on the same cache (max relative error, printed in the table).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from mamba3_jax.benchmark import (  # noqa: E402
+    device_name,
+    git_commit,
+    markdown_table,
+    measure_copy_bandwidth,
+    replace_doc_section,
+)
+from mamba3_jax.config import ModelConfig  # noqa: E402
+from mamba3_jax.layers import Block  # noqa: E402
+
+# Paper Table 6 (ms, one H100): (model, dtype, N) -> latency
+PAPER = {
+    ("mamba2", "float32", 64): 0.295, ("mamba2", "float32", 128): 0.409,
+    ("mamba2", "bfloat16", 64): 0.127, ("mamba2", "bfloat16", 128): 0.203,
+    ("mamba3_siso", "float32", 64): 0.310, ("mamba3_siso", "float32", 128): 0.399,
+    ("mamba3_siso", "bfloat16", 64): 0.110, ("mamba3_siso", "bfloat16", 128): 0.156,
+    ("mamba3_mimo4", "float32", 64): 0.333, ("mamba3_mimo4", "float32", 128): 0.431,
+    ("mamba3_mimo4", "bfloat16", 64): 0.137, ("mamba3_mimo4", "bfloat16", 128): 0.179,
+}
+MODELS = {
+    "mamba2": {"mixer": "mamba2", "d_conv": 4, "rotation": "none"},
+    "mamba3_siso": {},
+    "mamba3_mimo4": {"mimo_rank": 4},
+}
+SECTION = "## Decode latency of one layer (paper Table 6)"
+
+
+def layer_config(model: str, dtype: str, d_state: int, backend: str, smoke: bool) -> ModelConfig:
+    width = dict(d_model=64, headdim=16) if smoke else dict(d_model=2048, headdim=64)
+    return ModelConfig(vocab_size=256, n_layer=1, d_state=d_state, expand=2, dtype=dtype,
+                       param_dtype=dtype, state_dtype=dtype, scan_backend=backend,
+                       **width, **MODELS[model])
+
+
+def build(cfg: ModelConfig, batch: int):
+    """The mixer of one block, split into (graphdef, params), and a zero cache."""
+    mixer = Block(cfg, rngs=nnx.Rngs(0)).mixer
+    graphdef, params = nnx.split(mixer)
+    return graphdef, params, mixer.init_cache(batch)
+
+
+def random_cache(cache, key):
+    """A cache with a non-trivial state (decode from the middle of a sequence)."""
+    leaves, tree = jax.tree.flatten(cache)
+    keys = jax.random.split(key, len(leaves))
+    return jax.tree.unflatten(tree, [
+        (0.1 * jax.random.normal(k, x.shape, jnp.float32)).astype(x.dtype)
+        for k, x in zip(keys, leaves, strict=True)])
+
+
+def nbytes(tree) -> int:
+    return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
+
+
+def decode_fns(graphdef):
+    def one(params, cache, u):
+        return nnx.merge(graphdef, params).step(u, cache)
+
+    def many(params, cache, us):
+        mixer = nnx.merge(graphdef, params)
+
+        def body(c, u):
+            out, c = mixer.step(u, c)
+            return c, out
+
+        return jax.lax.scan(body, cache, us)
+
+    return (jax.jit(one, donate_argnums=1),
+            jax.jit(many, donate_argnums=1))
+
+
+def median_ms(run, reps: int) -> float:
+    samples = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        run()
+        samples.append(time.perf_counter() - t0)
+    return 1e3 * float(np.median(samples))
+
+
+def time_cell(cfg: ModelConfig, batch: int, steps: int, reps: int):
+    """(scan ms per step, per-call ms per step, output of one step from a fixed cache)."""
+    graphdef, params, cache0 = build(cfg, batch)
+    one, many = decode_fns(graphdef)
+    dt = jnp.dtype(cfg.dtype)
+    us = jax.random.normal(jax.random.PRNGKey(1), (steps, batch, cfg.d_model), jnp.float32)
+    us = us.astype(dt)
+    fixed = random_cache(cache0, jax.random.PRNGKey(2))
+    first_out, _ = one(params, jax.tree.map(jnp.copy, fixed), us[0])
+
+    box = {"cache": jax.tree.map(jnp.copy, fixed)}
+
+    def run_scan():
+        box["cache"], outs = many(params, box["cache"], us)
+        jax.block_until_ready(outs)
+
+    def run_calls():
+        c = box["cache"]
+        for i in range(steps):
+            out, c = one(params, c, us[i])
+        box["cache"] = c
+        jax.block_until_ready(out)
+
+    run_scan(), run_calls()  # compile and warm up
+    scan_ms = median_ms(run_scan, reps) / steps
+    call_ms = median_ms(run_calls, reps) / steps
+    step_bytes = nbytes(params) + 2 * nbytes(cache0) + 2 * batch * cfg.d_model * dt.itemsize
+    return scan_ms, call_ms, np.asarray(first_out, np.float32), step_bytes
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--models", default=",".join(MODELS))
+    ap.add_argument("--dtypes", default="float32,bfloat16")
+    ap.add_argument("--d_states", default="64,128")
+    ap.add_argument("--batch", type=int, default=128)
+    ap.add_argument("--steps", type=int, default=64, help="decode steps per timed call")
+    ap.add_argument("--reps", type=int, default=10)
+    ap.add_argument("--smoke", action="store_true", help="tiny shapes, interpreted kernels (CPU)")
+    ap.add_argument("--write-docs", action="store_true")
+    args = ap.parse_args(argv)
+    if args.smoke:
+        args.batch, args.steps, args.reps = 4, 3, 2
+    elif jax.default_backend() not in ("gpu", "cuda"):
+        sys.exit("the benchmark needs a GPU (use --smoke on the CPU)")
+    kernel_backend = "pallas_interpret" if args.smoke else "pallas"
+    bw = measure_copy_bandwidth((1 << 22) if args.smoke else (1 << 30))
+    print(f"{device_name()}, jax {jax.__version__}, commit {git_commit()}; "
+          f"copy bandwidth {bw / 1e12:.3f} TB/s", flush=True)
+
+    rows = []
+    for model in args.models.split(","):
+        for dtype in args.dtypes.split(","):
+            for n in (int(s) for s in args.d_states.split(",")):
+                impls = ([("xla step", "reference")] if model == "mamba2" else
+                         [("pallas decode kernel", kernel_backend), ("xla step", "reference")])
+                ref_out = None
+                for label, backend in reversed(impls):  # the XLA step first: the reference
+                    cfg = layer_config(model, dtype, n, backend, args.smoke)
+                    try:
+                        scan_ms, call_ms, out, step_bytes = time_cell(cfg, args.batch,
+                                                                      args.steps, args.reps)
+                    except Exception as e:  # report and go on with the other cells
+                        print(f"{model} {dtype} N={n} {label}: FAILED {type(e).__name__}: {e}",
+                              flush=True)
+                        rows.append([model, dtype, n, label, "FAILED", "-", "-", "-", "-", "-"])
+                        continue
+                    if ref_out is None:
+                        ref_out, err = out, "-"
+                    else:
+                        scale = float(np.max(np.abs(ref_out))) or 1.0
+                        err = f"{float(np.max(np.abs(out - ref_out))) / scale:.1e}"
+                    floor = step_bytes / bw * 1e3
+                    paper = PAPER.get((model, dtype, n))
+                    rows.append([
+                        model, dtype, n, label, f"{scan_ms:.4f}", f"{call_ms:.4f}",
+                        f"{floor:.4f} ({step_bytes / 1e6:.0f} MB)", f"{100 * floor / scan_ms:.0f}%",
+                        "-" if paper is None else f"{paper:.3f} ({paper / scan_ms:.2f}x)", err])
+                    print(" | ".join(str(c) for c in rows[-1]), flush=True)
+    header = ["model", "dtype", "N", "implementation", "ms / step (in-jit scan)",
+              "ms / step (one call per token)", "roofline ms (bytes)", "% of roofline",
+              "paper ms (our speed-up)", "max rel err vs xla"]
+    table = markdown_table(header, rows)
+    command = "python experiments/bench_decode.py " + " ".join(
+        argv if argv is not None else sys.argv[1:])
+    intro = (f"Device: {device_name()}; jax {jax.__version__}; commit {git_commit()}; "
+             f"command: `{command.strip()}`; copy bandwidth {bw / 1e12:.3f} TB/s measured in "
+             f"the same run. Batch {args.batch}, {args.steps} steps per timed call, median of "
+             f"{args.reps}.")
+    print("\n" + intro + "\n\n" + table)
+    out_dir = os.environ.get("OUT")
+    if out_dir:
+        with open(os.path.join(out_dir, "bench_decode.md"), "w") as f:
+            f.write(intro + "\n\n" + table + "\n")
+    if args.write_docs:
+        replace_doc_section(SECTION, __doc__.split("\n\n")[0].replace("\n", " ") + "\n\n"
+                            + intro + "\n\n" + table)
+    return rows
+
+
+if __name__ == "__main__":
+    main()
