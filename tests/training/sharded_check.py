@@ -1,6 +1,10 @@
-"""Run in a subprocess with XLA_FLAGS=--xla_force_host_platform_device_count=4 (see
-test_sharding.py): one/two train steps on 1 device vs. on 4 host devices with data x fsdp meshes.
-Prints one JSON line with the measured differences."""
+"""One/two train steps on 1 device vs. on all devices with data x fsdp meshes; prints one JSON
+line (RESULT ...) with the measured differences.
+
+CPU (test_sharding.py): a subprocess with XLA_FLAGS=--xla_force_host_platform_device_count=4.
+Real devices, e.g. a 2-GPU machine (docs/training.md, "Checking sharding on real devices"):
+    PYTHONPATH=. python -m tests.training.sharded_check /tmp/jax_cache
+"""
 
 import json
 import sys
@@ -36,13 +40,22 @@ def run(cache, devices, **overrides):
             "n_leaves": len(jax.tree.leaves(state["params"])), "mesh": dict(tr.mesh.shape)}
 
 
+def layouts(n: int) -> dict:
+    """Sharded layouts to compare with one device: with 4k devices a single one that exercises
+    data parallelism, fsdp and microbatching together; otherwise pure data and pure fsdp."""
+    if n % 4 == 0:
+        return {f"dp2_fsdp{n // 2}_accum2": dict(mesh__data=2, mesh__fsdp=n // 2,
+                                                 train__grad_accum=2)}
+    return {f"dp{n}": dict(mesh__data=n, mesh__fsdp=1),
+            f"fsdp{n}_accum2": dict(mesh__data=1, mesh__fsdp=n, train__grad_accum=2)}
+
+
 def main(cache):
-    assert jax.device_count() == 4, jax.devices()
+    n = jax.device_count()
+    assert n >= 2 and 8 % n == 0, f"needs 2, 4 or 8 devices (batch 8), got {jax.devices()}"
     single = run(cache, jax.devices()[:1])
-    out = {"single_mesh": single["mesh"]}
-    # one sharded layout that exercises data parallelism, fsdp and microbatching together
-    for name, kw in {"dp2_fsdp2_accum2": dict(mesh__data=2, mesh__fsdp=2,
-                                              train__grad_accum=2)}.items():
+    out = {"single_mesh": single["mesh"], "devices": [str(d) for d in jax.devices()]}
+    for name, kw in layouts(n).items():
         r = run(cache, None, **kw)
         scale = max(float(np.abs(g).max()) for g in jax.tree.leaves(single["grads"]))
         grad_err = max(float(np.abs(a - b).max()) for a, b in
