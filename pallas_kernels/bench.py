@@ -200,8 +200,12 @@ def run_forward(rows, shapes, ceil, args, grad: bool):
 
         kernel_fn = functools.partial(_kernel_fn, chunk=C, interpret=args.smoke)
         impls = [("pallas (G=1, bias fused)", kernel_fn, False),
-                 ("pallas (per-head q,k)", kernel_fn, True),
-                 ("xla chunked", functools.partial(_xla_fn, "chunked", chunk=C), False)]
+                 ("pallas (per-head q,k)", kernel_fn, True)]
+        if grad:  # the two backward implementations side by side (BlockSizes.bwd)
+            impls[0] = ("pallas fused bwd (G=1, bias fused)", kernel_fn, False)
+            impls.insert(1, ("pallas split bwd (G=1, bias fused)", functools.partial(
+                kernel_fn, blocks=BlockSizes(bwd="split")), False))
+        impls.append(("xla chunked", functools.partial(_xla_fn, "chunked", chunk=C), False))
         hist_gb = B * L * H * P * N * 4 / 2 ** 30
         if hist_gb < 4:
             impls.append(("xla associative", functools.partial(_xla_fn, "associative", chunk=C),
@@ -235,15 +239,23 @@ def run_sweep(rows, ceil, args):
     B, L, H = (1, 64, 2) if args.smoke else (8, 2048, 32)
     N, P, C = (32, 16, 16) if args.smoke else (128, 64, 64)
     sets = [problem(s, B, L, 1, H, N, P) for s in range(args.sets)]
-    configs = [BlockSizes(num_warps_fwd=w, block_p=bp) for w in (4, 8) for bp in (None, 32)]
-    configs += [BlockSizes(num_warps_bwd=w, num_stages_bwd=s) for w, s in ((4, 1), (8, 2))]
-    for cfg in configs:
-        grad = cfg.num_warps_bwd != BlockSizes().num_warps_bwd or cfg.num_stages_bwd != 1
+    configs = [(BlockSizes(num_warps_fwd=w, block_p=bp), False) for w in (4, 8)
+               for bp in (None, 32)]
+    configs += [(BlockSizes(num_warps_bwd=w, num_stages_bwd=s), True) for w, s in ((4, 1), (8, 2))]
+    configs += [(BlockSizes(bwd="split", num_warps_bwd_chunk=wc, num_warps_bwd_state=ws,
+                            block_p=bp), True)
+                for wc, ws, bp in ((4, 4, None), (8, 8, None), (8, 4, 32))]
+    for cfg, grad in configs:
         fn = functools.partial(_kernel_fn, chunk=C, interpret=args.smoke, blocks=cfg)
         f = _grad_fn(fn) if grad else jax.jit(fn)
         name = f"sweep {'fwd+bwd' if grad else 'fwd'} B={B} L={L} H={H}"
-        label = (f"warps_bwd={cfg.num_warps_bwd} stages_bwd={cfg.num_stages_bwd}" if grad
-                 else f"warps_fwd={cfg.num_warps_fwd} block_p={cfg.block_p or P}")
+        if cfg.bwd == "split":
+            label = (f"split bwd: warps_chunk={cfg.num_warps_bwd_chunk} "
+                     f"warps_state={cfg.num_warps_bwd_state} block_p={cfg.block_p or P}")
+        elif grad:
+            label = f"warps_bwd={cfg.num_warps_bwd} stages_bwd={cfg.num_stages_bwd}"
+        else:
+            label = f"warps_fwd={cfg.num_warps_fwd} block_p={cfg.block_p or P}"
         try:
             ms, note = timeit(f, sets, args.reps, args.inner), ""
         except Exception as e:

@@ -9,11 +9,16 @@ Lowering runs Pallas' Triton lowering rules (what the GPU will be handed). `--tr
 Triton's own passes (layouts, software pipelining, wgmma selection) and ptxas, which catch what
 the lowering cannot: unsupported layouts, shared-memory overflow, register spills. Model shapes:
 B=2, L=256, H=4, N=128, P=64, S=32, chunk 64/R, resets on.
+
+Both backward implementations are lowered (`--bwd fused|split|both`); `--chunk`, `--blocks
+num_warps_bwd_chunk=4,block_p=32` (BlockSizes fields), `--cases R1_bfloat16,R4_bfloat16`,
+`--norm` (with the RMSNorm) and `--no-decode` select what to compile.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import re
 import subprocess
@@ -64,22 +69,35 @@ def _problem(R, dtype, B=2, L=256, H=4, N=128, P=64):
     return inp, state, p
 
 
-def lower_all(blocks: BlockSizes):
-    """Lower forward, forward+backward and decode kernels; returns [(tag, name, ttir)]."""
+CASES = ((1, jnp.bfloat16), (4, jnp.bfloat16), (1, jnp.float32))
+
+
+def lower_all(blocks: BlockSizes, bwd_modes=("fused", "split"), chunk=64, cases=None,
+              norm=False, decode=True):
+    """Lower forward, forward+backward (each backward mode) and decode kernels;
+    returns [(tag, name, ttir)], each distinct module once."""
     _capture()
     out = []
-    for R, dtype in ((1, jnp.bfloat16), (4, jnp.bfloat16), (1, jnp.float32)):
-        inp, state, p = _problem(R, dtype)
+    for R, dtype in CASES:
         tag = f"R{R}_{jnp.dtype(dtype).name}"
+        if cases and tag not in cases:
+            continue
+        inp, state, p = _problem(R, dtype)
+        if norm:
+            p["norm_weight"] = jnp.ones((inp.x.shape[2], inp.x.shape[3]))
 
-        def loss(inp, state, p, R=R):
-            o, fin = chunked_core(inp, state, chunk_size=64 // R, blocks=blocks, **p)
-            return jnp.sum(o) + jnp.sum(fin.h)
+        for mode in bwd_modes:
+            def loss(inp, state, p, R=R, mode=mode):
+                o, fin = chunked_core(inp, state, chunk_size=chunk // R,
+                                      blocks=dataclasses.replace(blocks, bwd=mode), **p)
+                return jnp.sum(o) + jnp.sum(fin.h)
 
-        _MODULES.clear()
-        jax.jit(jax.grad(loss, argnums=(0, 1, 2), allow_int=True)).trace(
-            inp, state, p).lower(lowering_platforms=("cuda",))
-        out += [(tag, n, m) for n, m in _MODULES]
+            _MODULES.clear()
+            jax.jit(jax.grad(loss, argnums=(0, 1, 2), allow_int=True)).trace(
+                inp, state, p).lower(lowering_platforms=("cuda",))
+            out += [(tag, n, m) for n, m in _MODULES if (tag, n, m) not in out]
+        if not decode:
+            continue
         inp1 = inp._replace(q=jnp.repeat(inp.q[:, 0], 4, axis=2),
                             k=jnp.repeat(inp.k[:, 0], 4, axis=2))
         _MODULES.clear()
@@ -90,6 +108,15 @@ def lower_all(blocks: BlockSizes):
         ).lower(lowering_platforms=("cuda",))
         out += [(tag, n, m) for n, m in _MODULES]
     return out
+
+
+def parse_blocks(spec: str) -> BlockSizes:
+    """'num_warps_bwd_chunk=4,block_p=32' -> BlockSizes (ints where the field is an int)."""
+    kw = {}
+    for item in filter(None, spec.split(",")):
+        key, val = item.split("=")
+        kw[key] = val if key in ("bwd", "f32_mode") else int(val)
+    return BlockSizes(**kw)
 
 
 def triton_compile(ttir: str, num_warps: int, num_stages: int):
@@ -122,14 +149,26 @@ def triton_compile(ttir: str, num_warps: int, num_stages: int):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--triton", action="store_true", help="also compile with a local Triton")
+    ap.add_argument("--bwd", default="both", choices=("fused", "split", "both"))
+    ap.add_argument("--chunk", type=int, default=64, help="tokens per chunk at R = 1 (/R)")
+    ap.add_argument("--blocks", default="", help="BlockSizes fields, e.g. num_warps_bwd=4")
+    ap.add_argument("--cases", default="", help="e.g. R1_bfloat16,R4_bfloat16 (default all)")
+    ap.add_argument("--norm", action="store_true", help="with the per-head RMSNorm")
+    ap.add_argument("--no-decode", action="store_true")
     args = ap.parse_args(argv)
-    blocks = BlockSizes()
-    mods = lower_all(blocks)
+    blocks = parse_blocks(args.blocks)
+    modes = ("fused", "split") if args.bwd == "both" else (args.bwd,)
+    mods = lower_all(blocks, modes, args.chunk, set(filter(None, args.cases.split(","))),
+                     args.norm, not args.no_decode)
     warps = {"mamba3_chunked_fwd": (blocks.num_warps_fwd, blocks.num_stages_fwd),
              "mamba3_chunked_bwd": (blocks.num_warps_bwd, blocks.num_stages_bwd),
+             "mamba3_chunked_bwd_state": (blocks.num_warps_bwd_state,
+                                          blocks.num_stages_bwd_state),
+             "mamba3_chunked_bwd_chunk": (blocks.num_warps_bwd_chunk,
+                                          blocks.num_stages_bwd_chunk),
              "mamba3_decode": (4, 1)}
     for tag, name, ttir in mods:
-        line = f"{tag:16s} {name:22s} lowered ({len(ttir)} chars of TTIR)"
+        line = f"{tag:16s} {name:26s} lowered ({len(ttir)} chars of TTIR)"
         if args.triton:
             nw, ns = warps.get(name, (4, 1))
             try:

@@ -68,39 +68,64 @@ def test_forward_p_blocks_norm_and_no_rotation():
     check_state(got_state, want_state, TOL["float32"])
 
 
+def vjp_all(fn, inp, state, p, ct):
+    """Cotangent ct pulled back through fn(inp, state, **p) to every input."""
+    names = sorted(p)
+
+    def f(inp, state, *vals):
+        return fn(inp, state, **dict(zip(names, vals, strict=True)))
+
+    return jax.jit(lambda args, ct: jax.vjp(f, *args)[1](ct))(
+        (inp, state, *[p[n] for n in names]), ct)
+
+
+def check_grads(got, want, tol):
+    flat1 = jax.tree_util.tree_leaves_with_path(want)
+    flat2 = jax.tree.leaves(got)
+    assert len(flat1) == len(flat2)
+    for (path, a), b in zip(flat1, flat2, strict=True):
+        if a.dtype == jax.dtypes.float0 or a.size == 0:
+            continue
+        assert b.dtype == a.dtype, jax.tree_util.keystr(path)
+        assert rel(b, a) < tol, (jax.tree_util.keystr(path), rel(b, a))
+
+
+@pytest.mark.parametrize("bwd", ["fused", "split"])
 @pytest.mark.parametrize("R,dtype,resets,norm,groups", [
     (1, "float32", True, False, 1),
     (2, "float32", True, True, None),
     (1, "bfloat16", False, False, None),
     (2, "bfloat16", True, False, 1),
 ])
-def test_gradients(R, dtype, resets, norm, groups):
+def test_gradients(R, dtype, resets, norm, groups, bwd):
+    """Every input's gradient (both backward implementations) == the reference's."""
     inp, state, p = make_problem(3, B, 40, R, H, N, P, S, jnp.dtype(dtype), resets, norm=norm,
                                  groups=groups)
-    names = sorted(p)
-
-    def wrap(fn):
-        def f(inp, state, *vals):
-            return fn(inp, state, **dict(zip(names, vals, strict=True)))
-        return f
-
-    args = (inp, state, *[p[n] for n in names])
-
-    @functools.partial(jax.jit, static_argnums=0)
-    def grads(fn, args, ct):
-        return jax.vjp(wrap(fn), *args)[1](ct)
-
     ct = random_like(reference(inp, state, **p), 7)
-    g1 = grads(reference, args, ct)
-    g2 = grads(functools.partial(kernel, chunk=16 // R), args, ct)
-    flat1 = jax.tree_util.tree_leaves_with_path(g1)
-    flat2 = jax.tree.leaves(g2)
-    assert len(flat1) == len(flat2)
-    for (path, a), b in zip(flat1, flat2, strict=True):
-        if a.dtype == jax.dtypes.float0 or a.size == 0:
-            continue
-        assert b.dtype == a.dtype, jax.tree_util.keystr(path)
-        assert rel(b, a) < GRAD_TOL[dtype], (jax.tree_util.keystr(path), rel(b, a))
+    want = vjp_all(reference, inp, state, p, ct)
+    got = vjp_all(functools.partial(kernel, chunk=16 // R, blocks=BlockSizes(bwd=bwd)),
+                  inp, state, p, ct)
+    check_grads(got, want, GRAD_TOL[dtype])
+
+
+@pytest.mark.parametrize("block_p,S_", [(16, S), (None, 0)])
+def test_split_backward_matches_fused(block_p, S_):
+    """Split == fused backward (f32, tight) and == the reference: P blocks in the sequential
+    pass; no rotation; resets (also on a chunk's first and last token), a padded length."""
+    inp, state, p = make_problem(6, B, 52, 1, H, N, 32, S_, jnp.float32, resets=True)
+    inp = inp._replace(reset=inp.reset.at[:, 16].set(True).at[:, 31].set(True))
+    ct = random_like(reference(inp, state, **p), 8)
+    want = vjp_all(reference, inp, state, p, ct)
+    fused, split = (
+        vjp_all(functools.partial(kernel, chunk=16, blocks=BlockSizes(block_p=block_p, bwd=m)),
+                inp, state, p, ct) for m in ("fused", "split"))
+    check_grads(split, fused, 1e-5)
+    check_grads(split, want, GRAD_TOL["float32"])
+
+
+def test_block_sizes_bwd_mode_validated():
+    with pytest.raises(ValueError, match="bwd"):
+        BlockSizes(bwd="parallel")
 
 
 @pytest.mark.parametrize("R", [2])  # R = 1 hand-over: test_decode_kernel's prefill test
