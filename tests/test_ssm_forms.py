@@ -5,8 +5,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mamba3_jax.ops.ssm import SSMInputs, SSMState, per_head, ssm, ssm_reference, ssm_step
+from mamba3_jax.ops import ssm as ssm_ops
+from mamba3_jax.ops.ssm import SSMInputs, SSMState, per_head, ssm_step
 from tests.helpers import TIME_FIELDS, random_problem, rel_err, time_slice, tree_rel_err
+
+# jitted: one compilation per test instead of op-by-op dispatch (about twice as fast on CPU)
+ssm = jax.jit(ssm_ops.ssm, static_argnames=("form", "chunk_size"))
+ssm_reference = jax.jit(ssm_ops.ssm_reference)
 
 F32_TOL = 1e-5
 BF16_TOL = 3e-2  # bf16 inputs, f32 state and accumulation, compared with an f32 reference
