@@ -26,16 +26,46 @@ def sample(logits: jax.Array, key: jax.Array, temperature: float, top_k: int) ->
     return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
 
 
-@partial(nnx.jit, static_argnames=("max_new_tokens", "temperature", "top_k"))
-def generate(model: Mamba3LM, prompt: jax.Array, key: jax.Array, *, max_new_tokens: int,
-             temperature: float = 0.0, top_k: int = 0) -> jax.Array:
-    """prompt (B, L) int -> (B, max_new_tokens) new tokens.
+def prefill(model: Mamba3LM, prompt: jax.Array, chunk: int = 0):
+    """prompt (B, L) -> (logits of the last position (B, V), cache).
 
-    The prompt is prefilled with the chunked form; each new token is one `model.step`.
-    """
-    logits, cache = model(prompt, return_cache=True)
+    Only the last position's logits are formed (never (B, L, V)). chunk > 0 feeds the prompt in
+    pieces of `chunk` tokens under `lax.scan`, handing the cache over between them, so activation
+    memory is bounded by the piece rather than the prompt; the result is the same."""
+    B, L = prompt.shape
+    cache = None
+    if chunk and L > chunk:
+        n, rest = divmod(L, chunk)
+        pieces = jnp.swapaxes(prompt[:, :n * chunk].reshape(B, n, chunk), 0, 1)
+        graphdef, state = nnx.split(model)
+
+        def body(c, piece):
+            h, c = nnx.merge(graphdef, state).features(piece, cache=c)
+            return c, h[:, -1]
+
+        cache, last = jax.lax.scan(body, model.init_cache(B), pieces)
+        h_last = last[-1]
+        if rest:
+            h, cache = model.features(prompt[:, n * chunk:], cache=cache)
+            h_last = h[:, -1]
+    else:
+        h, cache = model.features(prompt)
+        h_last = h[:, -1]
+    return model.logits(h_last), cache
+
+
+@partial(nnx.jit, static_argnames=("max_new_tokens", "temperature", "top_k", "prefill_chunk"))
+def generate(model: Mamba3LM, prompt: jax.Array, key: jax.Array, *, max_new_tokens: int,
+             temperature: float = 0.0, top_k: int = 0, prefill_chunk: int = 0) -> jax.Array:
+    """prompt (B, L) -> (B, max_new_tokens) new tokens.
+
+    The prompt is prefilled with the model's scan backend (in pieces of `prefill_chunk` tokens
+    if > 0); each new token is one `model.step`."""
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    logits, cache = prefill(model, prompt, prefill_chunk)
     keys = jax.random.split(key, max_new_tokens)
-    first = sample(logits[:, -1], keys[0], temperature, top_k)
+    first = sample(logits, keys[0], temperature, top_k)
     graphdef, state = nnx.split(model)
 
     def body(carry, k):
