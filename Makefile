@@ -2,7 +2,7 @@
 PY ?= python3
 WORKDIR ?= runs/tiny
 
-.PHONY: help install test test-fast lint train bench bench-forms bench-kernels bench-decode clean
+.PHONY: help install test test-fast lint train bench bench-forms bench-kernels bench-decode bench-generate clean
 
 help:
 	@echo "install      pip-install the package with its test/plot/data extras"
@@ -37,6 +37,9 @@ bench-kernels:
 
 bench-decode:
 	$(PY) experiments/bench_decode.py
+
+bench-generate:
+	$(PY) experiments/bench_generate.py
 
 clean:
 	rm -rf build dist *.egg-info .pytest_cache
