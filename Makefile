@@ -16,7 +16,7 @@ install:
 	$(PY) -m pip install -q -e ".[dev,plots,data]"
 
 test:
-	$(PY) -m pytest -q -n 2 --dist loadgroup tests
+	$(PY) -m pytest -q -n 2 --dist loadgroup --durations=15 tests
 
 test-fast:
 	$(PY) -m pytest -q -n 2 -m "not slow" tests

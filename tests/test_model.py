@@ -110,8 +110,10 @@ def _decode_matches_forward(cfg, tol, split=13, L=21):
     m = Mamba3LM(cfg, rngs=nnx.Rngs(0))
     toks = jax.random.randint(jax.random.PRNGKey(1), (2, L), 0, cfg.vocab_size)
     pos = jnp.concatenate([jnp.arange(9), jnp.arange(L - 9)])[None].repeat(2, 0)
-    full = m(toks, positions=pos)
-    logits, cache = m(toks[:, :split], positions=pos[:, :split], return_cache=True)
+    fwd = nnx.jit(lambda model, t, p, rc: model(t, positions=p, return_cache=rc),
+                  static_argnums=3)
+    full = fwd(m, toks, pos, False)
+    logits, cache = fwd(m, toks[:, :split], pos[:, :split], True)
     step = nnx.jit(lambda model, t, c: model.step(t, c))
     outs = [logits]
     for t in range(split, L):
@@ -136,13 +138,14 @@ def test_packed_rows_equal_separate_sequences(name):
     m = Mamba3LM(cfg, rngs=nnx.Rngs(2))
     toks = jax.random.randint(jax.random.PRNGKey(3), (1, 30), 0, cfg.vocab_size)
     seg = jnp.array([[1] * 11 + [2] * 19])
-    packed = m(toks, segment_ids=seg)
-    a = m(toks[:, :11])
-    b = m(toks[:, 11:])
+    fwd = nnx.jit(lambda model, t, s, p: model(t, segment_ids=s, positions=p))
+    packed = fwd(m, toks, seg, None)
+    a = fwd(m, toks[:, :11], None, None)
+    b = fwd(m, toks[:, 11:], None, None)
     assert rel_err(packed, jnp.concatenate([a, b], axis=1)) < 1e-5
     # positions-based resets agree with segment ids
     pos = jnp.concatenate([jnp.arange(11), jnp.arange(19)])[None]
-    assert rel_err(m(toks, positions=pos), packed) < 1e-6
+    assert rel_err(fwd(m, toks, None, pos), packed) < 1e-6
 
 
 def test_backends_agree_on_logits_and_gradients():
