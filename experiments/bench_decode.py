@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -41,7 +40,9 @@ from mamba3_jax.benchmark import (  # noqa: E402
     git_commit,
     markdown_table,
     measure_copy_bandwidth,
-    replace_doc_section,
+    publish,
+    time_fn,
+    tree_nbytes,
 )
 from mamba3_jax.config import ModelConfig  # noqa: E402
 from mamba3_jax.layers import Block  # noqa: E402
@@ -86,10 +87,6 @@ def random_cache(cache, key):
         for k, x in zip(keys, leaves, strict=True)])
 
 
-def nbytes(tree) -> int:
-    return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
-
-
 def decode_fns(graphdef):
     def one(params, cache, u):
         return nnx.merge(graphdef, params).step(u, cache)
@@ -105,15 +102,6 @@ def decode_fns(graphdef):
 
     return (jax.jit(one, donate_argnums=1),
             jax.jit(many, donate_argnums=1))
-
-
-def median_ms(run, reps: int) -> float:
-    samples = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        run()
-        samples.append(time.perf_counter() - t0)
-    return 1e3 * float(np.median(samples))
 
 
 def time_cell(cfg: ModelConfig, batch: int, steps: int, reps: int):
@@ -139,10 +127,10 @@ def time_cell(cfg: ModelConfig, batch: int, steps: int, reps: int):
         box["cache"] = c
         jax.block_until_ready(out)
 
-    run_scan(), run_calls()  # compile and warm up
-    scan_ms = median_ms(run_scan, reps) / steps
-    call_ms = median_ms(run_calls, reps) / steps
-    step_bytes = nbytes(params) + 2 * nbytes(cache0) + 2 * batch * cfg.d_model * dt.itemsize
+    scan_ms = time_fn(run_scan, [()], reps=reps, warmup=1) / steps
+    call_ms = time_fn(run_calls, [()], reps=reps, warmup=1) / steps
+    step_bytes = (tree_nbytes(params) + 2 * tree_nbytes(cache0)
+                  + 2 * batch * cfg.d_model * dt.itemsize)
     return scan_ms, call_ms, np.asarray(first_out, np.float32), step_bytes
 
 
@@ -205,14 +193,9 @@ def main(argv=None):
              f"command: `{command.strip()}`; copy bandwidth {bw / 1e12:.3f} TB/s measured in "
              f"the same run. Batch {args.batch}, {args.steps} steps per timed call, median of "
              f"{args.reps}.")
-    print("\n" + intro + "\n\n" + table)
-    out_dir = os.environ.get("OUT")
-    if out_dir:
-        with open(os.path.join(out_dir, "bench_decode.md"), "w") as f:
-            f.write(intro + "\n\n" + table + "\n")
-    if args.write_docs:
-        replace_doc_section(SECTION, __doc__.split("\n\n")[0].replace("\n", " ") + "\n\n"
-                            + intro + "\n\n" + table)
+    publish(intro, table, out_name="bench_decode.md", section=SECTION,
+            write_docs=args.write_docs,
+            doc_preamble=__doc__.split("\n\n")[0].replace("\n", " ") + "\n\n")
     return rows
 
 

@@ -34,7 +34,8 @@ from mamba3_jax.benchmark import (  # noqa: E402
     markdown_table,
     measure_copy_bandwidth,
     measure_matmul_rate,
-    replace_doc_section,
+    publish,
+    tree_nbytes,
 )
 from mamba3_jax.config import ModelConfig  # noqa: E402
 from mamba3_jax.model import Mamba3LM  # noqa: E402
@@ -64,10 +65,6 @@ def model_config(name: str, state_dtype: str, smoke: bool) -> ModelConfig:
         over["d_mlp"] = 128
     return ModelConfig(expand=2, mlp_multiple_of=1, dtype="bfloat16", param_dtype="bfloat16",
                        state_dtype=state_dtype, **size, **over)
-
-
-def nbytes(tree) -> int:
-    return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
 
 
 def build_fns(model: Mamba3LM):
@@ -138,8 +135,8 @@ def main(argv=None):
         model = Mamba3LM(cfg, rngs=nnx.Rngs(0))
         fns = build_fns(model)
         n_params = sum(x.size for x in jax.tree.leaves(fns[0]))
-        param_bytes = nbytes(fns[0])
-        cache_bytes = nbytes(jax.eval_shape(functools.partial(model.init_cache, args.batch)))
+        param_bytes = tree_nbytes(fns[0])
+        cache_bytes = tree_nbytes(jax.eval_shape(functools.partial(model.init_cache, args.batch)))
         run_length(model, fns, args.batch, min(lengths), args.piece,
                    jax.random.PRNGKey(0))  # compile both functions
         for L in lengths:
@@ -162,12 +159,9 @@ def main(argv=None):
              f"`{command.strip()}`; batch {args.batch}, prompt pieces of {args.piece}, state "
              f"{args.state_dtype}; copy {bw / 1e12:.2f} TB/s and bf16 matmul "
              f"{mm / 1e12:.0f} TFLOP/s measured in the same run.")
-    print("\n" + intro + "\n\n" + table)
-    if os.environ.get("OUT"):
-        with open(os.path.join(os.environ["OUT"], "bench_generate.md"), "w") as f:
-            f.write(intro + "\n\n" + table + "\n")
-    if args.write_docs:
-        replace_doc_section(SECTION, intro + "\n\n" + table)
+    publish(intro, table, out_name="bench_generate.md", section=SECTION,
+            write_docs=args.write_docs,
+            doc_preamble=__doc__.split("\n\n")[0].replace("\n", " ") + "\n\n")
     return rows
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import time
 from pathlib import Path
@@ -62,6 +63,25 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence]) -> str:
     for r in rows:
         lines.append("| " + " | ".join(str(c) for c in r) + " |")
     return "\n".join(lines)
+
+
+def tree_nbytes(tree) -> int:
+    """Bytes held by the arrays (or ShapeDtypeStructs) of a pytree."""
+    return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
+
+
+def publish(intro: str, table: str, *, out_name: str, section: str, write_docs: bool,
+            doc_preamble: str = "") -> None:
+    """Print a benchmark's result, copy it to $OUT/<out_name> when $OUT is set (the device
+    machine sends that folder back), and with `write_docs` replace its docs/benchmarks.md
+    section (`doc_preamble` first)."""
+    text = intro + "\n\n" + table
+    print("\n" + text, flush=True)
+    out_dir = os.environ.get("OUT")
+    if out_dir:
+        Path(out_dir, out_name).write_text(text + "\n")
+    if write_docs:
+        replace_doc_section(section, doc_preamble + text)
 
 
 def replace_doc_section(title: str, body: str, path: Optional[Path] = None) -> None:

@@ -33,7 +33,6 @@ def prefill(model: Mamba3LM, prompt: jax.Array, chunk: int = 0):
     pieces of `chunk` tokens under `lax.scan`, handing the cache over between them, so activation
     memory is bounded by the piece rather than the prompt; the result is the same."""
     B, L = prompt.shape
-    cache = None
     if chunk and L > chunk:
         n, rest = divmod(L, chunk)
         pieces = jnp.swapaxes(prompt[:, :n * chunk].reshape(B, n, chunk), 0, 1)

@@ -19,11 +19,9 @@ import argparse
 import dataclasses
 import functools
 import json
-import os
 import statistics
 import sys
 import time
-from pathlib import Path
 from typing import Callable, Optional
 
 import jax
@@ -31,7 +29,7 @@ import jax.numpy as jnp
 
 from mamba3_jax import backends
 from mamba3_jax.benchmark import git_commit as commit
-from mamba3_jax.benchmark import replace_doc_section
+from mamba3_jax.benchmark import publish
 from mamba3_jax.ops.mixer import gate_output
 from mamba3_jax.ops.ssm import SSMInputs, SSMState, ssm_step
 from pallas_kernels import BlockSizes, chunked_core, decode_step
@@ -383,13 +381,8 @@ def main(argv=None):
               f"write), bf16 matmul {ceil[1] / 1e12:.0f} TFLOP/s. SISO/MIMO bf16, P=64, "
               f"N=128, G=1, chunk 64/R, with D and gate; median over {args.reps} x "
               f"{args.inner} calls.")
-    body = table(rows)
-    out_dir = os.environ.get("OUT")
-    if out_dir:
-        Path(out_dir, "bench_kernels.md").write_text(header + "\n\n" + body + "\n")
-    if args.write_docs:
-        replace_doc_section("## Pallas kernels", header + "\n\n" + body)
-    print("\n" + header + "\n\n" + body, flush=True)
+    publish(header, table(rows), out_name="bench_kernels.md", section="## Pallas kernels",
+            write_docs=args.write_docs)
 
 
 if __name__ == "__main__":
