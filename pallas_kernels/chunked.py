@@ -167,28 +167,14 @@ def epilogue_params(D, mimo_x, mimo_z, mimo_o, norm_weight, H, R, P):
 # ----------------------------------------------------------------------------- in-kernel helpers
 
 
-def _rep(v, R):
-    """(C,) per-token -> (C*R,) per-row (row = (token, rank))."""
-    if R == 1:
-        return v
-    C = v.shape[0]
-    return jnp.broadcast_to(v[:, None], (C, R)).reshape(C * R)
-
-
-def _red(v, R):
-    """(C*R,) per-row -> (C,) per-token sum."""
-    if R == 1:
-        return v
-    return jnp.sum(v.reshape(v.shape[0] // R, R), axis=1)
-
-
 def _to_rows(a, R):
-    """(C, P) per token -> (C*R, P) per row. R = 1 stays 2-D: a (C, 1, P) view would give
-    Triton extra layouts (and conversions, and copies in registers) for every tile."""
+    """(C, ...) per token -> (C*R, ...) per row (row = (token, rank)). R = 1 returns a as it is:
+    a (C, 1, P) view would give Triton extra layouts (and conversions, and copies in registers)
+    for every tile."""
     if R == 1:
         return a
-    C, P = a.shape
-    return jnp.broadcast_to(a[:, None, :], (C, R, P)).reshape(C * R, P)
+    C, rest = a.shape[0], a.shape[1:]
+    return jnp.broadcast_to(a[:, None], (C, R) + rest).reshape((C * R,) + rest)
 
 
 def _rank_rows(m, C):
@@ -200,10 +186,10 @@ def _rank_rows(m, C):
 
 
 def _rank_sum(a, R):
-    """(C*R, P) per row -> (C, P) per token: sum over the ranks."""
+    """(C*R, ...) per row -> (C, ...) per token: sum over the ranks."""
     if R == 1:
         return a
-    return jnp.sum(a.reshape(a.shape[0] // R, R, a.shape[1]), axis=1)
+    return jnp.sum(a.reshape((a.shape[0] // R, R) + a.shape[1:]), axis=1)
 
 
 def _token_sum(a, R):
@@ -323,7 +309,7 @@ def _decays(cs, seg, st: _Static):
     a_in (rows) exp(cs_t) before the chunk's first reset (readout of the state entering it),
     e_end (rows) exp(cs_last - cs_t) in its last segment (into the state leaving it), and the
     scalar dec = exp(cs_last) without a reset in the chunk (state entering -> state leaving)."""
-    cs_r, seg_r = _rep(cs, st.R), _rep(seg, st.R)
+    cs_r, seg_r = _to_rows(cs, st.R), _to_rows(seg, st.R)
     cs_last, seg_last = _last(cs), _last(seg)
     a_in = jnp.where(seg_r == 0, jnp.exp(cs_r), 0.0)
     e_end = jnp.where(seg_r == seg_last, jnp.exp(cs_last - cs_r), 0.0)
@@ -399,7 +385,7 @@ def _fwd_kernel(q_ref, k_ref, qkb_ref, x_ref, z_ref, inc_ref, a0_ref, cs_ref, sc
         kc = [u.astype(cdt) for u in _rotate_parts(k_ref, qkb_ref, 1, t0, tabs, st)[0]]
         v = _to_rows(x_ref[pl.ds(t0, C), :].astype(f32), R) * _rank_rows(mx, C)  # lifted x
         vc = v.astype(cdt)
-        cs_r, sc_r, gm_r, seg_r = (_rep(a, R) for a in (cs, sc, gm, seg))
+        cs_r, sc_r, gm_r, seg_r = (_to_rows(a, R) for a in (cs, sc, gm, seg))
         a_in, e_end, dec = _decays(cs, seg, st)
 
         Wm = _masks(cs_r, seg_r, sc_r, gm_r, st)
@@ -551,7 +537,7 @@ def _chunk_backward(r: _ChunkRefs, t0, c, dG, dA, prm, st: _Static, carry_state:
     kc = [u.astype(cdt) for u in _rotate_parts(r.k, r.qkb, 1, t0, tabs, st)[0]]
     v = _to_rows(r.x[pl.ds(t0, C), :].astype(f32), R) * _rank_rows(mx, C)
     vc = v.astype(cdt)
-    cs_r, sc_r, gm_r, seg_r = (_rep(a, R) for a in (cs, sc, gm, seg))
+    cs_r, sc_r, gm_r, seg_r = (_to_rows(a, R) for a in (cs, sc, gm, seg))
     a_in, e_end, dec = _decays(cs, seg, st)
     to_end = e_end * sc_r
 
@@ -641,9 +627,9 @@ def _chunk_backward(r: _ChunkRefs, t0, c, dG, dA, prm, st: _Static, carry_state:
     dsc_r = dsc_r + dte * e_end
     dcs_r = dcs_r - tt
     dcs_last = jnp.sum(tt) + ddec * dec
-    r.dcs[pl.ds(t0, C)] = _red(dcs_r, R) + jnp.where(idx == C - 1, dcs_last, 0.0)
-    r.dsc[pl.ds(t0, C)] = _red(dsc_r, R)
-    r.dgm[pl.ds(t0, C)] = _red(dgm_r, R)
+    r.dcs[pl.ds(t0, C)] = _rank_sum(dcs_r, R) + jnp.where(idx == C - 1, dcs_last, 0.0)
+    r.dsc[pl.ds(t0, C)] = _rank_sum(dsc_r, R)
+    r.dgm[pl.ds(t0, C)] = _rank_sum(dgm_r, R)
     if S:  # angles: the carried-out angle is the last row's; prefix sums transpose
         if dA is not None:
             dth = dth + jnp.where((idx == C - 1)[:, None], dA[None, :], 0.0)
