@@ -13,14 +13,12 @@ from typing import Callable
 
 import jax
 
+from mamba3_jax.errors import Unsupported
 from mamba3_jax.ops.mixer import gate_output
 from mamba3_jax.ops.ssm import SSM_FORMS, per_head
 
 log = logging.getLogger(__name__)
-
-
-class Unsupported(NotImplementedError):
-    """A backend cannot run this shape/config; the message says which constraint failed."""
+__all__ = ["Unsupported", "register", "resolve", "mixer_core", "step_backend"]
 
 
 def _xla(form: str) -> Callable:

@@ -1,0 +1,221 @@
+"""Chunked Mamba-3 SSM for prefill and training: public function and implementation registry.
+
+`chunked_scan(inp, state, *, z, D, ...)` has `mamba3_jax.backends.mixer_core`'s contract: the
+SSM inputs (q, k per B/C group plus per-head biases, or per head) and the state in, the gated
+per-head output (B, L, H, P) float32 and the final state out.
+
+Split of the work:
+  * XLA pre-pass (differentiable; elementwise plus two small dots): cumulative rotary angles per
+    chunk (a segmented prefix-sum dot inside each chunk, a short scan over chunk totals across
+    chunks), bias and rotation of q and k per head, rank lift of x, the trapezoid scale
+    sc_t = gamma_t + eta_{t+1}, chunk-local cumulative log decay and segment ids, the augmented
+    initial state g0 = h0 + eta_0 kv_prev. Rows are (token, rank) pairs.
+  * The core (`IMPLEMENTATIONS`, e.g. `pallas_triton.ssd_core`): the SSM on those rows,
+    chunk-parallel, with its own backward.
+  * XLA post-pass: `gate_output` (D skip, optional RMSNorm, gate, rank sum), fused by XLA.
+XLA's autodiff of the pre- and post-pass carries the core's gradients back to the inputs.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+
+from mamba3_jax.errors import Unsupported
+from mamba3_jax.ops.mixer import gate_output
+from mamba3_jax.ops.rotary import TWO_PI, rotate
+from mamba3_jax.ops.ssm import SSMInputs, SSMState, lift
+from pallas_kernels._compat import is_pow2
+from pallas_kernels.chunked_scan import pallas_triton
+from pallas_kernels.chunked_scan.pallas_triton import CoreShape, TritonBlocks
+from pallas_kernels.chunked_scan.pallas_triton_rotary import RotShape, rotate_qk
+
+f32 = jnp.float32
+
+
+class KernelUnsupported(Unsupported):
+    """Shape/config the kernels cannot run: 'auto' falls back to the XLA chunked form."""
+
+
+def _check(cond, msg):
+    if not cond:
+        raise KernelUnsupported(msg)
+
+
+# ----------------------------------------------------------------------------- XLA pre-pass
+
+
+def _mod_scan(keep, total, angle0):
+    """Angle entering each chunk: a_0 = angle0, a_{c+1} = keep_c a_c + total_c (mod 2 pi).
+    keep (B, nc), total, angle0 (B, nc, H, S) / (B, H, S); an associative scan over chunks."""
+    total = total.at[:, 0].add(keep[:, 0, None, None] * angle0)
+
+    def combine(a, b):
+        (k1, u1), (k2, u2) = a, b
+        return k1 * k2, jnp.mod(k2[..., None, None] * u1 + u2, TWO_PI)
+
+    _, after = jax.lax.associative_scan(combine, (keep, total), axis=1)
+    return jnp.concatenate([angle0[:, None], after[:, :-1]], axis=1)
+
+
+def chunk_angles(inc, seg, angle0, C: int):
+    """Cumulative rotary angles theta (B, Lp, H, S) float32 from increments inc (B, Lp, H, S),
+    chunk-local segment ids seg (B, Lp) (resets so far in the chunk, the reset token included)
+    and the angle before the first token (B, H, S). Equal to the sequential accumulation mod
+    2 pi: inside a chunk a prefix-sum dot, across chunks a scan of the chunk totals."""
+    B, Lp, H, S = inc.shape
+    nc = Lp // C
+    sg = seg.reshape(B, nc, C)
+    t = jnp.arange(C)
+    tri = ((t[:, None] >= t[None, :]) & (sg[..., :, None] == sg[..., None, :])).astype(f32)
+    local = jnp.einsum("bcts,bcshk->bcthk", tri, inc.reshape(B, nc, C, H, S),
+                       precision=jax.lax.Precision.HIGHEST)
+    keep = (sg[:, :, -1] == 0).astype(f32)  # no reset in the chunk: the angle carries through
+    carry = _mod_scan(keep, local[:, :, -1], angle0.astype(f32))  # (B, nc, H, S)
+    theta = local + jnp.where((sg == 0)[..., None, None], carry[:, :, None], 0.0)
+    return theta.reshape(B, Lp, H, S)
+
+
+def chunk_carry(inc, seg, angle0, C: int):
+    """Angle entering every chunk (B, nc, H, S): a scan over the chunk totals (the increments of
+    each chunk's last segment). inc (B, Lp, H, S) f32, seg (B, Lp) chunk-local segment ids."""
+    B, Lp, H, S = inc.shape
+    sg = seg.reshape(B, Lp // C, C)
+    last = sg == sg[:, :, -1:]
+    totals = jnp.sum(jnp.where(last[..., None, None], inc.reshape(B, Lp // C, C, H, S), 0.0), 2)
+    return _mod_scan((sg[:, :, -1] == 0).astype(f32), totals, angle0.astype(f32))
+
+
+def theta_at(inc, seg, carry, t: int, C: int):
+    """Cumulative angle (B, H, S) at token t (an XLA sum over t's chunk up to t)."""
+    c0 = (t // C) * C
+    sg = seg[:, c0:t + 1]
+    mine = sg == sg[:, -1:]
+    local = jnp.sum(jnp.where(mine[..., None, None], inc[:, c0:t + 1], 0.0), axis=1)
+    return local + jnp.where((sg[:, -1] == 0)[:, None, None], carry[:, t // C], 0.0)
+
+
+def _per_head_rows(v, bias, theta, H: int, cdt):
+    """q or k (B, Lp, R, G or H, N) + bias (H, R, N), rotated by theta (B, Lp, H, S), as rows
+    (B, Lp R, H, N) in the compute dtype."""
+    B, Lp, R, G, N = v.shape
+    if G != H:
+        v = jnp.repeat(v, H // G, axis=3)
+    u = v.astype(f32)
+    if bias is not None:
+        u = (u + jnp.swapaxes(bias, 0, 1).astype(f32)).astype(v.dtype).astype(f32)
+    u = rotate(u, theta[:, :, None]) if theta is not None else u
+    return u.astype(cdt).reshape(B, Lp * R, H, N)
+
+
+def _rows(a, R: int):
+    """Per-token (B, Lp, H) -> per-row (B, H, Lp R)."""
+    a = jnp.swapaxes(a, 1, 2)
+    return jnp.repeat(a, R, axis=2) if R > 1 else a
+
+
+def prepare_rows(inp: SSMInputs, state: SSMState, mimo_x, C: int, cdt, *, interpret: bool,
+                 rotary: str = "kernel"):
+    """The pre-pass: the core's operands, the angle at the last token, k rows, padded length.
+    rotary: 'kernel' (bias + rotation in `rotate_qk`) or 'xla'."""
+    B, L, R, G, N = inp.q.shape
+    H = inp.x.shape[2]
+    S = inp.angle_inc.shape[-1]
+    Lp = -(-L // C) * C
+    pad = Lp - L
+
+    def padt(a):
+        return jnp.pad(a, [(0, 0), (0, pad)] + [(0, 0)] * (a.ndim - 2)) if pad else a
+
+    reset = jnp.zeros((B, L), bool) if inp.reset is None else inp.reset
+    eta = jnp.where(reset[..., None], 0.0, inp.eta.astype(f32))
+    scale = inp.gamma.astype(f32) + jnp.concatenate([eta[:, 1:], jnp.zeros_like(eta[:, :1])], 1)
+    seg = jnp.cumsum(padt(reset).reshape(B, Lp // C, C).astype(jnp.int32), axis=2).reshape(B, Lp)
+    if S and rotary == "kernel":
+        inc = padt(inp.angle_inc.astype(f32))
+        carry = chunk_carry(inc, seg, state.angle, C)
+        theta_last = theta_at(inc, seg, carry, L - 1, C)
+        rs = RotShape(B=B, nc=Lp // C, C=C, R=R, G=G, H=H, N=N, S=S, cdt=jnp.dtype(cdt).name,
+                      interpret=interpret)
+
+        def bias(b):
+            return jnp.zeros((H, R, N), f32) if b is None else b.astype(f32)
+
+        q, k = rotate_qk(rs, padt(inp.q).astype(cdt), padt(inp.k).astype(cdt), bias(inp.q_bias),
+                         bias(inp.k_bias), inc, carry, seg)
+        q, k = (u.reshape(B, Lp * R, H, N) for u in (q, k))
+    else:
+        theta = chunk_angles(padt(inp.angle_inc.astype(f32)), seg, state.angle, C) if S else None
+        theta_last = theta[:, L - 1] if S else None
+        q = _per_head_rows(padt(inp.q), inp.q_bias, theta, H, cdt)
+        k = _per_head_rows(padt(inp.k), inp.k_bias, theta, H, cdt)
+    v = padt(lift(inp.x, mimo_x)).astype(cdt).reshape(B, Lp * R, H, -1)
+    cs = jnp.cumsum(padt(inp.log_decay.astype(f32)).reshape(B, Lp // C, C, H), axis=2)
+    cs = _rows(cs.reshape(B, Lp, H), R)
+    sc, gm = _rows(padt(scale), R), _rows(padt(inp.gamma.astype(f32)), R)
+    seg_rows = jnp.repeat(seg, R, axis=1) if R > 1 else seg
+
+    kv0 = jnp.einsum("brhp,brhn->bhpn", lift(state.x_prev, mimo_x), state.k_prev.astype(f32),
+                     precision=jax.lax.Precision.HIGHEST)
+    g0 = state.h.astype(f32) + eta[:, 0, :, None, None] * kv0
+    return (q, k, v, cs, sc, gm, seg_rows, g0), theta_last, k, Lp
+
+
+# ----------------------------------------------------------------------------- registry
+
+
+def _triton_core(shape: CoreShape, *ops):
+    return pallas_triton.ssd_core(shape, *ops)
+
+
+IMPLEMENTATIONS = {"pallas_triton": _triton_core}
+
+
+def check_supported(inp: SSMInputs, C: int, interpret: bool):
+    B, L, R, G, N = inp.q.shape
+    H, P = inp.x.shape[2], inp.x.shape[3]
+    cdt = jnp.dtype(inp.x.dtype)
+    _check(cdt in (jnp.dtype(f32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)),
+           f"input dtype {cdt} (need float32, bfloat16 or float16)")
+    _check(is_pow2(C) and is_pow2(R) and C * R >= 16,
+           f"chunk {C} x rank {R} must be powers of two with chunk*rank >= 16")
+    _check(H % G == 0 and inp.k.shape == inp.q.shape, f"{G} B/C groups must divide {H} heads")
+    _check(is_pow2(N) and N >= 16, f"d_state {N} must be a power of two >= 16")
+    _check(is_pow2(P) and P >= 16, f"headdim {P} must be a power of two >= 16")
+
+
+def chunked_scan(inp: SSMInputs, state: SSMState, *, z, D, mimo_x=None, mimo_z=None,
+                 mimo_o=None, norm_weight=None, chunk_size: int = 64, norm_eps: float = 1e-5,
+                 interpret: bool = False, blocks: Optional[TritonBlocks] = None,
+                 impl: str = "pallas_triton", rotary: str = "kernel"):
+    """`backends.mixer_core`'s contract on the chunk-parallel kernels: (out (B, L, H, P) f32,
+    final state). chunk_size is in tokens (rows per chunk: chunk_size * R)."""
+    blocks = blocks or TritonBlocks()
+    C = int(chunk_size)
+    check_supported(inp, C, interpret)
+    B, L, R, G, N = inp.q.shape
+    H, P = inp.x.shape[2], inp.x.shape[3]
+    _check(blocks.bp == 0 or (is_pow2(blocks.bp) and blocks.bp >= 16 and P % blocks.bp == 0),
+           f"block bp {blocks.bp} must be a power of two >= 16 dividing P = {P}")
+    cdt = jnp.dtype(inp.x.dtype)
+    ops, theta_last, k_rows, Lp = prepare_rows(inp, state, mimo_x, C, cdt, interpret=interpret,
+                                               rotary=rotary)
+    shape = CoreShape(B=B, H=H, nc=Lp // C, C=C, R=R, N=N, P=P, cdt=cdt.name,
+                      interpret=bool(interpret), blocks=blocks)
+    try:
+        core = IMPLEMENTATIONS[impl]
+    except KeyError:
+        raise ValueError(f"unknown implementation {impl!r}; have {sorted(IMPLEMENTATIONS)}") from None
+    y, g_last = core(shape, *ops)
+    y = y.reshape(B, Lp, R, H, P)[:, :L]
+    out = gate_output(y, inp.x, z, D, mimo_x, mimo_z, mimo_o, norm_weight, norm_eps)
+    S = inp.angle_inc.shape[-1]
+    last = k_rows.reshape(B, Lp, R, H, N)[:, L - 1]
+    final = SSMState(
+        angle=jnp.mod(theta_last, TWO_PI) if S else state.angle.astype(f32),
+        h=g_last.astype(state.h.dtype),
+        k_prev=last.astype(state.k_prev.dtype),
+        x_prev=inp.x[:, -1].astype(state.x_prev.dtype))
+    return out, final

@@ -1,0 +1,43 @@
+"""Summarise `ncu --csv` output per kernel: time, registers, spill bytes, DRAM bytes, grid.
+
+    ncu --clock-control none --csv --metrics <see METRICS> python ... > ncu.csv
+    python -m pallas_kernels.chunked_scan.ncu_summary ncu.csv
+"""
+
+import csv
+import sys
+from collections import defaultdict
+
+METRICS = ("gpu__time_duration.sum,launch__registers_per_thread,dram__bytes_read.sum,"
+           "dram__bytes_write.sum,l1tex__t_bytes_pipe_lsu_mem_local_op_st.sum,launch__grid_size")
+
+
+def main(path):
+    lines = [ln for ln in open(path).read().splitlines() if ln.startswith('"')]
+    rows = defaultdict(dict)
+    for r in csv.DictReader(lines):
+        key = (int(r["ID"]), r["Kernel Name"][:60])
+        v = r["Metric Value"].replace(",", "")
+        unit = r.get("Metric Unit", "")
+        try:
+            x = float(v)
+        except ValueError:
+            continue
+        scale = {"ns": 1e-3, "usecond": 1, "us": 1, "msecond": 1e3, "ms": 1e3, "byte": 1,
+                 "Kbyte": 1e3, "Mbyte": 1e6, "Gbyte": 1e9, "KB": 1e3, "MB": 1e6, "GB": 1e9,
+                 "nsecond": 1e-3}.get(unit, 1)
+        rows[key][r["Metric Name"]] = x * scale
+    print(f"{'id':>4} {'kernel':60} {'us':>9} {'regs':>5} {'spillB':>9} {'dramMB':>9} {'grid':>8}")
+    tot = 0.0
+    for (i, name), m in sorted(rows.items()):
+        us = m.get("gpu__time_duration.sum", 0)
+        tot += us
+        dram = (m.get("dram__bytes_read.sum", 0) + m.get("dram__bytes_write.sum", 0)) / 1e6
+        print(f"{i:>4} {name:60} {us:9.1f} {m.get('launch__registers_per_thread', 0):5.0f} "
+              f"{m.get('l1tex__t_bytes_pipe_lsu_mem_local_op_st.sum', 0):9.0f} {dram:9.1f} "
+              f"{m.get('launch__grid_size', 0):8.0f}")
+    print(f"total {tot:.1f} us over {len(rows)} kernels")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

@@ -1,0 +1,340 @@
+"""The chunked SSM core as chunk-parallel Pallas Triton kernels, forward and backward.
+
+The core (see `reference.py` for its definition in XLA) takes per-head rotated rows q, k
+(B, Lp R, H, N), lifted inputs v (B, Lp R, H, P), per-row scalars cs (chunk-local cumulative log
+decay), sc (trapezoid scale), gm (gamma) (B, H, Lp R), chunk-local segment ids (B, Lp R) and the
+augmented initial state g0 (B, H, P, N); it returns y (B, Lp R, H, P) float32 and the final
+state. Four kernels, so that only a thin pass runs sequentially over chunks:
+
+  forward   `_state_kernel`   grid (B, H, P / bp), chunks in order: the state entering every
+                              chunk (stored in the input dtype: it is only a matmul operand) and
+                              the final state; one (bp x CR) @ (CR x N) dot per chunk.
+            `_output_kernel`  grid (B, H, chunks), one program per chunk: masked q k^T, @ v,
+                              plus the readout of the state entering the chunk.
+  backward  `_dstate_kernel`  grid (B, H, P / bp), chunks in reverse: the state gradient
+                              leaving every chunk and d g0; one dot per chunk.
+            `_grad_kernel`    grid (B, H, chunks): dq, dk, dv and the per-row scalar gradients
+                              (d cs, d sc, d gm) of one chunk from the saved state entering it
+                              and the state gradient leaving it.
+
+Rows are (token, rank) pairs (MIMO rank R: CR = C R rows per chunk); masks compare tokens
+(row // R). Every dot takes input-dtype operands (bf16 on tensor cores) with float32
+accumulation; float32 inputs use `dot_precision`'s mode. Masks, decays and scalar gradients are
+float32.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+from pallas_kernels._compat import SQ, compiler_params, dot, dot_precision
+
+f32 = jnp.float32
+
+
+@dataclasses.dataclass(frozen=True)
+class TritonBlocks:
+    """Launch parameters. bp: head-dim block of the two sequential passes (more programs for
+    small B H); warps/stages per kernel."""
+
+    bp: int = 0  # 0: all of P
+    warps_state: int = 4
+    stages_state: int = 2
+    warps_output: int = 4
+    stages_output: int = 2
+    warps_dstate: int = 4
+    stages_dstate: int = 2
+    warps_grad: int = 8
+    stages_grad: int = 1
+    split_grad: int = 0  # 1: dq in its own kernel (fewer live tiles per kernel)
+    warps_grad_dq: int = 4
+    f32_mode: str = "tf32x3"
+
+
+@dataclasses.dataclass(frozen=True)
+class CoreShape:
+    """Static description of one core call (hashable: a nondiff argument of the custom_vjp)."""
+
+    B: int
+    H: int
+    nc: int
+    C: int  # tokens per chunk
+    R: int
+    N: int
+    P: int
+    cdt: str
+    interpret: bool
+    blocks: TritonBlocks
+
+    @property
+    def CR(self) -> int:
+        return self.C * self.R
+
+    @property
+    def bp(self) -> int:
+        return self.blocks.bp or self.P
+
+    @property
+    def prec(self):
+        return dot_precision(self.cdt, self.interpret, self.blocks.f32_mode)
+
+    def params(self, warps: int, stages: int):
+        return None if self.interpret else compiler_params(warps, stages)
+
+
+# ----------------------------------------------------------------------------- in-kernel helpers
+
+
+def _last(v):
+    """Last element of a 1-D tensor as a scalar (a masked sum: Triton has no scalar indexing)."""
+    idx = jax.lax.broadcasted_iota(jnp.int32, v.shape, 0)
+    return jnp.sum(jnp.where(idx == v.shape[0] - 1, v, jnp.zeros_like(v)))
+
+
+def _chunk_decays(cs, seg):
+    """Per-row decays of one chunk: e (state entering -> row), to_end (row -> chunk end, without
+    the scale) and the whole-chunk decay (scalar). A reset cuts them."""
+    cl, sl = _last(cs), _last(seg)
+    e = jnp.where(seg == 0, jnp.exp(cs), 0.0)
+    to_end = jnp.where(seg == sl, jnp.exp(cl - cs), 0.0)
+    dec = jnp.where(sl == 0, jnp.exp(cl), 0.0)
+    return e, to_end, dec
+
+
+def _weights(cs, sc, gm, seg, R: int):
+    """W[i, j] = exp(cs_i - cs_j) sc_j for an earlier token of the same segment, gm_i for the same
+    token (all rank pairs), else 0; also the strict decay part exp(cs_i - cs_j)[...] alone."""
+    n = cs.shape[0]
+    ti = jax.lax.broadcasted_iota(jnp.int32, (n, n), 0) // R
+    tj = jax.lax.broadcasted_iota(jnp.int32, (n, n), 1) // R
+    strict = (ti > tj) & (seg[:, None] == seg[None, :])
+    expo = jnp.exp(jnp.where(strict, cs[:, None] - cs[None, :], -jnp.inf))
+    W = expo * sc[None, :] + jnp.where(ti == tj, gm[:, None], 0.0)
+    return W, expo, ti == tj
+
+
+# ----------------------------------------------------------------------------- forward
+
+
+def _state_kernel(k_ref, v_ref, cs_ref, sc_ref, sg_ref, g0_ref, st_ref, gl_ref, *, cs_: CoreShape):
+    CR, cdt, prec = cs_.CR, jnp.dtype(cs_.cdt), cs_.prec
+
+    def body(c, g):
+        rows = pl.ds(pl.multiple_of(c * CR, CR), CR)
+        st_ref[c] = g.astype(st_ref.dtype)
+        cs, sc, seg = cs_ref[rows], sc_ref[rows], sg_ref[rows]
+        _, to_end, dec = _chunk_decays(cs, seg)
+        kw = (k_ref[rows, :].astype(f32) * (to_end * sc)[:, None]).astype(cdt)
+        return dec * g + dot(v_ref[rows, :], kw, ta=True, precision=prec)
+
+    gl_ref[...] = jax.lax.fori_loop(0, cs_.nc, body, g0_ref[...].astype(f32))
+
+
+def _output_kernel(q_ref, k_ref, v_ref, cs_ref, sc_ref, gm_ref, sg_ref, st_ref, y_ref, *,
+                   cs_: CoreShape):
+    cdt, prec = jnp.dtype(cs_.cdt), cs_.prec
+    q = q_ref[...]
+    cs, seg = cs_ref[...], sg_ref[...]
+    W, _, _ = _weights(cs, sc_ref[...], gm_ref[...], seg, cs_.R)
+    s = dot(q, k_ref[...], tb=True, precision=prec)
+    y = dot((s * W).astype(cdt), v_ref[...], precision=prec)
+    e = jnp.where(seg == 0, jnp.exp(cs), 0.0)
+    y = y + e[:, None] * dot(q, st_ref[...], tb=True, precision=prec)
+    y_ref[...] = y.astype(y_ref.dtype)
+
+
+def _row_spec(cs_: CoreShape, width: int):  # one chunk of rows of one head
+    return pl.BlockSpec((SQ, cs_.CR, SQ, width), lambda b, h, c: (b, c, h, 0))
+
+
+def forward(cs_: CoreShape, q, k, v, cs, sc, gm, seg, g0):
+    B, H, nc, CR, N, P, bp = cs_.B, cs_.H, cs_.nc, cs_.CR, cs_.N, cs_.P, cs_.bp
+    Lr = nc * CR
+    cdt = jnp.dtype(cs_.cdt)
+    kseq = pl.BlockSpec((SQ, Lr, SQ, N), lambda b, h, p: (b, 0, h, 0))
+    vseq = pl.BlockSpec((SQ, Lr, SQ, bp), lambda b, h, p: (b, 0, h, p))
+    sseq = pl.BlockSpec((SQ, SQ, Lr), lambda b, h, p: (b, h, 0))
+    gseq = pl.BlockSpec((SQ, Lr), lambda b, h, p: (b, 0))
+    states, g_last = pl.pallas_call(
+        functools.partial(_state_kernel, cs_=cs_),
+        grid=(B, H, P // bp),
+        in_specs=[kseq, vseq, sseq, sseq, gseq,
+                  pl.BlockSpec((SQ, SQ, bp, N), lambda b, h, p: (b, h, p, 0))],
+        out_specs=[pl.BlockSpec((SQ, SQ, nc, bp, N), lambda b, h, p: (b, h, 0, p, 0)),
+                   pl.BlockSpec((SQ, SQ, bp, N), lambda b, h, p: (b, h, p, 0))],
+        out_shape=[jax.ShapeDtypeStruct((B, H, nc, P, N), cdt),
+                   jax.ShapeDtypeStruct((B, H, P, N), f32)],
+        interpret=cs_.interpret,
+        compiler_params=cs_.params(cs_.blocks.warps_state, cs_.blocks.stages_state),
+        name="mamba3_ssd_state",
+    )(k, v, cs, sc, seg, g0)
+
+    rows = pl.BlockSpec((SQ, SQ, CR), lambda b, h, c: (b, h, c))
+    y = pl.pallas_call(
+        functools.partial(_output_kernel, cs_=cs_),
+        grid=(B, H, nc),
+        in_specs=[_row_spec(cs_, N), _row_spec(cs_, N), _row_spec(cs_, P), rows, rows, rows,
+                  pl.BlockSpec((SQ, CR), lambda b, h, c: (b, c)),
+                  pl.BlockSpec((SQ, SQ, SQ, P, N), lambda b, h, c: (b, h, c, 0, 0))],
+        out_specs=_row_spec(cs_, P),
+        out_shape=jax.ShapeDtypeStruct((B, Lr, H, P), f32),
+        interpret=cs_.interpret,
+        compiler_params=cs_.params(cs_.blocks.warps_output, cs_.blocks.stages_output),
+        name="mamba3_ssd_output",
+    )(q, k, v, cs, sc, gm, seg, states)
+    return y, states, g_last
+
+
+# ----------------------------------------------------------------------------- backward
+
+
+def _dstate_kernel(q_ref, dy_ref, cs_ref, sg_ref, st_ref, dgl_ref, dst_ref, dg0_ref, ddec_ref, *,
+                   cs_: CoreShape):
+    CR, nc, cdt, prec = cs_.CR, cs_.nc, jnp.dtype(cs_.cdt), cs_.prec
+
+    def body(i, dG):
+        c = nc - 1 - i
+        rows = pl.ds(pl.multiple_of(c * CR, CR), CR)
+        dst_ref[c] = dG.astype(dst_ref.dtype)  # the gradient of the state leaving chunk c
+        # d(chunk decay) = <dG leaving, state entering> (this P block's share)
+        ddec_ref[c] = jnp.sum(dG * st_ref[c].astype(f32))
+        cs, seg = cs_ref[rows], sg_ref[rows]
+        e, _, dec = _chunk_decays(cs, seg)
+        dye = (dy_ref[rows, :].astype(f32) * e[:, None]).astype(cdt)
+        return dec * dG + dot(dye, q_ref[rows, :], ta=True, precision=prec)
+
+    dg0_ref[...] = jax.lax.fori_loop(0, nc, body, dgl_ref[...].astype(f32))
+
+
+def _grad_kernel(q_ref, k_ref, v_ref, cs_ref, sc_ref, gm_ref, sg_ref, st_ref, dst_ref, dy_ref,
+                 *out_refs, cs_: CoreShape, part: str):
+    """One chunk's gradients. part 'all': dq, dk, dv, d cs, d sc, d gm; 'dkv': all but dq (d cs
+    without the readout's share); 'dq': dq and the readout's share of d cs."""
+    cdt, prec, CR = jnp.dtype(cs_.cdt), cs_.prec, cs_.CR
+    cs, sc, gm, seg = cs_ref[...], sc_ref[...], gm_ref[...], sg_ref[...]
+    e, to_end, _ = _chunk_decays(cs, seg)
+    te = to_end * sc
+    dyc = dy_ref[...].astype(cdt)
+    W, expo, diag = _weights(cs, sc, gm, seg, cs_.R)
+    dA = dot(dyc, v_ref[...], tb=True, precision=prec)  # d(masked scores)
+    dS = (dA * W).astype(cdt)
+    if part in ("all", "dkv"):
+        dk_ref, dv_ref, dcs_ref, dsc_ref, dgm_ref = out_refs[-5:]
+        s = dot(q_ref[...], k_ref[...], tb=True, precision=prec)  # (CR, CR)
+        # dv: through the intra-chunk product and the chunk's share of the next state
+        kdg = dot(k_ref[...], dst_ref[...], tb=True, precision=prec)  # (CR, P)
+        dv = dot((s * W).astype(cdt), dyc, ta=True, precision=prec) + te[:, None] * kdg
+        dv_ref[...] = dv.astype(dv_ref.dtype)
+        dte = jnp.sum(kdg * v_ref[...].astype(f32), axis=1)  # d(to_end * sc) per row
+        dk = (dot(dS, q_ref[...], ta=True, precision=prec)
+              + te[:, None] * dot(v_ref[...], dst_ref[...], precision=prec))
+        dk_ref[...] = dk.astype(dk_ref.dtype)
+        dW = dA * s
+        dWe = dW * expo  # strict part, before the key scale
+        dWs = dWe * sc[None, :]
+        dsc_ref[...] = jnp.sum(dWe, axis=0) + to_end * dte
+        dgm_ref[...] = jnp.sum(jnp.where(diag, dW, 0.0), axis=1)
+        row = jax.lax.broadcasted_iota(jnp.int32, (CR,), 0)
+        dcs = jnp.sum(dWs, axis=1) - jnp.sum(dWs, axis=0) - te * dte
+        dcs = dcs + jnp.where(row == CR - 1, jnp.sum(te * dte), 0.0)
+    if part in ("all", "dq"):
+        dq_ref = out_refs[0]
+        dyG = dot(dyc, st_ref[...], precision=prec)  # (CR, N): dy @ state entering the chunk
+        dq = dot(dS, k_ref[...], precision=prec) + e[:, None] * dyG
+        dq_ref[...] = dq.astype(dq_ref.dtype)
+        de = e * jnp.sum(dyG * q_ref[...].astype(f32), axis=1)
+        if part == "dq":
+            out_refs[1][...] = de
+        else:
+            dcs = dcs + de
+    if part in ("all", "dkv"):
+        dcs_ref[...] = dcs
+
+
+def backward(cs_: CoreShape, q, k, v, cs, sc, gm, seg, states, dy, dgl):
+    B, H, nc, CR, N, P, bp = cs_.B, cs_.H, cs_.nc, cs_.CR, cs_.N, cs_.P, cs_.bp
+    Lr = nc * CR
+    cdt = jnp.dtype(cs_.cdt)
+    nP = P // bp
+    sseq = pl.BlockSpec((SQ, SQ, Lr), lambda b, h, p: (b, h, 0))
+    dstates, dg0, ddec = pl.pallas_call(
+        functools.partial(_dstate_kernel, cs_=cs_),
+        grid=(B, H, nP),
+        in_specs=[pl.BlockSpec((SQ, Lr, SQ, N), lambda b, h, p: (b, 0, h, 0)),
+                  pl.BlockSpec((SQ, Lr, SQ, bp), lambda b, h, p: (b, 0, h, p)),
+                  sseq, pl.BlockSpec((SQ, Lr), lambda b, h, p: (b, 0)),
+                  pl.BlockSpec((SQ, SQ, nc, bp, N), lambda b, h, p: (b, h, 0, p, 0)),
+                  pl.BlockSpec((SQ, SQ, bp, N), lambda b, h, p: (b, h, p, 0))],
+        out_specs=[pl.BlockSpec((SQ, SQ, nc, bp, N), lambda b, h, p: (b, h, 0, p, 0)),
+                   pl.BlockSpec((SQ, SQ, bp, N), lambda b, h, p: (b, h, p, 0)),
+                   pl.BlockSpec((SQ, SQ, SQ, nc), lambda b, h, p: (b, h, p, 0))],
+        out_shape=[jax.ShapeDtypeStruct((B, H, nc, P, N), cdt),
+                   jax.ShapeDtypeStruct((B, H, P, N), f32),
+                   jax.ShapeDtypeStruct((B, H, nP, nc), f32)],
+        interpret=cs_.interpret,
+        compiler_params=cs_.params(cs_.blocks.warps_dstate, cs_.blocks.stages_dstate),
+        name="mamba3_ssd_dstate",
+    )(q, dy, cs, seg, states, dgl)
+
+    rows = pl.BlockSpec((SQ, SQ, CR), lambda b, h, c: (b, h, c))
+    chunk_state = pl.BlockSpec((SQ, SQ, SQ, P, N), lambda b, h, c: (b, h, c, 0, 0))
+    in_specs = [_row_spec(cs_, N), _row_spec(cs_, N), _row_spec(cs_, P), rows, rows, rows,
+                pl.BlockSpec((SQ, CR), lambda b, h, c: (b, c)), chunk_state, chunk_state,
+                _row_spec(cs_, P)]
+    args = (q, k, v, cs, sc, gm, seg, states, dstates, dy)
+    d_q = (_row_spec(cs_, N), jax.ShapeDtypeStruct(q.shape, q.dtype))
+    d_kv = [(_row_spec(cs_, N), jax.ShapeDtypeStruct(k.shape, k.dtype)),
+            (_row_spec(cs_, P), jax.ShapeDtypeStruct(v.shape, v.dtype))]
+    d_scal = [(rows, jax.ShapeDtypeStruct((B, H, Lr), f32))] * 3
+
+    def call(part, outs, warps):
+        return pl.pallas_call(
+            functools.partial(_grad_kernel, cs_=cs_, part=part),
+            grid=(B, H, nc), in_specs=in_specs,
+            out_specs=[o[0] for o in outs], out_shape=[o[1] for o in outs],
+            interpret=cs_.interpret,
+            compiler_params=cs_.params(warps, cs_.blocks.stages_grad),
+            name=f"mamba3_ssd_grad_{part}",
+        )(*args)
+
+    if cs_.blocks.split_grad:
+        dq, de = call("dq", [d_q, d_scal[0]], cs_.blocks.warps_grad_dq)
+        dk, dv, dcs, dsc, dgm = call("dkv", d_kv + d_scal, cs_.blocks.warps_grad)
+        dcs = dcs + de
+    else:
+        dq, dk, dv, dcs, dsc, dgm = call("all", [d_q] + d_kv + d_scal, cs_.blocks.warps_grad)
+    # d(chunk decay) -> the last row's cs: decay = exp(cs_last) unless the chunk has a reset
+    csl = cs.reshape(B, H, nc, CR)[..., -1]
+    sgl = seg.reshape(B, nc, CR)[:, None, :, -1]
+    dlast = jnp.where(sgl == 0, jnp.exp(csl), 0.0) * jnp.sum(ddec, axis=2)
+    dcs = dcs.reshape(B, H, nc, CR).at[..., -1].add(dlast).reshape(B, H, Lr)
+    return dq, dk, dv, dcs, dsc, dgm, dg0
+
+
+# ----------------------------------------------------------------------------- custom_vjp core
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def ssd_core(cs_: CoreShape, q, k, v, cs, sc, gm, seg, g0):
+    y, _, g_last = forward(cs_, q, k, v, cs, sc, gm, seg, g0)
+    return y, g_last
+
+
+def _core_fwd(cs_, q, k, v, cs, sc, gm, seg, g0):
+    y, states, g_last = forward(cs_, q, k, v, cs, sc, gm, seg, g0)
+    return (y, g_last), (q, k, v, cs, sc, gm, seg, states)
+
+
+def _core_bwd(cs_, res, cts):
+    q, k, v, cs, sc, gm, seg, states = res
+    dy, dgl = cts
+    dq, dk, dv, dcs, dsc, dgm, dg0 = backward(cs_, q, k, v, cs, sc, gm, seg, states, dy, dgl)
+    return dq, dk, dv, dcs, dsc, dgm, None, dg0
+
+
+ssd_core.defvjp(_core_fwd, _core_bwd)

@@ -1,0 +1,213 @@
+"""Bias and data-dependent rotation of q and k per head, as Pallas Triton kernels.
+
+    q_rot[b, t, r, h] = rotate(round(q[b, t, r, g(h)] + q_bias[h, r]), theta[b, t, h])
+
+with theta the cumulative rotary angle: inside a chunk a segmented prefix sum of the increments
+(a dot with the 0/1 matrix [s <= t, same segment]), plus the angle A carried into the chunk on
+rows before the chunk's first reset. A (B, nc, H, S) comes from XLA (a short scan over chunk
+totals), so every chunk is independent. Channel pairs are adjacent, (2i, 2i + 1), i < S.
+
+Forward, grid (B, chunks, R, H): one (C, N) tile of one head. Backward, grid (B, chunks, R, G):
+one program walks the heads of its B/C group, so the group's gradient is summed in registers
+instead of writing one gradient per head; it also writes d(increments) of the chunk (the
+transposed prefix-sum dot), d A and per-chunk partial sums of the bias gradients.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+from pallas_kernels._compat import SQ, compiler_params, dot, dot_precision
+
+f32 = jnp.float32
+
+
+@dataclasses.dataclass(frozen=True)
+class RotShape:
+    B: int
+    nc: int
+    C: int
+    R: int
+    G: int
+    H: int
+    N: int
+    S: int
+    cdt: str
+    interpret: bool
+    warps: int = 4
+
+    @property
+    def hg(self) -> int:
+        return self.H // self.G
+
+    @property
+    def angle_prec(self):  # float32 prefix sums: exact in interpret mode, 3xTF32 on the GPU
+        return dot_precision(f32, self.interpret, "tf32x3")
+
+    @property
+    def params(self):
+        return None if self.interpret else compiler_params(self.warps, 1)
+
+
+def _split_pairs(u):
+    """(C, 2S) -> even and odd channels (C, S) each."""
+    c, w = u.shape
+    a, b = jnp.split(u.reshape(c, w // 2, 2), 2, axis=-1)
+    return a.reshape(c, w // 2), b.reshape(c, w // 2)
+
+
+def _join_pairs(a, b):
+    c, s = a.shape
+    return jnp.concatenate([a.reshape(c, s, 1), b.reshape(c, s, 1)], axis=-1).reshape(c, 2 * s)
+
+
+def _theta(inc, a_in, seg, prec):
+    """Cumulative angles (C, S) of one chunk and one head."""
+    t = jax.lax.broadcasted_iota(jnp.int32, (seg.shape[0], seg.shape[0]), 0)
+    s = jax.lax.broadcasted_iota(jnp.int32, (seg.shape[0], seg.shape[0]), 1)
+    tri = jnp.where((t >= s) & (seg[:, None] == seg[None, :]), 1.0, 0.0)
+    th = dot(tri, inc, precision=prec)
+    return th + jnp.where(seg == 0, 1.0, 0.0)[:, None] * a_in[None, :], tri
+
+
+def _biased(ref, bias, off, w, cdt):
+    """Columns [off, off + w) of a (C, N) ref plus the bias, rounded like `per_head` does."""
+    return (ref[:, pl.ds(off, w)].astype(f32) + bias[None, :]).astype(cdt).astype(f32)
+
+
+def _fwd_kernel(q_ref, k_ref, qb_ref, kb_ref, inc_ref, a_ref, sg_ref, qr_ref, kr_ref, *,
+                rs: RotShape):
+    S2, N, cdt = 2 * rs.S, rs.N, jnp.dtype(rs.cdt)
+    th, _ = _theta(inc_ref[...].astype(f32), a_ref[...], sg_ref[...], rs.angle_prec)
+    cos, sin = jnp.cos(th), jnp.sin(th)
+    for src, b_ref, out in ((q_ref, qb_ref, qr_ref), (k_ref, kb_ref, kr_ref)):
+        a, b = _split_pairs(_biased(src, b_ref[pl.ds(0, S2)], 0, S2, cdt))
+        out[:, pl.ds(0, S2)] = _join_pairs(a * cos - b * sin, a * sin + b * cos).astype(out.dtype)
+        if N > S2:
+            out[:, pl.ds(S2, N - S2)] = _biased(src, b_ref[pl.ds(S2, N - S2)], S2, N - S2,
+                                                cdt).astype(out.dtype)
+
+
+def _bwd_kernel(q_ref, k_ref, qb_ref, kb_ref, inc_ref, a_ref, sg_ref, dqr_ref, dkr_ref,
+                dq_ref, dk_ref, dqb_ref, dkb_ref, dinc_ref, da_ref, *, rs: RotShape):
+    S2, N, cdt, C = 2 * rs.S, rs.N, jnp.dtype(rs.cdt), rs.C
+    seg = sg_ref[...]
+    first = jnp.where(seg == 0, 1.0, 0.0)
+    parts = [(0, S2)] + ([(S2, N - S2)] if N > S2 else [])
+
+    def body(j, acc):
+        th, tri = _theta(inc_ref[:, j, :].astype(f32), a_ref[j, :], seg, rs.angle_prec)
+        cos, sin = jnp.cos(th), jnp.sin(th)
+        dth = jnp.zeros((C, rs.S), f32)
+        new = []
+        for i, (src, b_ref, d_ref, db_ref) in enumerate(((q_ref, qb_ref, dqr_ref, dqb_ref),
+                                                         (k_ref, kb_ref, dkr_ref, dkb_ref))):
+            a, b = _split_pairs(_biased(src, b_ref[j, pl.ds(0, S2)], 0, S2, cdt))
+            da, db = _split_pairs(d_ref[:, j, pl.ds(0, S2)].astype(f32))
+            dth = dth + db * (a * cos - b * sin) - da * (a * sin + b * cos)
+            du = _join_pairs(da * cos + db * sin, db * cos - da * sin)  # R(theta)^T d
+            db_ref[j, pl.ds(0, S2)] = jnp.sum(du, axis=0)
+            new.append(acc[2 * i] + du)
+            if N > S2:
+                dp = d_ref[:, j, pl.ds(S2, N - S2)].astype(f32)
+                db_ref[j, pl.ds(S2, N - S2)] = jnp.sum(dp, axis=0)
+                new.append(acc[2 * i + 1] + dp)
+            else:
+                new.append(acc[2 * i + 1])
+        dinc_ref[:, j, :] = dot(tri, dth, ta=True, precision=rs.angle_prec)
+        da_ref[j, :] = jnp.sum(first[:, None] * dth, axis=0)
+        return tuple(new)
+
+    zeros = tuple(jnp.zeros((C, w), f32) for _ in range(2) for _, w in parts)
+    if len(parts) == 1:
+        zeros = (zeros[0], zeros[0], zeros[1], zeros[1])
+    acc = jax.lax.fori_loop(0, rs.hg, body, zeros)
+    for i, ref in enumerate((dq_ref, dk_ref)):
+        for p, (off, w) in enumerate(parts):
+            ref[:, pl.ds(off, w)] = acc[2 * i + p].astype(ref.dtype)
+
+
+def _specs(rs: RotShape, per_head_grid: bool):
+    """BlockSpecs of the inputs shared by both kernels. per_head_grid: grid (B, nc, R, H), else
+    (B, nc, R, G) with the group's heads in one block."""
+    C, N, S, hg = rs.C, rs.N, rs.S, rs.hg
+    if per_head_grid:
+        return [
+            pl.BlockSpec((SQ, C, SQ, SQ, N), lambda b, c, r, h: (b, c, r, h // hg, 0)),
+            pl.BlockSpec((SQ, C, SQ, SQ, N), lambda b, c, r, h: (b, c, r, h // hg, 0)),
+            pl.BlockSpec((SQ, SQ, N), lambda b, c, r, h: (h, r, 0)),
+            pl.BlockSpec((SQ, SQ, N), lambda b, c, r, h: (h, r, 0)),
+            pl.BlockSpec((SQ, C, SQ, S), lambda b, c, r, h: (b, c, h, 0)),
+            pl.BlockSpec((SQ, SQ, SQ, S), lambda b, c, r, h: (b, c, h, 0)),
+            pl.BlockSpec((SQ, C), lambda b, c, r, h: (b, c)),
+        ]
+    return [
+        pl.BlockSpec((SQ, C, SQ, SQ, N), lambda b, c, r, g: (b, c, r, g, 0)),
+        pl.BlockSpec((SQ, C, SQ, SQ, N), lambda b, c, r, g: (b, c, r, g, 0)),
+        pl.BlockSpec((hg, SQ, N), lambda b, c, r, g: (g, r, 0)),
+        pl.BlockSpec((hg, SQ, N), lambda b, c, r, g: (g, r, 0)),
+        pl.BlockSpec((SQ, C, hg, S), lambda b, c, r, g: (b, c, g, 0)),
+        pl.BlockSpec((SQ, SQ, hg, S), lambda b, c, r, g: (b, c, g, 0)),
+        pl.BlockSpec((SQ, C), lambda b, c, r, g: (b, c)),
+    ]
+
+
+def _forward(rs: RotShape, q, k, qb, kb, inc, a, seg):
+    B, nc, C, R, H, N = rs.B, rs.nc, rs.C, rs.R, rs.H, rs.N
+    out = pl.BlockSpec((SQ, C, SQ, SQ, N), lambda b, c, r, h: (b, c, r, h, 0))
+    shape = jax.ShapeDtypeStruct((B, nc * C, R, H, N), jnp.dtype(rs.cdt))
+    return pl.pallas_call(
+        functools.partial(_fwd_kernel, rs=rs), grid=(B, nc, R, H),
+        in_specs=_specs(rs, True), out_specs=[out, out], out_shape=[shape, shape],
+        interpret=rs.interpret, compiler_params=rs.params, name="mamba3_rotate_qk",
+    )(q, k, qb, kb, inc, a, seg)
+
+
+def _backward(rs: RotShape, q, k, qb, kb, inc, a, seg, dqr, dkr):
+    B, nc, C, R, G, H, N, S, hg = rs.B, rs.nc, rs.C, rs.R, rs.G, rs.H, rs.N, rs.S, rs.hg
+    grp = pl.BlockSpec((SQ, C, SQ, SQ, N), lambda b, c, r, g: (b, c, r, g, 0))
+    heads = pl.BlockSpec((SQ, C, SQ, hg, N), lambda b, c, r, g: (b, c, r, g, 0))
+    bias = pl.BlockSpec((SQ, SQ, SQ, hg, N), lambda b, c, r, g: (b, c, r, g, 0))
+    dq, dk, dqb, dkb, dinc, da = pl.pallas_call(
+        functools.partial(_bwd_kernel, rs=rs), grid=(B, nc, R, G),
+        in_specs=_specs(rs, False) + [heads, heads],
+        out_specs=[grp, grp, bias, bias,  # angle gradients per rank: summed over R by XLA
+                   pl.BlockSpec((SQ, C, SQ, hg, S), lambda b, c, r, g: (b, c, r, g, 0)),
+                   pl.BlockSpec((SQ, SQ, SQ, hg, S), lambda b, c, r, g: (b, c, r, g, 0))],
+        out_shape=[jax.ShapeDtypeStruct(q.shape, f32), jax.ShapeDtypeStruct(k.shape, f32),
+                   jax.ShapeDtypeStruct((B, nc, R, H, N), f32),
+                   jax.ShapeDtypeStruct((B, nc, R, H, N), f32),
+                   jax.ShapeDtypeStruct((B, nc * C, R, H, S), f32),
+                   jax.ShapeDtypeStruct((B, nc, R, H, S), f32)],
+        interpret=rs.interpret, compiler_params=rs.params, name="mamba3_rotate_qk_bwd",
+    )(q, k, qb, kb, inc, a, seg, dqr, dkr)
+    return (dq, dk, jnp.sum(dqb, axis=(0, 1)), jnp.sum(dkb, axis=(0, 1)), jnp.sum(dinc, axis=2),
+            jnp.sum(da, axis=2))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def rotate_qk(rs: RotShape, q, k, qb, kb, inc, a, seg):
+    """q, k (B, Lp, R, G, N); qb, kb (H, R, N) f32; inc (B, Lp, H, S) f32; a (B, nc, H, S) f32;
+    seg (B, Lp) int32 -> rotated q, k per head (B, Lp, R, H, N) in the compute dtype."""
+    return _forward(rs, q, k, qb, kb, inc, a, seg)
+
+
+def _rot_fwd(rs, q, k, qb, kb, inc, a, seg):
+    return _forward(rs, q, k, qb, kb, inc, a, seg), (q, k, qb, kb, inc, a, seg)
+
+
+def _rot_bwd(rs, res, cts):
+    q, k, qb, kb, inc, a, seg = res
+    dqr, dkr = cts
+    dq, dk, dqb, dkb, dinc, da = _backward(rs, q, k, qb, kb, inc, a, seg, dqr, dkr)
+    dqb, dkb = (jnp.swapaxes(d, 0, 1) for d in (dqb, dkb))  # (R, H, N) -> (H, R, N)
+    return (dq.astype(q.dtype), dk.astype(k.dtype), dqb.astype(qb.dtype), dkb.astype(kb.dtype),
+            dinc, da, None)
+
+
+rotate_qk.defvjp(_rot_fwd, _rot_bwd)
