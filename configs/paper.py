@@ -61,6 +61,7 @@ def get_config(arg: str = "180m"):
     m.d_mlp = mlp_mimo if variant == "mimo" else mlp_siso
     m.mlp_multiple_of = 1  # the paper's widths exactly (1500, 1264, 2800, 3824 are not x128)
     m.scan_backend = "auto"
+    m.scan_layers = True  # one layer compiled once (lax.scan); same maths as the unrolled model
     m.dtype = "bfloat16"
     m.param_dtype = "float32"
     m.vocab_size = 0  # from the tokenizer

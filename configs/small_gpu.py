@@ -34,6 +34,7 @@ def get_config(arg: str = "siso"):
     m.d_mlp = 896 if variant == "mimo" else 1024
     m.mlp_multiple_of = 64
     m.scan_backend = "auto"
+    m.scan_layers = True  # one layer compiled once (lax.scan); same maths as the unrolled model
     m.dtype = "bfloat16"
     m.param_dtype = "float32"
 

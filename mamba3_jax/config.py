@@ -15,6 +15,29 @@ ROTATIONS = ("data_dependent", "fixed", "none")
 MIXERS = ("mamba3", "mamba2")
 SCAN_BACKENDS = ("auto", "reference", "associative", "chunked", "pallas", "pallas_interpret")
 DTYPES = ("float32", "bfloat16", "float16")
+# Rematerialisation of each block in the backward pass (`Mamba3LM.features(remat=...)`):
+# none: keep every activation; full: keep only the block input; dots / dots_no_batch: keep
+# matmul outputs (jax.checkpoint_policies.dots[_with_no_batch_dims]_saveable);
+# "names:a,b": keep only the activations tagged with these names in layers.py.
+REMAT_KINDS = ("none", "full", "dots", "dots_no_batch")
+REMAT_NAMES = ("in_proj", "ssm_out", "mixer_out", "mlp_hidden", "mlp_out")
+
+
+def parse_remat(spec: str) -> tuple[str, tuple[str, ...]]:
+    """A remat spec -> (kind, saved names); kind is one of REMAT_KINDS or "names"."""
+    if not isinstance(spec, str):
+        raise ValueError(f"remat must be a string, got {spec!r}")
+    if spec in REMAT_KINDS:
+        return spec, ()
+    if spec.startswith("names:"):
+        names = tuple(n.strip() for n in spec[len("names:"):].split(",") if n.strip())
+        bad = [n for n in names if n not in REMAT_NAMES]
+        if names and not bad:
+            return "names", names
+        raise ValueError(f"remat {spec!r}: names must be a non-empty comma list from "
+                         f"{REMAT_NAMES}")
+    raise ValueError(f"remat must be one of {REMAT_KINDS} or 'names:<a>,<b>' with names from "
+                     f"{REMAT_NAMES}, got {spec!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,6 +81,9 @@ class ModelConfig:
     norm_eps: float = 1e-5
     tie_embeddings: bool = True
     initializer_range: float = 0.02
+    # one Block's parameters stacked along a leading layer axis and applied with lax.scan: the
+    # layer is traced and compiled once (compile time independent of n_layer); same maths
+    scan_layers: bool = False
     dtype: str = "float32"  # compute dtype of activations and matmuls
     param_dtype: str = "float32"  # master weights
     state_dtype: str = "float32"  # decode cache SSM state (float32 or bfloat16)
@@ -111,6 +137,8 @@ class ModelConfig:
         need(self.d_mlp is None or self.d_mlp > 0, f"d_mlp must be None or > 0, got {self.d_mlp}")
         need(self.mlp_multiple_of > 0, f"mlp_multiple_of must be > 0, got {self.mlp_multiple_of}")
         need(self.rope_theta > 0, f"rope_theta must be > 0, got {self.rope_theta}")
+        need(isinstance(self.scan_layers, bool),
+             f"scan_layers must be True or False, got {self.scan_layers!r}")
         if errors:
             raise ValueError("invalid ModelConfig:\n  " + "\n  ".join(errors))
 

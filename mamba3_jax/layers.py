@@ -8,6 +8,7 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from mamba3_jax.backends import mixer_core, step_backend
 from mamba3_jax.config import ModelConfig
@@ -106,7 +107,8 @@ class Mamba3(nnx.Module):
         B, L, _ = u.shape
         if cache is None:
             cache = self.init_cache(B)
-        parts = split_in_proj(self.in_proj(u), cfg)
+        # checkpoint_name tags: what a "names:..." remat policy may keep (config.REMAT_NAMES)
+        parts = split_in_proj(checkpoint_name(self.in_proj(u), "in_proj"), cfg)
         conv_window = None
         if cfg.d_conv:
             e, w = cfg.d_inner, cfg.bc_width
@@ -124,6 +126,7 @@ class Mamba3(nnx.Module):
             mimo_x=self._value(self.mimo_x), mimo_z=self._value(self.mimo_z),
             mimo_o=self._value(self.mimo_o), norm_weight=self._value(self.norm),
             chunk_size=cfg.resolved_chunk_size, norm_eps=1e-5)
+        y = checkpoint_name(y, "ssm_out")
         out = self.out_proj(y.reshape(B, L, cfg.d_inner).astype(u.dtype))
         return out, MixerCache(ssm=ssm_state, conv=conv_window)
 
@@ -147,9 +150,9 @@ class SwiGLU(nnx.Module):
         self.fc2 = linear(f, cfg.d_model, cfg, rngs, scale=1.0 / math.sqrt(2 * cfg.n_layer))
 
     def __call__(self, x):
-        h = self.fc1(x)
+        h = checkpoint_name(self.fc1(x), "mlp_hidden")
         value, gate = h[..., :self.hidden], h[..., self.hidden:]
-        return self.fc2(value * jax.nn.silu(gate))
+        return checkpoint_name(self.fc2(value * jax.nn.silu(gate)), "mlp_out")
 
 
 class Block(nnx.Module):
@@ -168,5 +171,11 @@ class Block(nnx.Module):
 
     def __call__(self, x, *, reset=None, cache=None, backend=None):
         y, cache = self.mixer(self.norm1(x), reset=reset, cache=cache, backend=backend)
+        x = x + checkpoint_name(y, "mixer_out")
+        return x + self.mlp(self.norm2(x)), cache
+
+    def step(self, x, cache):
+        """One decode token: x (B, d_model) -> (x (B, d_model), cache)."""
+        y, cache = self.mixer.step(self.norm1(x), cache)
         x = x + y
         return x + self.mlp(self.norm2(x)), cache

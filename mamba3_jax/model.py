@@ -5,17 +5,23 @@ Usage:
     logits = model(tokens, segment_ids=...)                 # training / scoring
     logits, cache = model(prompt, return_cache=True)        # prefill
     logits_t, cache = model.step(next_token, cache)         # decode one token
+
+Layers: `cfg.scan_layers=False` keeps a list of Blocks (`layers.<i>.<name>`); True stacks the
+n_layer Blocks' variables along a leading axis in one Block (`blocks.<name>`, shape
+(n_layer, ...)) applied with `jax.lax.scan`, so one layer is traced and compiled once. Both are
+initialised from the same random stream (equal seeds give equal weights) and compute the same
+function; the decode cache is a list of per-layer caches or one stacked cache respectively.
 """
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from mamba3_jax.config import ModelConfig
+from mamba3_jax.config import ModelConfig, parse_remat
 from mamba3_jax.layers import Block, Frozen, RMSNorm
 from mamba3_jax.ops.ssm import reset_from_positions, reset_from_segment_ids
 
@@ -29,6 +35,39 @@ def segment_reset(segment_ids: Optional[jax.Array], positions: Optional[jax.Arra
     return None
 
 
+# Name of the stacked-layers attribute: every variable below it has a leading layer axis (the
+# sharding rules in training/mesh.py never shard that axis).
+STACKED = "blocks"
+
+
+def stack_modules(modules: Sequence[nnx.Module]) -> nnx.Module:
+    """Modules of one structure -> one module whose variables are stacked along axis 0."""
+    splits = [nnx.split(m) for m in modules]
+    stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *[state for _, state in splits])
+    return nnx.merge(splits[0][0], stacked)
+
+
+def remat_policy(spec: str) -> Optional[Callable]:
+    """`jax.checkpoint` policy of a remat spec (config.parse_remat); "none" -> no checkpoint is
+    wanted (the caller checks), "full" -> None (jax's default: save nothing)."""
+    kind, names = parse_remat(spec)
+    cp = jax.checkpoint_policies
+    return {"none": None, "full": None, "dots": cp.dots_saveable,
+            "dots_no_batch": cp.dots_with_no_batch_dims_saveable,
+            "names": cp.save_only_these_names(*names) if names else None}[kind]
+
+
+def apply_layer(graphdef, remat: str, *, prevent_cse: bool = True) -> Callable:
+    """(layer state, h, cache, reset) -> (h, cache) of one Block, rematerialised per `remat`."""
+    def fn(state, h, cache, reset, backend):
+        return nnx.merge(graphdef, state)(h, reset=reset, cache=cache, backend=backend)
+
+    if remat == "none":
+        return fn
+    return jax.checkpoint(fn, policy=remat_policy(remat), prevent_cse=prevent_cse,
+                          static_argnums=(4,))
+
+
 class Mamba3LM(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
@@ -36,7 +75,11 @@ class Mamba3LM(nnx.Module):
                                param_dtype=jnp.dtype(cfg.param_dtype),
                                embedding_init=nnx.initializers.normal(cfg.initializer_range),
                                rngs=rngs)
-        self.layers = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.n_layer)])
+        blocks = [Block(cfg, rngs=rngs) for _ in range(cfg.n_layer)]
+        if cfg.scan_layers:
+            setattr(self, STACKED, stack_modules(blocks))
+        else:
+            self.layers = nnx.List(blocks)
         self.final_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         if cfg.tie_embeddings:
             self.lm_head = None
@@ -45,6 +88,11 @@ class Mamba3LM(nnx.Module):
                 rngs.params(), (cfg.d_model, cfg.vocab_size), jnp.dtype(cfg.param_dtype)))
 
     def init_cache(self, batch: int):
+        """Per-layer decode caches: a list, or one cache stacked along axis 0 (scan_layers)."""
+        if self.cfg.scan_layers:
+            one = getattr(self, STACKED).mixer.init_cache(batch)  # uses the config only
+            return jax.tree.map(lambda x: jnp.broadcast_to(x, (self.cfg.n_layer,) + x.shape),
+                                one)
         return [layer.mixer.init_cache(batch) for layer in self.layers]
 
     def logits(self, h: jax.Array) -> jax.Array:
@@ -55,19 +103,34 @@ class Mamba3LM(nnx.Module):
 
     def features(self, tokens: jax.Array, *, segment_ids: Optional[jax.Array] = None,
                  positions: Optional[jax.Array] = None, cache=None,
-                 backend: Optional[str] = None):
+                 backend: Optional[str] = None, remat: str = "none"):
         """tokens (B, L) -> (residual stream after the last block (B, L, d) float32, caches).
 
         `logits(features)` gives the logits; a loss can apply it chunk by chunk to keep the
-        (B, L, V) logits out of memory (see `mamba3_jax.training.step`)."""
+        (B, L, V) logits out of memory (see `mamba3_jax.training.step`). `remat` (a
+        config.parse_remat spec) rematerialises each block in the backward pass."""
         reset = segment_reset(segment_ids, positions)
         h = self.embed(tokens).astype(jnp.float32)  # residual stream kept in float32
-        caches = self.init_cache(tokens.shape[0]) if cache is None else cache
+        if self.cfg.scan_layers:
+            return self._scan_layers(h, reset, cache, backend, remat)
+        caches = [None] * self.cfg.n_layer if cache is None else cache
         new_caches = []
         for layer, c in zip(self.layers, caches, strict=True):
-            h, c = layer(h, reset=reset, cache=c, backend=backend)
+            graphdef, state = nnx.split(layer)
+            h, c = apply_layer(graphdef, remat)(state, h, c, reset, backend)
             new_caches.append(c)
         return h, new_caches
+
+    def _scan_layers(self, h, reset, cache, backend, remat):
+        graphdef, state = nnx.split(getattr(self, STACKED))
+        # inside a scan, CSE cannot merge the recomputation into the forward (jax docs)
+        layer = apply_layer(graphdef, remat, prevent_cse=False)
+
+        def body(h, xs):
+            st, c = xs
+            return layer(st, h, c, reset, backend)
+
+        return jax.lax.scan(body, h, (state, cache))
 
     def __call__(self, tokens: jax.Array, *, segment_ids: Optional[jax.Array] = None,
                  positions: Optional[jax.Array] = None, cache=None, return_cache: bool = False,
@@ -85,11 +148,14 @@ class Mamba3LM(nnx.Module):
     def step(self, token: jax.Array, cache):
         """Decode one token per sequence: token (B,) -> (logits (B, V), cache)."""
         h = self.embed(token).astype(jnp.float32)
+        if self.cfg.scan_layers:
+            graphdef, state = nnx.split(getattr(self, STACKED))
+            h, new_caches = jax.lax.scan(
+                lambda h, xs: nnx.merge(graphdef, xs[0]).step(h, xs[1]), h, (state, cache))
+            return self.logits(h), new_caches
         new_caches = []
         for layer, c in zip(self.layers, cache, strict=True):
-            y, c = layer.mixer.step(layer.norm1(h), c)
-            h = h + y
-            h = h + layer.mlp(layer.norm2(h))
+            h, c = layer.step(h, c)
             new_caches.append(c)
         return self.logits(h), new_caches
 

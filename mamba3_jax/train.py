@@ -12,6 +12,8 @@ checkpoint. See docs/training.md.
 
 from __future__ import annotations
 
+import os
+import signal
 import sys
 
 from absl import app, flags, logging
@@ -31,7 +33,7 @@ _DISTRIBUTED = flags.DEFINE_bool("distributed", False,
                                  "Force jax.distributed.initialize() (auto-detected otherwise).")
 
 EXIT_CONFIG, EXIT_NONFINITE, EXIT_CHECKPOINT = 2, 3, 4
-EXIT_PREEMPTED = 143  # 128 + SIGTERM: checkpointed and stopped early; run again to resume
+EXIT_PREEMPTED = 143  # 128 + SIGTERM (130 for SIGINT): checkpointed and stopped; run again
 
 
 def _missing_key(dotted: str):
@@ -65,7 +67,8 @@ def parse_flags(argv):
                 sys.stderr.write(f"error: unknown config key {key!r} in {arg!r}; valid keys of "
                                  f"{where}: {', '.join(valid)}\n")
                 sys.exit(EXIT_CONFIG)
-        sys.stderr.write(f"error: bad config override: {e}\n")
+        sys.stderr.write(f"error: bad config override: {e} (an override only changes a key the "
+                         "config file already has; add new source options in the file)\n")
         sys.exit(EXIT_CONFIG)
     except flags.Error as e:
         sys.stderr.write(f"error: {e}\nPass --helpshort for usage.\n")
@@ -76,6 +79,7 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     from mamba3_jax.training.config import ConfigError, config_json, validate
+    from mamba3_jax.training.preflight import with_deterministic_flag
 
     config = _CONFIG.value
     if config is None:
@@ -91,28 +95,42 @@ def main(argv):
     if not _WORKDIR.value:
         raise app.UsageError("--workdir is required")
     logging.set_verbosity(logging.WARNING)
+    if config.train.deterministic and _gpu_possible():
+        # read when jax starts its backends (below), not later
+        os.environ["XLA_FLAGS"] = with_deterministic_flag(os.environ.get("XLA_FLAGS", ""))
     # heavy imports (jax, flax, orbax, grain) only once the config is known to be good
+    import jax
+
     from mamba3_jax.training import mesh as mesh_lib
-    from mamba3_jax.training.checkpoint import IncompatibleCheckpointError
+    from mamba3_jax.training.checkpoint import CorruptCheckpointError, IncompatibleCheckpointError
+    from mamba3_jax.training.lock import WorkdirBusyError, WorkdirLock
     from mamba3_jax.training.trainer import NonFiniteLossError, train
 
     mesh_lib.maybe_initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value,
                                           _PROCESS_ID.value, force=_DISTRIBUTED.value)
+    # one run per workdir, checked before the data is read or anything is compiled
+    lock = WorkdirLock(_WORKDIR.value) if jax.process_index() == 0 else None
     try:
+        if lock is not None:
+            lock.acquire()
         summary = train(config, _WORKDIR.value)
-    except ConfigError as e:
+    except (ConfigError, WorkdirBusyError) as e:
         sys.stderr.write(f"error: {e}\n")
         return EXIT_CONFIG
-    except IncompatibleCheckpointError as e:
+    except (IncompatibleCheckpointError, CorruptCheckpointError) as e:
         sys.stderr.write(f"error: {e}\n")
         return EXIT_CHECKPOINT
     except NonFiniteLossError as e:
         sys.stderr.write(f"error: {e}\n")
         return EXIT_NONFINITE
+    finally:
+        if lock is not None:
+            lock.release()
     if summary.get("preempted"):
-        print(f"preempted at step {summary['step']}: checkpoint saved; run the same command "
-              "again to resume")
-        return EXIT_PREEMPTED
+        name = summary.get("signal") or "SIGTERM"
+        print(f"stopped by {name} at step {summary['step']}: checkpoint saved; run the same "
+              "command again to resume")
+        return 128 + int(getattr(signal, name))
     ev = summary.get("final_eval") or {}
     if ev:
         print(f"done: step {summary['step']}, eval bits/byte {ev['bits_per_byte']:.4f}, "
@@ -121,6 +139,16 @@ def main(argv):
         print(f"done: step {summary['step']}, wall {summary['wall_time_sec']:.0f}s, "
               f"workdir {summary['workdir']}")
     return 0
+
+
+def _gpu_possible() -> bool:
+    """A GPU plugin is installed and not excluded by JAX_PLATFORMS. The GPU-only determinism
+    flag is set only then: on CPU it would only change the compilation-cache keys."""
+    from mamba3_jax.training.preflight import gpu_plugin_installed
+
+    platforms = os.environ.get("JAX_PLATFORMS", "")
+    return gpu_plugin_installed() and (not platforms or any(
+        p in platforms for p in ("cuda", "gpu", "rocm")))
 
 
 def run():

@@ -187,8 +187,7 @@ class BooksSource:
                 self._all_starts[len(self._starts) - 1] + self._all_lengths[len(self._starts) - 1]
             )
             needed = min(needed + len(BOOK_SEPARATOR), self._full_length)
-            with lzma.open(self.xz_path, "rb") as f:
-                data = f.read(needed)
+            data = self._decompress(needed)
             if len(data) < needed:
                 raise ValueError(
                     f"{str(self.xz_path)!r} decompresses to only {len(data)} bytes, but "
@@ -197,12 +196,18 @@ class BooksSource:
             self._check_layout(data, full=False)
             self._data = data
             return
-        with lzma.open(self.xz_path, "rb") as f:
-            data = f.read()
+        data = self._decompress()
         self._check_layout(data, full=True)
         self._data = data
         if cache_path is not None:
             self._write_cache(cache_path, data)
+
+    def _decompress(self, size: int = -1) -> bytes:
+        try:
+            with lzma.open(self.xz_path, "rb") as f:
+                return f.read(size)
+        except (lzma.LZMAError, EOFError) as e:
+            raise ValueError(f"{str(self.xz_path)!r} is not a valid .xz file ({e})") from None
 
     def _check_layout(self, data: bytes | mmap.mmap, *, full: bool) -> None:
         """Checks the manifest's byte counts against the decompressed text."""
@@ -278,7 +283,11 @@ class TextFileSource:
         self.paths = expand_paths(paths)
         docs: list[str] = []
         for path in self.paths:
-            text = path.read_text(encoding=encoding)
+            try:
+                text = path.read_text(encoding=encoding)
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{str(path)!r} is not {encoding} text: byte {e.start} is "
+                                 f"{e.object[e.start:e.start + 1]!r} ({e.reason})") from None
             if doc_separator is None:
                 pieces = [text]
             elif isinstance(doc_separator, re.Pattern):

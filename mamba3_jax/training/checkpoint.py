@@ -1,13 +1,17 @@
 """Orbax checkpoints of the train state, the data-iterator state and the config.
 
-Layout: `<workdir>/checkpoints/<step>/{state, data, config}`:
+Layout: `<workdir>/checkpoints/<step>/{state, data, config, checksums.json}`:
     state   ocp StandardSave of the train-state dict (params, opt_state, step, rng, ...)
     data    grain's iterator handler (one JSON file per host: process_<i>-of-<n>.json)
     config  the full training config as JSON; a resume diffs it against the new config
+    checksums.json  size and CRC-32 of every file above, written once the step is complete
 
 Saves are asynchronous (orbax copies device arrays to host before `save` returns, then writes in
 a thread); a step directory only appears once complete, so a run killed at any moment resumes
-from the newest complete checkpoint.
+from the newest complete checkpoint. Its checksums are written when the save has finished (at
+the next save, `wait` or `close`) and checked before a restore; a checkpoint that fails the
+check or cannot be read is moved to `<workdir>/checkpoints.corrupt/` and the trainer falls back
+to the next older one (`Trainer.init_or_restore`).
 """
 
 from __future__ import annotations
@@ -15,12 +19,15 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
+import time
 from typing import Any, Optional
 
 import grain
 import jax
 import orbax.checkpoint as ocp
 
+from mamba3_jax.training import integrity
 from mamba3_jax.training.config import RESUME_SAFE_PREFIXES, diff_configs, format_diff
 
 log = logging.getLogger(__name__)
@@ -28,6 +35,10 @@ log = logging.getLogger(__name__)
 
 class IncompatibleCheckpointError(ValueError):
     """The checkpoint was written with a config that differs in keys that matter."""
+
+
+class CorruptCheckpointError(RuntimeError):
+    """A checkpoint fails its checksums or cannot be read (the message names it and why)."""
 
 
 class _IteratorSnapshot:
@@ -44,6 +55,8 @@ class _IteratorSnapshot:
 class Checkpointer:
     def __init__(self, directory: str, *, keep: int = 3, async_save: bool = True):
         self.directory = os.path.abspath(directory)
+        self.is_main = jax.process_index() == 0
+        self._unsealed: list[int] = []  # saved steps whose checksums are not written yet
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep, create=True, cleanup_tmp_directories=True,
             enable_async_checkpointing=async_save)
@@ -66,7 +79,12 @@ class Checkpointer:
         path = os.path.join(self.step_dir(step), "config")
         if not os.path.exists(path):
             return None
-        out = self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
+        try:
+            out = self.manager.restore(step,
+                                       args=ocp.args.Composite(config=ocp.args.JsonRestore()))
+        except Exception as e:
+            raise CorruptCheckpointError(f"cannot read the config of {self.step_dir(step)}: "
+                                         f"{type(e).__name__}: {e}") from e
         return dict(out["config"])
 
     def check_compatible(self, step: int, config: dict, allow_change: bool = False) -> list:
@@ -88,10 +106,44 @@ class Checkpointer:
         return diff
 
     def save(self, step: int, state: dict, data_state: Optional[dict], config: dict) -> bool:
+        self.wait()  # orbax waits for the previous save anyway; then its checksums are written
         items = {"state": ocp.args.StandardSave(state), "config": ocp.args.JsonSave(config)}
         if data_state is not None:
             items["data"] = grain.checkpoint.CheckpointSave(_IteratorSnapshot(data_state))
-        return self.manager.save(step, args=ocp.args.Composite(**items), force=True)
+        saved = self.manager.save(step, args=ocp.args.Composite(**items), force=True)
+        if saved:
+            self._unsealed.append(step)
+        return saved
+
+    def _seal(self) -> None:
+        """Write the checksums of finished saves (still on disk: max_to_keep may have gone)."""
+        for step in self._unsealed:
+            if self.is_main and os.path.isdir(self.step_dir(step)):
+                integrity.write_checksums(self.step_dir(step))
+        self._unsealed = []
+
+    def verify(self, step: int) -> Optional[str]:
+        """None if the checkpoint of `step` matches its checksums, else what is wrong. One saved
+        by this process is sealed first; one without checksums (a run killed between finishing
+        the save and writing them) is accepted with a warning and checked by the restore."""
+        if step in self._unsealed:
+            self.wait()
+        d = self.step_dir(step)
+        if not os.path.isdir(d):
+            return "the directory is missing"
+        if not integrity.has_checksums(d):
+            log.warning("checkpoint %s has no %s: not verified", d, integrity.CHECKSUMS_FILE)
+        return integrity.verify(d)
+
+    def quarantine(self, step: int) -> str:
+        """Move a bad checkpoint out of the manager's way (to checkpoints.corrupt/) so that the
+        step can be saved again; returns where it went."""
+        dest = os.path.join(self.directory + ".corrupt", f"{step}-{int(time.time())}")
+        if self.is_main:
+            os.makedirs(os.path.dirname(dest), exist_ok=True)
+            shutil.move(self.step_dir(step), dest)
+        self.manager.reload()
+        return dest
 
     def check_shapes(self, step: int, abstract_state: Any) -> None:
         """Raise IncompatibleCheckpointError listing leaves whose path, shape or dtype differ."""
@@ -125,10 +177,10 @@ class Checkpointer:
             items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
         try:
             out = self.manager.restore(step, args=ocp.args.Composite(**items))
-        except (ValueError, KeyError, TypeError) as e:
-            raise IncompatibleCheckpointError(
-                f"cannot restore {self.step_dir(step)} into the current train state "
-                f"(shapes or structure differ): {e}") from e
+        except Exception as e:  # shapes matched the metadata above: the files are bad
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+            raise CorruptCheckpointError(f"cannot read {self.step_dir(step)}: "
+                                         f"{type(e).__name__}: {first}") from e
         if data_iterator is not None and not has_data:
             log.warning("checkpoint %s has no data-iterator state; data restarts from the "
                         "beginning", self.step_dir(step))
@@ -136,9 +188,10 @@ class Checkpointer:
 
     def wait(self) -> None:
         self.manager.wait_until_finished()
+        self._seal()
 
     def close(self) -> None:
-        self.manager.wait_until_finished()
+        self.wait()
         self.manager.close()
 
 

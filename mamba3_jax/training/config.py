@@ -31,7 +31,8 @@ RESUME_SAFE_PREFIXES = (
     "train.steps", "train.log_every", "train.eval_every", "train.eval_steps",
     "train.checkpoint_every", "train.keep", "train.async_checkpoint", "train.progress",
     "train.tensorboard", "train.peak_flops_per_device", "train.allow_config_change",
-    "train.compilation_cache_dir", "train.loss_chunk", "mesh.", "debug.", "data.prefetch",
+    "train.compilation_cache_dir", "train.loss_chunk", "train.deterministic", "mesh.", "debug.",
+    "data.prefetch",
     "data.num_threads", "data.eval_source", "data.eval_batch_size",
 )
 
@@ -101,6 +102,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.peak_flops_per_device = 0.0  # 0: look the device up in flops.PEAK_FLOPS
     c.train.allow_config_change = False  # resume even if the checkpoint's config differs
     c.train.compilation_cache_dir = ""  # jax persistent compilation cache ("" = off)
+    # GPU: --xla_gpu_deterministic_ops=true, so that a resumed run repeats the same bits
+    # (no effect on CPU, which is deterministic already; see docs/training.md for the cost)
+    c.train.deterministic = True
 
     c.mesh = ml_collections.ConfigDict()
     c.mesh.data = -1  # -1: all devices left after fsdp
@@ -111,6 +115,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.debug.inject_nan_at_step = -1  # make the loss of this step (1-based) NaN
     c.debug.step_delay = 0.0  # seconds of host sleep after each step (kill/resume tests)
     c.debug.check_finite = True  # stop on a non-finite loss / grad norm / param norm
+    c.debug.kill_at_checkpoint = -1  # SIGKILL the run just after starting this step's save (tests)
     return c
 
 
@@ -184,7 +189,7 @@ def validate(config) -> None:
     cfg = to_dict(config)
     errors = _unknown_keys(cfg, base_config().to_dict())
     if errors:
-        raise ConfigError("invalid config:\n  " + "\n  ".join(errors))
+        raise _config_error(errors)
 
     def need(cond, msg):
         if not cond:
@@ -249,6 +254,7 @@ def validate(config) -> None:
     need(is_int(m["fsdp_min_size"]) and m["fsdp_min_size"] >= 0,
          f"mesh.fsdp_min_size must be >= 0, got {m['fsdp_min_size']!r}")
     need(is_int(g["inject_nan_at_step"]), "debug.inject_nan_at_step must be an integer")
+    need(is_int(g["kill_at_checkpoint"]), "debug.kill_at_checkpoint must be an integer")
     need(_num(g["step_delay"]) and g["step_delay"] >= 0, "debug.step_delay must be >= 0")
 
     mc = dict(cfg["model"])
@@ -262,8 +268,18 @@ def validate(config) -> None:
         except (ValueError, TypeError) as e:
             lines = str(e).splitlines()[1:] or [str(e)]
             errors.extend("model: " + line.strip() for line in lines)
+    if not errors:  # inputs: tokenizer, data sources, chunk size (no file is read here)
+        from mamba3_jax.training.preflight import static_errors
+        errors.extend(static_errors(cfg))
     if errors:
-        raise ConfigError("invalid config:\n  " + "\n  ".join(errors))
+        raise _config_error(errors)
+
+
+def _config_error(errors: list[str]) -> ConfigError:
+    """One problem: one line; several: one per line."""
+    if len(errors) == 1:
+        return ConfigError(f"invalid config: {errors[0]}")
+    return ConfigError("invalid config:\n  " + "\n  ".join(errors))
 
 
 def _num(v) -> bool:

@@ -33,10 +33,11 @@ def host_batch_size(global_batch: int) -> int:
     return global_batch // n
 
 
-def train_dataset(config, tokenizer):
-    """The training pipeline of this host (a grain IterDataset; iter() it)."""
+def train_dataset(config, tokenizer, source=None):
+    """The training pipeline of this host (a grain IterDataset; iter() it). `source`: the
+    already built train source (see preflight.load_inputs), else built from the config."""
     d = config.data
-    source = get_source(source_spec(d.train_source))
+    source = source if source is not None else get_source(source_spec(d.train_source))
     return make_lm_dataset(
         source, tokenizer, seq_len=int(d.seq_len), batch_size=host_batch_size(int(d.batch_size)),
         seed=int(config.train.seed), shuffle=True, repeat=True,
@@ -50,13 +51,13 @@ class EvalData:
     rows interleaved from up to `batch` documents (so the sample covers several documents).
     Every host yields exactly `eval_steps` batches; exhausted ones are fully masked padding."""
 
-    def __init__(self, config, tokenizer):
+    def __init__(self, config, tokenizer, source=None):
         d = config.data
         self.seq_len = int(d.seq_len)
         self.batch = host_batch_size(int(d.eval_batch_size or d.batch_size))
         self.steps = int(config.train.eval_steps)
         self.tokenizer = tokenizer
-        self.source = get_source(source_spec(d.eval_source))
+        self.source = source if source is not None else get_source(source_spec(d.eval_source))
         self._cache: list[dict] | None = None
 
     def _load(self) -> list[dict]:

@@ -5,6 +5,8 @@
   fsdp size (leaves smaller than `fsdp_min_size` elements, or with no divisible axis, are
   replicated). The optimizer moments get the same rule, so they follow their parameter.
 * With fsdp = 1 this is plain data parallelism (everything replicated, batch split).
+* Stacked layers (`model.scan_layers`, leaves under `blocks`): the rule applies to one layer's
+  shape; the leading layer axis is never sharded, so each scan step gathers one layer's slice.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from mamba3_jax.model import STACKED
 from mamba3_jax.training.config import ConfigError
 
 log = logging.getLogger(__name__)
@@ -33,6 +36,8 @@ def maybe_initialize_distributed(coordinator_address: Optional[str] = None,
     Explicit arguments win; otherwise jax auto-detects SLURM, Open MPI and TPU pod slices. A plain
     single-process run (no flags, no SLURM_NTASKS > 1, no JAX_COORDINATOR_ADDRESS) is left alone.
     """
+    if jax.distributed.is_initialized():  # e.g. by train.py before the Trainer asks again
+        return True
     env = os.environ
     detected = (
         force or coordinator_address is not None
@@ -56,6 +61,8 @@ def maybe_initialize_distributed(coordinator_address: Optional[str] = None,
         kwargs["process_id"] = process_id
     elif "JAX_PROCESS_ID" in env:
         kwargs["process_id"] = int(env["JAX_PROCESS_ID"])
+    if "JAX_LOCAL_DEVICE_IDS" in env:  # one process per GPU: "0", "1", ... (or "0,1")
+        kwargs["local_device_ids"] = [int(i) for i in env["JAX_LOCAL_DEVICE_IDS"].split(",")]
     jax.distributed.initialize(**kwargs)
     log.info("jax.distributed initialised: process %d of %d, %d local / %d global devices",
              jax.process_index(), jax.process_count(), jax.local_device_count(),
@@ -107,8 +114,12 @@ def check_batch(config, mesh: Mesh) -> None:
         raise ConfigError("batch does not fit the devices:\n  " + "\n  ".join(errors))
 
 
-def leaf_spec(shape: Sequence[int], fsdp: int, min_size: int = 1024) -> P:
-    """Shard the largest axis divisible by `fsdp` (ties: the first); else replicate."""
+def leaf_spec(shape: Sequence[int], fsdp: int, min_size: int = 1024,
+              stacked: bool = False) -> P:
+    """Shard the largest axis divisible by `fsdp` (ties: the first); else replicate.
+    stacked: axis 0 is the layer axis, left whole; the rule applies to the rest."""
+    if stacked and shape:
+        return P(None, *leaf_spec(shape[1:], fsdp, min_size))
     if fsdp <= 1 or not shape or int(np.prod(shape)) < min_size:
         return P()
     best = None
@@ -122,10 +133,15 @@ def leaf_spec(shape: Sequence[int], fsdp: int, min_size: int = 1024) -> P:
     return P(*spec)
 
 
+def _is_stacked(path) -> bool:
+    return any(getattr(k, "key", getattr(k, "name", None)) == STACKED for k in path)
+
+
 def state_shardings(abstract_state, mesh: Mesh, min_size: int = 1024):
     fsdp = mesh.shape["fsdp"]
-    return jax.tree.map(
-        lambda x: NamedSharding(mesh, leaf_spec(getattr(x, "shape", ()), fsdp, min_size)),
+    return jax.tree_util.tree_map_with_path(
+        lambda path, x: NamedSharding(mesh, leaf_spec(getattr(x, "shape", ()), fsdp, min_size,
+                                                      _is_stacked(path))),
         abstract_state)
 
 

@@ -60,6 +60,7 @@ class MetricsWriter:
         self.path = os.path.join(workdir, METRICS_FILE)
         self._file = None
         self._tb = None
+        self._progress = progress
         self._tty = progress and sys.stdout.isatty()
         self._start = time.time()
         if not enabled:
@@ -95,6 +96,8 @@ class MetricsWriter:
             print(text, flush=True)
 
     def progress(self, step: int, m: dict) -> None:
+        if not self._progress:  # train.progress=False: metrics.jsonl (and TensorBoard) only
+            return
         total = self.total_steps or step
         frac = step / max(total, 1)
         width = 20

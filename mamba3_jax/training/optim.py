@@ -8,7 +8,7 @@ decide whether it is decayed.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -132,6 +132,23 @@ def make_schedule(optim_cfg, total_steps: int) -> Callable[[Any], jax.Array]:
         return warmup_stable_decay(o.peak_lr, o.warmup_steps, total, o.end_lr,
                                    o.wsd_decay_fraction, o.wsd_decay_shape, o.init_lr)
     raise ValueError(f"unknown schedule {o.schedule!r}")
+
+
+def warmup_warning(optim_cfg, total_steps: int, n_params: int) -> Optional[str]:
+    """One line when the warmup is far shorter than the recipe's (2,000 steps, ~1% of training)
+    at a high peak LR, else None. A 180M model warmed up to 3e-3 in 10 steps diverged (issue
+    11); small models tolerate short warmups, so the absolute floor applies from 100M params."""
+    o = optim_cfg
+    if o.peak_lr < 1e-3:
+        return None
+    warm, total = int(o.warmup_steps), int(o.decay_steps or total_steps)
+    big = n_params >= 100_000_000
+    if warm >= 0.01 * total and not (big and warm < 200):
+        return None
+    floor = f", and >= 200 for {n_params / 1e6:.0f}M params" if big else ""
+    return (f"warning: optim.warmup_steps={warm} at peak LR {o.peak_lr:g} is far shorter than "
+            f"the recipe's (~1% of the {total} steps{floor}); expect gradient-norm spikes or "
+            "divergence")
 
 
 # ----------------------------------------------------------------------------- optimizer

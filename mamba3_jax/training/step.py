@@ -37,6 +37,7 @@ class StepConfig(NamedTuple):
 
     grad_accum: int = 1
     loss_chunk: int = 0  # >0: logits and loss computed this many positions at a time
+    remat: str = "none"  # per-block rematerialisation (config.parse_remat)
     inject_nan_at_step: int = -1  # 1-based step whose loss is made NaN (debugging)
     check_finite: bool = True
 
@@ -89,10 +90,11 @@ def token_losses(model, h, targets, chunk: int = 0):
     return unchunk(nll), unchunk(hits)
 
 
-def loss_sums(graphdef, params, frozen, batch, nll_scale=1.0, loss_chunk: int = 0):
+def loss_sums(graphdef, params, frozen, batch, nll_scale=1.0, loss_chunk: int = 0,
+              remat: str = "none"):
     """Masked sums over one (micro)batch: (sum nll [nats], aux dict of sums)."""
     model = nnx.merge(graphdef, params, frozen)
-    h, _ = model.features(batch["inputs"], positions=batch["positions"])
+    h, _ = model.features(batch["inputs"], positions=batch["positions"], remat=remat)
     nll, hits = token_losses(model, h, batch["targets"], loss_chunk)
     mask = batch["loss_mask"].astype(jnp.float32)
     sum_nll = jnp.sum(nll * mask) * nll_scale
@@ -115,14 +117,15 @@ def _microbatches(batch: dict, k: int, mesh: Mesh | None) -> dict:
     return jax.tree.map(split, batch)
 
 
-def make_grad_fn(graphdef, grad_accum: int = 1, mesh: Mesh | None = None, loss_chunk: int = 0):
+def make_grad_fn(graphdef, grad_accum: int = 1, mesh: Mesh | None = None, loss_chunk: int = 0,
+                 remat: str = "none"):
     """(params, frozen, batch, nll_scale) -> (grads of the masked mean loss, aux sums).
 
     With grad_accum = k the batch is split into k microbatches scanned in sequence; sums are
     accumulated and divided once by the batch's total loss tokens, so the result equals one big
     batch up to float summation order."""
-    grad_fn = jax.value_and_grad(lambda p, f, b, s: loss_sums(graphdef, p, f, b, s, loss_chunk),
-                                 has_aux=True)
+    grad_fn = jax.value_and_grad(
+        lambda p, f, b, s: loss_sums(graphdef, p, f, b, s, loss_chunk, remat), has_aux=True)
 
     def fn(params, frozen, batch, nll_scale=1.0):
         if grad_accum == 1:
@@ -149,7 +152,8 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, schedule: Callab
                     step_cfg: StepConfig | None = None, mesh: Mesh | None = None):
     """state, batch -> (new state, metrics). Pure; jit it (see `jit_train_step`)."""
     step_cfg = step_cfg or StepConfig()
-    grads_of = make_grad_fn(graphdef, step_cfg.grad_accum, mesh, step_cfg.loss_chunk)
+    grads_of = make_grad_fn(graphdef, step_cfg.grad_accum, mesh, step_cfg.loss_chunk,
+                            step_cfg.remat)
 
     def train_step(state: dict, batch: dict):
         params, frozen = state["params"], state["frozen"]

@@ -14,6 +14,7 @@ import logging
 import math
 import os
 import signal
+import sys
 import time
 from collections import OrderedDict
 from typing import Optional, Sequence
@@ -23,9 +24,15 @@ import jax.numpy as jnp
 import numpy as np
 
 from mamba3_jax.training import flops as flops_lib
-from mamba3_jax.training.checkpoint import Checkpointer, abstract_with_shardings
+from mamba3_jax.training import preflight
+from mamba3_jax.training.checkpoint import (
+    Checkpointer,
+    CorruptCheckpointError,
+    abstract_with_shardings,
+)
 from mamba3_jax.training.config import config_json, model_config, to_dict, validate
-from mamba3_jax.training.data import EvalData, tokenizer_from_config, train_dataset
+from mamba3_jax.training.data import EvalData, train_dataset
+from mamba3_jax.training.lock import WorkdirLock
 from mamba3_jax.training.mesh import (
     batch_sharding,
     check_batch,
@@ -61,6 +68,24 @@ class _Preempted(Exception):
     pass
 
 
+def _warn(text: str) -> None:
+    if jax.process_index() == 0:
+        sys.stderr.write(f"warning: {text}\n")
+        sys.stderr.flush()
+
+
+def summarize_records(records: list[dict]) -> tuple[dict, dict, Optional[float]]:
+    """(last train metrics, last eval metrics, best eval bits/byte) of a metrics.jsonl, so that
+    a resumed run reports the whole run, not only what this process saw."""
+    def last(prefix):
+        recs = [r for r in records if any(k.startswith(prefix) for k in r)]
+        return {k[len(prefix):]: v for k, v in recs[-1].items() if k.startswith(prefix)} \
+            if recs else {}
+    bpb = [r["eval/bits_per_byte"] for r in records
+           if isinstance(r.get("eval/bits_per_byte"), (int, float))]
+    return last("train/"), last("eval/"), (min(bpb) if bpb else None)
+
+
 def _use_compilation_cache(path: str) -> None:
     """Persistent XLA compilation cache (works on CPU too); re-initialised if the process had
     already compiled without one."""
@@ -89,7 +114,9 @@ class Trainer:
         if t.compilation_cache_dir:
             _use_compilation_cache(t.compilation_cache_dir)
 
-        self.tokenizer = tokenizer_from_config(config)
+        # every input is read and checked before anything is compiled (ConfigError: one line)
+        self.tokenizer, self._train_source, self._eval_source = preflight.load_inputs(config)
+        preflight.check_backend(config)
         self.model_cfg = model_config(config, self.tokenizer.vocab_size)
         self.mesh = make_mesh(config.mesh, devices)
         check_batch(config, self.mesh)
@@ -114,6 +141,12 @@ class Trainer:
         self.n_devices = self.mesh.devices.size
         self.peak_flops = (float(t.peak_flops_per_device)
                            or flops_lib.peak_flops(jax.devices()[0].device_kind))
+        for warning in (preflight.gpu_warning(jax.default_backend(), self.model_cfg,
+                                              self.tokens_per_step, self.flops_per_token),
+                        preflight.determinism_warning(bool(t.deterministic),
+                                                      jax.default_backend())):
+            if warning:
+                _warn(warning)
         self._ckpt: Optional[Checkpointer] = None
         self._eval_data = None
 
@@ -136,19 +169,41 @@ class Trainer:
         return host_batch_to_global(batch, self.batch_sharding)
 
     def init_or_restore(self, data_iterator=None):
-        """(state, start step, restored?) — the newest checkpoint if any, else a fresh state."""
-        latest = self.ckpt.latest_step()
-        if latest is None:
+        """(state, start step, restored?) — the newest intact checkpoint if any, else a fresh
+        state. A checkpoint that fails its checksums or cannot be read is named, moved to
+        checkpoints.corrupt/ and the next older one is tried; if none is intact, nothing is
+        moved and CorruptCheckpointError lists them."""
+        steps = sorted(self.ckpt.all_steps(), reverse=True)
+        if not steps:
             return self.fresh_state(), 0, False
-        self.ckpt.check_compatible(latest, self.cfg_dict,
-                                   bool(self.config.train.allow_config_change))
         target = abstract_with_shardings(self.abstract_state, self.state_sharding)
-        state = self.ckpt.restore(latest, target, data_iterator)
-        return state, int(np.asarray(state["step"])), True
+        bad = []
+        for step in steps:
+            problem = self.ckpt.verify(step)
+            if problem is None:
+                try:
+                    self.ckpt.check_compatible(step, self.cfg_dict,
+                                               bool(self.config.train.allow_config_change))
+                    state = self.ckpt.restore(step, target, data_iterator)
+                except CorruptCheckpointError as e:
+                    problem = str(e)
+                else:
+                    for b, why in bad:
+                        moved = self.ckpt.quarantine(b)
+                        _warn(f"checkpoint {self.ckpt.step_dir(b)} is corrupt: {why}; moved it "
+                              f"to {moved}")
+                    if bad:
+                        _warn(f"resuming from the newest intact checkpoint, step {step}")
+                    return state, int(np.asarray(state["step"])), True
+            bad.append((step, problem))
+        raise CorruptCheckpointError(
+            f"no intact checkpoint in {self.ckpt.directory}: "
+            + "; ".join(f"step {b}: {why}" for b, why in bad)
+            + ". Move the checkpoints directory away to start from scratch.")
 
     def evaluate(self, state) -> dict:
         if self._eval_data is None:
-            self._eval_data = EvalData(self.config, self.tokenizer)
+            self._eval_data = EvalData(self.config, self.tokenizer, self._eval_source)
         sums = None
         for batch in self._eval_data:
             aux = self.eval_step(state, host_batch_to_global(batch, self.batch_sharding))
@@ -166,14 +221,30 @@ class Trainer:
     # ------------------------------------------------------------------ loop
 
     def run(self) -> dict:
-        cfg, t = self.config, self.config.train
+        """Train under the workdir lock (held by process 0: one run per workdir)."""
         os.makedirs(self.workdir, exist_ok=True)
+        lock = WorkdirLock(self.workdir) if self.is_main else None
+        if lock is not None:
+            lock.acquire()
+        try:
+            return self._run()
+        finally:
+            if lock is not None:
+                lock.release()
+
+    def _run(self) -> dict:
+        cfg, t = self.config, self.config.train
         t_start = time.time()
-        train_ds = train_dataset(cfg, self.tokenizer)
+        train_ds = train_dataset(cfg, self.tokenizer, self._train_source)
         it = iter(train_ds)
         state, start, restored = self.init_or_restore(it)
         summary_path = os.path.join(self.workdir, "summary.json")
-        if start >= self.total_steps and os.path.exists(summary_path):
+        metrics_path = os.path.join(self.workdir, METRICS_FILE)
+        do_eval = int(t.eval_steps) > 0
+        # a run stopped after its last checkpoint but before its final eval still owes it
+        eval_missing = do_eval and start >= self.total_steps and not any(
+            r.get("step") == start and "eval/loss" in r for r in read_jsonl(metrics_path))
+        if start >= self.total_steps and os.path.exists(summary_path) and not eval_missing:
             it.close()
             self.ckpt.close()
             if self.is_main:
@@ -181,7 +252,6 @@ class Trainer:
                       f"nothing to do ({summary_path})", flush=True)
             with open(summary_path, encoding="utf-8") as f:
                 return json.load(f)
-        metrics_path = os.path.join(self.workdir, METRICS_FILE)
         if self.is_main:
             truncate_after(metrics_path, start)
             with open(os.path.join(self.workdir, "config.json"), "w", encoding="utf-8") as f:
@@ -203,23 +273,29 @@ class Trainer:
         self._last_eval: dict = {}
         self._best_eval = math.inf
         self._timed_from: Optional[tuple[float, int]] = None
-        preempted = {"flag": False}
+        preempted = {"flag": False, "signal": None}
 
-        def on_term(signum, frame):  # preemption: checkpoint after the current step, then stop
-            preempted["flag"] = True
+        def on_signal(signum, frame):  # preemption / Ctrl-C: checkpoint after this step, stop
+            preempted["flag"], preempted["signal"] = True, signum
+            # a second signal of the same kind stops at once (Ctrl-C twice: no checkpoint)
+            signal.signal(signum, signal.default_int_handler if signum == signal.SIGINT
+                          else signal.SIG_DFL)
 
-        try:
-            old_handler = signal.signal(signal.SIGTERM, on_term)
-        except ValueError:  # not in the main thread
-            old_handler = None
+        old_handlers = {}
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                old_handlers[sig] = signal.signal(sig, on_signal)
+            except ValueError:  # not in the main thread
+                pass
 
         eval_every, ckpt_every = int(t.eval_every), int(t.checkpoint_every)
-        do_eval = int(t.eval_steps) > 0
         pending = None
         self._preempted = False
         try:
             if do_eval and start == 0 and eval_every:
                 self._log_eval(writer, 0, state)
+            if eval_missing:
+                self._log_eval(writer, start, state)
             for step in range(start + 1, self.total_steps + 1):
                 batch = next(it)
                 data_states[step] = it.get_state()
@@ -240,36 +316,45 @@ class Trainer:
                     pending = None
                 if want_ckpt:
                     self.ckpt.save(step, state, data_states[step], self.cfg_dict)
+                    if step == int(cfg.debug.kill_at_checkpoint):  # fault injection (tests)
+                        os.kill(os.getpid(), signal.SIGKILL)
                 if want_eval:
                     self._log_eval(writer, step, state)
                 if preempted["flag"] and not last:
+                    if not want_ckpt:  # the signal came after the save decision (in the eval)
+                        if pending is not None:
+                            self._handle(pending, state, data_states, writer)
+                            pending = None
+                        self.ckpt.save(step, state, data_states[step], self.cfg_dict)
                     raise _Preempted(step)
             if pending is not None:
                 self._handle(pending, state, data_states, writer)
         except _Preempted as e:
             self._preempted = True
-            writer.line(f"SIGTERM: saved checkpoint at step {e.args[0]} and stopped")
+            name = signal.Signals(preempted["signal"]).name
+            writer.line(f"{name}: saved checkpoint at step {e.args[0]} and stopped")
         finally:
             self.ckpt.close()
             writer.close()
             it.close()
-            if old_handler is not None:
-                signal.signal(signal.SIGTERM, old_handler)
+            for sig, handler in old_handlers.items():
+                signal.signal(sig, handler)
 
-        if self.is_main:  # best over the whole run, including evals before a resume
-            evals = [r["eval/bits_per_byte"] for r in read_jsonl(metrics_path)
-                     if isinstance(r.get("eval/bits_per_byte"), (int, float))]
-            self._best_eval = min(evals + [self._best_eval])
+        final_train, final_eval, best = self._last_train, self._last_eval, None
+        if self.is_main:  # from metrics.jsonl: the whole run, including before a resume
+            final_train, final_eval, best = summarize_records(read_jsonl(metrics_path))
+        if best is None and self._best_eval != math.inf:
+            best = self._best_eval
         summary = {
             "step": int(np.asarray(state["step"])),
             "params": n_params,
             "wall_time_sec": round(time.time() - t_start, 2),
-            "final_train": self._last_train,
-            "final_eval": self._last_eval,
-            "best_eval_bits_per_byte": (None if self._best_eval == math.inf
-                                        else self._best_eval),
+            "final_train": final_train,
+            "final_eval": final_eval,
+            "best_eval_bits_per_byte": best,
             "workdir": self.workdir,
             "preempted": self._preempted,
+            "signal": (signal.Signals(preempted["signal"]).name if self._preempted else None),
         }
         if self.is_main:
             with open(summary_path, "w", encoding="utf-8") as f:
@@ -320,6 +405,10 @@ class Trainer:
         good = int(np.asarray(state["step"]))  # guarded steps left the last good state in place
         where = None
         if good in data_states:
+            problem = self.ckpt.verify(good) if good in self.ckpt.all_steps() else None
+            if problem:  # never name a damaged checkpoint as the good state: write it again
+                _warn(f"checkpoint {self.ckpt.step_dir(good)} is corrupt: {problem}; moved it "
+                      f"to {self.ckpt.quarantine(good)}")
             if good not in self.ckpt.all_steps():
                 ok_state = dict(state)
                 ok_state["finite"] = jax.device_put(jnp.ones((), bool),

@@ -59,3 +59,44 @@ def cli_popen(args, *, env_extra=None, **kw) -> subprocess.Popen:
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
     return subprocess.Popen([sys.executable, "-m", "mamba3_jax.train", *args], cwd=REPO, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
+
+
+RESUME_STEPS = 8  # tiny_config: checkpoint every 2 steps, eval every 4 steps, log every step
+
+
+def resume_args(workdir, cache, *extra) -> list[str]:
+    """CLI arguments of the tiny kill/resume runs (all share one compiled program)."""
+    return ["--config", TINY_CONFIG, "--workdir", str(workdir),
+            f"--config.train.compilation_cache_dir={cache}", f"--config.train.steps={RESUME_STEPS}",
+            "--config.data.prefetch=2",  # the real path: a background-prefetching iterator
+            *extra]
+
+
+def curve(workdir, key) -> dict:
+    """{step: value} of one metric of a run's metrics.jsonl."""
+    from mamba3_jax.training.metrics import read_jsonl
+
+    return {r["step"]: r[key] for r in read_jsonl(os.path.join(workdir, "metrics.jsonl"))
+            if key in r}
+
+
+CURVE_KEYS = ("train/loss", "train/grad_norm", "train/param_norm", "eval/bits_per_byte")
+
+
+def assert_same_curves(reference, workdir) -> None:
+    """Every logged train and eval metric equal, bit for bit, at every step."""
+    for key in CURVE_KEYS:
+        want, got = curve(reference, key), curve(workdir, key)
+        assert want, key
+        assert want == got, key
+
+
+def wait_for(predicate, proc, what: str, timeout: float = 400) -> None:
+    """Poll until `predicate()` while `proc` is still running."""
+    import time
+
+    deadline = time.time() + timeout
+    while not predicate():
+        assert proc.poll() is None, f"run ended before {what}:\n" + proc.stdout.read()
+        assert time.time() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)

@@ -30,6 +30,10 @@ def run(cache, devices, **overrides):
     grads, _ = jax.jit(make_grad_fn(tr.graphdef, c.train.grad_accum, tr.mesh))(
         state["params"], state["frozen"], b1)
     grads = jax.device_get(grads)
+    if "blocks" in grads:  # scan_layers: compare per layer with the unrolled single device
+        stacked = grads.pop("blocks")
+        grads["layers"] = {i: jax.tree.map(lambda x, i=i: x[i], stacked)
+                           for i in range(c.model.n_layer)}
     sharded = sum(1 for s in jax.tree.leaves(
         jax.tree.map(lambda x: "fsdp" in str(x.sharding.spec), state["params"])) if s)
     metrics = []
@@ -47,7 +51,10 @@ def layouts(n: int) -> dict:
         return {f"dp2_fsdp{n // 2}_accum2": dict(mesh__data=2, mesh__fsdp=n // 2,
                                                  train__grad_accum=2)}
     return {f"dp{n}": dict(mesh__data=n, mesh__fsdp=1),
-            f"fsdp{n}_accum2": dict(mesh__data=1, mesh__fsdp=n, train__grad_accum=2)}
+            f"fsdp{n}_accum2": dict(mesh__data=1, mesh__fsdp=n, train__grad_accum=2),
+            # stacked layers (scan): fsdp must leave the layer axis whole, same numbers
+            f"fsdp{n}_scan": dict(mesh__data=1, mesh__fsdp=n, model__scan_layers=True,
+                                  train__remat="full")}
 
 
 def main(cache):

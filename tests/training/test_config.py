@@ -131,3 +131,16 @@ def test_paper_configs(arg):
     assert mc.dtype == "bfloat16" and mc.param_dtype == "float32"
     with pytest.raises(ValueError, match="unknown paper config"):
         mod.get_config("2b")
+
+
+def test_remat_and_profile_steps_are_checked():
+    from mamba3_jax.training.config import profile_range
+
+    c = tiny_config()
+    c.train.remat = "names:in_proj,bogus"
+    c.train.profile_steps = "5:5"
+    msg = _errors(c)
+    assert "train.remat" in msg and "train.profile_steps" in msg, msg
+    c.train.remat, c.train.profile_steps = "dots", "3:5"
+    validate(c)
+    assert profile_range("3:5") == (3, 5) and profile_range("") is None

@@ -122,3 +122,20 @@ def test_flops_counting():
     assert flops.mfu(1000.0, cfg, None, 1) is None
     assert flops.mfu(1e6, cfg, 1e15, 2) == pytest.approx(
         1e6 * flops.train_flops_per_token(cfg) / 2e15)
+
+
+def test_warmup_warning_only_for_short_warmups_at_high_lr():
+    from mamba3_jax.training.optim import warmup_warning
+
+    # the run: 180M params, peak 3e-3 after 10 warmup steps
+    msg = warmup_warning(_optim_cfg(peak_lr=3e-3, warmup_steps=10), 60, 164_000_000)
+    assert msg.startswith("warning:") and "\n" not in msg and "warmup_steps=10" in msg
+    # the paper recipe (2000 of 190,734 steps), a low LR, a small model warmed over 10%: quiet
+    assert warmup_warning(_optim_cfg(peak_lr=3e-3, warmup_steps=2000), 190_734,
+                          164_000_000) is None
+    assert warmup_warning(_optim_cfg(peak_lr=5e-4, warmup_steps=10), 60, 164_000_000) is None
+    assert warmup_warning(_optim_cfg(peak_lr=3e-3, warmup_steps=40), 400, 450_000) is None
+    # under 1% of the schedule warns at any size; decay_steps sets the schedule length
+    assert warmup_warning(_optim_cfg(peak_lr=1e-3, warmup_steps=100), 20_000, 450_000)
+    assert warmup_warning(_optim_cfg(peak_lr=1e-3, warmup_steps=100, decay_steps=5000),
+                          20_000, 450_000) is None

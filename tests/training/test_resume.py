@@ -2,9 +2,7 @@
 refused with a diff; a NaN stops the run after checkpointing the last good state."""
 
 import json
-import os
 import signal
-import time
 
 import jax
 import numpy as np
@@ -13,58 +11,26 @@ import pytest
 from mamba3_jax.training.checkpoint import IncompatibleCheckpointError
 from mamba3_jax.training.metrics import read_jsonl
 from mamba3_jax.training.trainer import NonFiniteLossError, Trainer, train
-from tests.training.common import TINY_CONFIG, cli, cli_popen, tiny_config
+from tests.training.common import (
+    RESUME_STEPS,
+    assert_same_curves,
+    cli,
+    curve,
+    resume_args,
+    tiny_config,
+)
 
 pytestmark = pytest.mark.xdist_group("training_resume")
 
-STEPS = 8  # tiny_config: checkpoint every 2 steps, eval every 4 steps, log every step
-
-
-def _args(workdir, cache, *extra):
-    return ["--config", TINY_CONFIG, "--workdir", str(workdir),
-            f"--config.train.compilation_cache_dir={cache}", f"--config.train.steps={STEPS}",
-            "--config.data.prefetch=2",  # the real path: a background-prefetching iterator
-            *extra]
-
-
-def _curve(workdir, key):
-    return {r["step"]: r[key] for r in read_jsonl(os.path.join(workdir, "metrics.jsonl"))
-            if key in r}
-
-
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory, jax_cache):
-    base = tmp_path_factory.mktemp("resume")
-    full, killed = base / "full", base / "killed"
-    p_full = cli_popen(_args(full, jax_cache))
-    # slowed down so that the kill lands mid-run, after checkpoint 4 is complete
-    p_kill = cli_popen(_args(killed, jax_cache, "--config.debug.step_delay=0.4"))
-    deadline = time.time() + 400
-    target = killed / "checkpoints" / "4"  # orbax renames a step dir into place when complete
-    while not target.is_dir():
-        assert p_kill.poll() is None, "run finished before it could be killed:\n" + \
-            p_kill.stdout.read()
-        assert time.time() < deadline, "no checkpoint appeared"
-        time.sleep(0.05)
-    os.kill(p_kill.pid, signal.SIGKILL)
-    p_kill.wait()
-    out_full = p_full.communicate(timeout=400)[0]
-    assert p_full.returncode == 0, out_full
-    killed_steps = max(_curve(killed, "train/loss"))
-    resumed = cli(_args(killed, jax_cache), timeout=400)
-    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
-    return {"full": full, "killed": killed, "killed_rc": p_kill.returncode,
-            "killed_at": killed_steps, "resume_out": resumed.stdout}
+STEPS = RESUME_STEPS
+_args, _curve = resume_args, curve
 
 
 def test_kill_and_resume_gives_identical_curves(runs):
     assert runs["killed_rc"] == -signal.SIGKILL
     assert runs["killed_at"] < STEPS
     assert "resumed from step" in runs["resume_out"]
-    for key in ("train/loss", "train/grad_norm", "train/param_norm", "eval/bits_per_byte"):
-        full, resumed = _curve(runs["full"], key), _curve(runs["killed"], key)
-        assert full, key
-        assert full == resumed, key  # exact float equality, every step
+    assert_same_curves(runs["full"], runs["killed"])  # exact float equality, every step
     assert sorted(_curve(runs["full"], "train/loss")) == list(range(1, STEPS + 1))
     summary = json.load(open(runs["killed"] / "summary.json"))
     assert summary["step"] == STEPS
@@ -115,21 +81,3 @@ def test_nan_stops_with_checkpoint_of_last_good_state(tmp_path, jax_cache):
     assert restored and start == 2 and bool(state["finite"])
     assert all(np.isfinite(x).all() for x in jax.tree.leaves(jax.device_get(state["params"])))
     it.close()
-
-
-def test_sigterm_checkpoints_and_stops(tmp_path, jax_cache, runs):
-    """Preemption: SIGTERM -> checkpoint after the current step, exit code 143."""
-    del runs  # only to run after the module's compiled programs are in the cache
-    p = cli_popen(_args(tmp_path, jax_cache, "--config.debug.step_delay=0.4",
-                        "--config.train.checkpoint_every=100"))
-    deadline = time.time() + 400
-    while not any(s >= 2 for s in _curve(tmp_path, "train/loss")):
-        assert p.poll() is None, p.stdout.read()
-        assert time.time() < deadline
-        time.sleep(0.05)
-    p.send_signal(signal.SIGTERM)
-    out = p.communicate(timeout=400)[0]
-    assert p.returncode == 143, out
-    steps = sorted(int(d) for d in os.listdir(tmp_path / "checkpoints"))
-    assert len(steps) == 1 and 2 <= steps[0] < STEPS, (steps, out)
-    assert max(_curve(tmp_path, "train/loss")) == steps[0]

@@ -16,7 +16,8 @@ from tests.training.common import REPO
 
 @pytest.mark.parametrize("devices,layouts", [
     (4, {"dp2_fsdp2_accum2": {"data": 2, "fsdp": 2}}),
-    (2, {"dp2": {"data": 2, "fsdp": 1}, "fsdp2_accum2": {"data": 1, "fsdp": 2}}),
+    (2, {"dp2": {"data": 2, "fsdp": 1}, "fsdp2_accum2": {"data": 1, "fsdp": 2},
+         "fsdp2_scan": {"data": 1, "fsdp": 2}}),
 ])
 def test_sharded_step_equals_single_device(jax_cache, devices, layouts):
     env = dict(os.environ)
@@ -46,6 +47,24 @@ def test_leaf_spec_picks_largest_divisible_axis():
     assert tuple(leaf_spec((3, 5), 4, 0)) == ()
     assert tuple(leaf_spec((256, 64), 1, 0)) == ()
     assert tuple(leaf_spec((64,), 4, 1024)) == ()  # small: replicated
+    # stacked layers: the layer axis (0) is never sharded, even when it is the largest
+    assert tuple(leaf_spec((512, 256, 64), 4, 0, stacked=True)) == (None, "fsdp", None)
+    assert tuple(leaf_spec((8, 3, 5), 4, 0, stacked=True)) == (None,)
+    assert tuple(leaf_spec((24, 64), 4, 1024, stacked=True)) == (None,)  # one layer is small
+
+
+def test_state_shardings_leave_the_layer_axis_whole():
+    import jax
+    from jax.sharding import AbstractMesh
+
+    from mamba3_jax.training.mesh import state_shardings
+    mesh = AbstractMesh((1, 4), ("data", "fsdp"))  # specs only: no devices needed
+    shapes = {"params": {"blocks": {"w": jax.ShapeDtypeStruct((64, 16, 8), "float32")},
+                         "embed": jax.ShapeDtypeStruct((64, 16, 8), "float32")}}
+    got = jax.tree.map(lambda s: tuple(s.spec), state_shardings(shapes, mesh, 0),
+                       is_leaf=lambda x: hasattr(x, "spec"))
+    assert got["params"]["blocks"]["w"] == (None, "fsdp", None)
+    assert got["params"]["embed"] == ("fsdp", None, None)
 
 
 def test_mesh_shape_errors():
