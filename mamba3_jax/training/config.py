@@ -17,7 +17,7 @@ from typing import Any, Mapping
 import ml_collections
 from ml_collections import config_dict
 
-from mamba3_jax.config import ModelConfig
+from mamba3_jax.config import ModelConfig, parse_remat
 
 SCHEDULES = ("cosine", "wsd", "constant", "linear")
 WSD_DECAY_SHAPES = ("linear", "sqrt", "cosine")
@@ -31,8 +31,9 @@ RESUME_SAFE_PREFIXES = (
     "train.steps", "train.log_every", "train.eval_every", "train.eval_steps",
     "train.checkpoint_every", "train.keep", "train.async_checkpoint", "train.progress",
     "train.tensorboard", "train.peak_flops_per_device", "train.allow_config_change",
-    "train.compilation_cache_dir", "train.loss_chunk", "train.deterministic", "mesh.", "debug.",
-    "data.prefetch",
+    "train.compilation_cache_dir", "train.loss_chunk", "train.remat", "train.profile_steps",
+    "train.deterministic",
+    "mesh.", "debug.", "data.prefetch",
     "data.num_threads", "data.eval_source", "data.eval_batch_size",
 )
 
@@ -91,6 +92,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.seed = 0  # model init, data order and the step RNG
     c.train.grad_accum = 1  # microbatches per step (scan inside the jitted step)
     c.train.loss_chunk = 0  # >0: compute logits/loss this many positions at a time (memory)
+    c.train.remat = "none"  # per-block recompute: none | full | dots | dots_no_batch | names:a,b
+    c.train.profile_steps = ""  # "10:13": jax.profiler trace of steps 10-12 into workdir/profile
     c.train.log_every = 10
     c.train.eval_every = 200  # 0: no periodic evaluation (one at the end if eval_steps > 0)
     c.train.eval_steps = 20  # validation batches per evaluation; 0: no evaluation
@@ -247,6 +250,14 @@ def validate(config) -> None:
          f"train.peak_flops_per_device must be >= 0, got {t['peak_flops_per_device']!r}")
     need(is_int(t["seed"]) and 0 <= t["seed"] < 2 ** 32,
          f"train.seed must be an integer in [0, 2**32), got {t['seed']!r}")
+    try:
+        parse_remat(t["remat"])
+    except ValueError as e:
+        errors.append(f"train.{e}")
+    try:
+        profile_range(t["profile_steps"])
+    except ValueError as e:
+        errors.append(str(e))
 
     need(is_int(m["fsdp"]) and m["fsdp"] >= 1, f"mesh.fsdp must be >= 1, got {m['fsdp']!r}")
     need(is_int(m["data"]) and (m["data"] >= 1 or m["data"] == -1),
@@ -273,6 +284,20 @@ def validate(config) -> None:
         errors.extend(static_errors(cfg))
     if errors:
         raise _config_error(errors)
+
+
+def profile_range(spec: str) -> tuple[int, int] | None:
+    """train.profile_steps "a:b" -> (a, b): trace steps a..b-1 (1-based); "" -> None."""
+    if spec == "":
+        return None
+    try:
+        a, b = (int(x) for x in str(spec).split(":"))
+    except ValueError:
+        a = b = 0
+    if not 1 <= a < b:
+        raise ValueError(f"train.profile_steps must be 'start:stop' with 1 <= start < stop "
+                         f"(steps start..stop-1 are traced), got {spec!r}")
+    return a, b
 
 
 def _config_error(errors: list[str]) -> ConfigError:

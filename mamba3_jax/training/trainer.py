@@ -30,7 +30,13 @@ from mamba3_jax.training.checkpoint import (
     CorruptCheckpointError,
     abstract_with_shardings,
 )
-from mamba3_jax.training.config import config_json, model_config, to_dict, validate
+from mamba3_jax.training.config import (
+    config_json,
+    model_config,
+    profile_range,
+    to_dict,
+    validate,
+)
 from mamba3_jax.training.data import EvalData, train_dataset
 from mamba3_jax.training.lock import WorkdirLock
 from mamba3_jax.training.mesh import (
@@ -38,10 +44,11 @@ from mamba3_jax.training.mesh import (
     check_batch,
     host_batch_to_global,
     make_mesh,
+    maybe_initialize_distributed,
     state_shardings,
 )
 from mamba3_jax.training.metrics import METRICS_FILE, MetricsWriter, read_jsonl, truncate_after
-from mamba3_jax.training.optim import make_optimizer
+from mamba3_jax.training.optim import make_optimizer, warmup_warning
 from mamba3_jax.training.step import (
     StepConfig,
     init_state,
@@ -106,6 +113,7 @@ class Trainer:
 
     def __init__(self, config, workdir: str, devices: Optional[Sequence] = None):
         validate(config)
+        maybe_initialize_distributed()  # multi-process launches (env); before any device use
         self.config = config
         self.cfg_dict = to_dict(config)
         self.workdir = os.path.abspath(workdir)
@@ -129,6 +137,7 @@ class Trainer:
                                               int(config.mesh.fsdp_min_size))
         self.batch_sharding = batch_sharding(self.mesh)
         step_cfg = StepConfig(grad_accum=int(t.grad_accum), loss_chunk=int(t.loss_chunk),
+                              remat=str(t.remat),
                               inject_nan_at_step=int(config.debug.inject_nan_at_step),
                               check_finite=bool(config.debug.check_finite))
         self.train_step = jit_train_step(
@@ -266,6 +275,11 @@ class Trainer:
             f"{self.flops_per_token / 1e6:.1f} MFLOP/token; "
             + (f"resumed from step {start}" if restored else "fresh start")
             + f"; workdir {self.workdir}")
+        warn = warmup_warning(cfg.optim, self.total_steps, n_params)
+        if warn:
+            writer.line(warn)
+        profile = _Profile(profile_range(t.profile_steps), os.path.join(self.workdir, "profile"),
+                           writer)
 
         data_states: OrderedDict[int, dict] = OrderedDict({start: it.get_state()})
         self._last_log = (time.time(), start)
@@ -297,6 +311,7 @@ class Trainer:
             if eval_missing:
                 self._log_eval(writer, start, state)
             for step in range(start + 1, self.total_steps + 1):
+                profile.before(step)  # the trace includes data loading (host stalls)
                 batch = next(it)
                 data_states[step] = it.get_state()
                 while len(data_states) > 4:
@@ -306,6 +321,7 @@ class Trainer:
                 if pending is not None:
                     self._handle(pending, state, data_states, writer)
                 pending = (step, m)
+                profile.after(step, m)
                 if cfg.debug.step_delay:
                     time.sleep(float(cfg.debug.step_delay))
                 last = step == self.total_steps
@@ -334,6 +350,7 @@ class Trainer:
             name = signal.Signals(preempted["signal"]).name
             writer.line(f"{name}: saved checkpoint at step {e.args[0]} and stopped")
         finally:
+            profile.stop()
             self.ckpt.close()
             writer.close()
             it.close()
@@ -424,6 +441,32 @@ class Trainer:
                      "train")
         writer.line(msg)
         raise NonFiniteLossError(msg, step, where)
+
+
+class _Profile:
+    """train.profile_steps: a jax.profiler trace of steps [start, stop) (every process writes
+    its own file under `directory`; view with TensorBoard's profile plugin or Perfetto)."""
+
+    def __init__(self, steps: Optional[tuple[int, int]], directory: str, writer: MetricsWriter):
+        self.steps, self.directory, self.writer = steps, directory, writer
+        self.active = False
+
+    def before(self, step: int) -> None:
+        if self.steps and step == self.steps[0]:
+            jax.profiler.start_trace(self.directory)
+            self.active = True
+
+    def after(self, step: int, outputs) -> None:
+        if self.active and step == self.steps[1] - 1:
+            jax.block_until_ready(outputs)  # the trace holds the traced steps' device work
+            self.stop()
+
+    def stop(self) -> None:
+        if self.active:
+            jax.profiler.stop_trace()
+            self.active = False
+            self.writer.line(f"profile of steps {self.steps[0]}..{self.steps[1] - 1} written "
+                             f"to {self.directory}")
 
 
 def train(config, workdir: str, devices: Optional[Sequence] = None) -> dict:
