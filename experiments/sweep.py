@@ -66,15 +66,18 @@ def main(argv=None) -> int:
         for r in runs:
             print(sweep.shell_line(r["command"]))
         return 0
+    failed = []
     if not args.collect_only:
         sweep.write_spec(args.workdir, config, axes, fixed, runs)
         codes = sweep.run_all(runs, keep_going=not args.stop_on_error)
         failed = [n for n, c in codes.items() if c]
-        if failed:
-            print(f"[sweep] failed runs: {failed} (see their train.log)")
     out = sweep.write_results(runs, args.workdir)
     print(open(out["md"], encoding="utf-8").read())
     print("[sweep] wrote " + ", ".join(out.values()))
+    if failed:  # the table is still written; the exit code tells scripts and CI
+        print(f"[sweep] {len(failed)} of {len(runs)} runs failed: {failed} (see their train.log)",
+              file=sys.stderr)
+        return 1
     return 0
 
 

@@ -2,6 +2,7 @@
 refused with a diff; a NaN stops the run after checkpointing the last good state."""
 
 import json
+import re
 import signal
 
 import jax
@@ -34,6 +35,9 @@ def test_kill_and_resume_gives_identical_curves(runs):
     assert sorted(_curve(runs["full"], "train/loss")) == list(range(1, STEPS + 1))
     summary = json.load(open(runs["killed"] / "summary.json"))
     assert summary["step"] == STEPS
+    # tiny_config sets train.progress=False: no progress bar lines, even when not on a terminal
+    assert not re.search(r"\[[#.]{20}\] \d+/", runs["full_out"] + runs["resume_out"])
+    assert "eval step 8:" in runs["full_out"]
 
 
 def test_restore_into_incompatible_config_lists_differences(runs, jax_cache):

@@ -91,3 +91,14 @@ def test_cli_dry_run_prints_commands(tmp_path):
     assert lines[3].endswith("--config.train.steps=10 --config.model.d_state=32 "
                              "--config.model.mimo_rank=4")
     assert not os.listdir(tmp_path)  # a dry run writes nothing
+
+
+def test_cli_exit_code_when_a_run_fails(tmp_path):
+    """A failed point makes the sweep exit non-zero (after still writing the table)."""
+    r = subprocess.run([sys.executable, "experiments/sweep.py", "--config",
+                        "tests/training/tiny_config.py", "--workdir", str(tmp_path), "--sweep",
+                        "model.d_state=7"], cwd=REPO, capture_output=True, text=True)
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert "1 of 1 runs failed: ['d_state=7']" in r.stderr
+    assert "d_state must be even" in (tmp_path / "d_state=7" / "train.log").read_text()
+    assert (tmp_path / "results.md").exists()

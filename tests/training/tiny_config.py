@@ -18,6 +18,8 @@ def get_config(arg: str = ""):
     m.scan_backend = "chunked"
     m.mimo_rank = 2 if arg == "mimo" else 1
     c.data.train_source = {"kind": "tinyshakespeare", "split": "train"}
+    if arg.startswith("text="):  # tiny_config.py:text=/path/a.txt trains on that file
+        c.data.train_source = {"kind": "text", "paths": [arg[len("text="):]]}
     c.data.eval_source = {"kind": "tinyshakespeare", "split": "valid"}
     c.data.tokenizer = "byte"
     c.data.seq_len = 32
