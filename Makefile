@@ -2,7 +2,7 @@
 PY ?= python3
 WORKDIR ?= runs/tiny
 
-.PHONY: help install test test-fast lint train bench bench-forms bench-kernels bench-decode bench-generate clean
+.PHONY: help install test test-fast lint train bench bench-forms bench-kernels bench-decode bench-generate bench-train clean
 
 help:
 	@echo "install      pip-install the package with its test/plot/data extras"
@@ -11,6 +11,7 @@ help:
 	@echo "lint         ruff"
 	@echo "train        the README's main job: tiny model on the bundled books corpus (CPU)"
 	@echo "bench        GPU benchmarks: SSM forms, Pallas kernels, layer decode (on the GPU machine)"
+	@echo "bench-train  training throughput: tokens/s, MFU, compile time, memory per config"
 
 install:
 	$(PY) -m pip install -q -e ".[dev,plots,data]"
@@ -40,6 +41,10 @@ bench-decode:
 
 bench-generate:
 	$(PY) experiments/bench_generate.py
+
+# BENCH_TRAIN_ARGS e.g. "--configs 180m,1.5b --devices 1,2 --mesh dp,fsdp" or "--smoke" (CPU)
+bench-train:
+	$(PY) experiments/bench_train.py $(BENCH_TRAIN_ARGS)
 
 clean:
 	rm -rf build dist *.egg-info .pytest_cache
