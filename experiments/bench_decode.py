@@ -17,9 +17,16 @@ such calls, divided by the steps, is the latency. A second column times one jitt
 (host dispatch included), as a plain Python decode loop would see it.
 
 Roofline: the bytes one step must move, read from the arrays themselves (every parameter of the
-layer once, the cache read and written, the token in and out), divided by the copy bandwidth
-measured in the same run. Before timing, the kernel step's output is checked against the XLA
-step on the same cache (max relative error, printed in the table).
+layer once, the cache read and written, the token in and out), divided by the device's fastest
+copy measured in the same run (`mamba3_jax.benchmark.measure_ceilings`: JAX, torch and cupy
+copies; the old XLA-add "bandwidth" was ~1.36x too lenient). Each cell also gives MIMO / SISO
+(the MIMO R=4 step's time over the SISO step's, same dtype, N and implementation; the paper's
+claim is that MIMO adds FLOPs, not bytes) and the paper's H100 latency as a percentage of the
+same bytes over an H100's copy rate (3.0 TB/s, an assumption: measured in earlier runs, not in
+this one), so the two devices are compared as fractions of their own floors. Before timing, the
+kernel step's output is checked against the XLA step on the same cache (max relative error).
+
+The whole table (20 timed layers, each compiled twice) takes about 2-3 minutes on one H200.
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 
 import jax
 import jax.numpy as jnp
@@ -36,10 +44,12 @@ from flax import nnx
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from mamba3_jax.benchmark import (  # noqa: E402
+    H100_COPY_BYTES_PER_S,
     device_name,
     git_commit,
     markdown_table,
-    measure_copy_bandwidth,
+    measure_ceilings,
+    percent_of_floor,
     publish,
     time_fn,
     tree_nbytes,
@@ -134,6 +144,49 @@ def time_cell(cfg: ModelConfig, batch: int, steps: int, reps: int):
     return scan_ms, call_ms, np.asarray(first_out, np.float32), step_bytes
 
 
+COLUMNS = ["model", "dtype", "N", "implementation", "ms / step (in-jit scan)",
+           "ms / step (one call per token)", "roofline ms (bytes)", "% of roofline",
+           "MIMO / SISO", "paper H100 ms (% of H100 roofline)", "max rel err vs xla"]
+TARGET_PCT, TARGET_MIMO_RATIO = 85.0, 1.15  # issue 10: every cell >= 85%, MIMO <= 1.15 x SISO
+
+
+def add_mimo_siso_ratios(rows: list[dict]) -> None:
+    """Set each timed MIMO row's "ratio" to its ms over the SISO row's of the same dtype, N and
+    implementation (None when that SISO row is missing or failed)."""
+    siso = {(r["dtype"], r["N"], r["impl"]): r["ms"] for r in rows
+            if r["model"] == "mamba3_siso" and r["ms"]}
+    for r in rows:
+        key = (r["dtype"], r["N"], r["impl"])
+        if r["model"] == "mamba3_mimo4" and r["ms"] and key in siso:
+            r["ratio"] = r["ms"] / siso[key]
+
+
+def target_summary(rows: list[dict]) -> str:
+    """One line: how many cells reach the issue's targets (best implementation per cell)."""
+    best: dict = {}
+    for r in rows:
+        if r["pct"] is not None:
+            key = (r["model"], r["dtype"], r["N"])
+            best[key] = max(best.get(key, 0.0), r["pct"])
+    ratios = [r["ratio"] for r in rows if r["ratio"] is not None]
+    ok_pct = sum(p >= TARGET_PCT for p in best.values())
+    ok_ratio = sum(x <= TARGET_MIMO_RATIO for x in ratios)
+    return (f"Targets: {ok_pct} of {len(best)} cells at >= {TARGET_PCT:.0f}% of the roofline "
+            f"(best implementation per cell); {ok_ratio} of {len(ratios)} MIMO rows at <= "
+            f"{TARGET_MIMO_RATIO}x SISO.")
+
+
+def table_row(r: dict) -> list:
+    def fmt(v, f, unit=""):
+        return "-" if v is None else format(v, f) + unit
+
+    floor = "-" if r["floor_ms"] is None else f"{r['floor_ms']:.4f} ({r['bytes'] / 1e6:.0f} MB)"
+    paper = "-" if r["paper"] is None else f"{r['paper']:.3f} ({fmt(r['paper_pct'], '.0f', '%')})"
+    return [r["model"], r["dtype"], r["N"], r["impl"], fmt(r["ms"], ".4f"),
+            fmt(r["call_ms"], ".4f"), floor, fmt(r["pct"], ".0f", "%"), fmt(r["ratio"], ".2f"),
+            paper, r["err"]]
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--models", default=",".join(MODELS))
@@ -150,9 +203,11 @@ def main(argv=None):
     elif jax.default_backend() not in ("gpu", "cuda"):
         sys.exit("the benchmark needs a GPU (use --smoke on the CPU)")
     kernel_backend = "pallas_interpret" if args.smoke else "pallas"
-    bw = measure_copy_bandwidth((1 << 22) if args.smoke else (1 << 30))
-    print(f"{device_name()}, jax {jax.__version__}, commit {git_commit()}; "
-          f"copy bandwidth {bw / 1e12:.3f} TB/s", flush=True)
+    t_start = time.perf_counter()
+    ceil = measure_ceilings((1 << 22) if args.smoke else (1 << 30), 256 if args.smoke else 8192,
+                            reps=3 if args.smoke else 10)
+    print(f"{device_name()}, jax {jax.__version__}, commit {git_commit()}; ceilings: "
+          f"{ceil.summary()}\n{ceil.detail()}", flush=True)
 
     rows = []
     for model in args.models.split(","):
@@ -163,36 +218,43 @@ def main(argv=None):
                 ref_out = None
                 for label, backend in reversed(impls):  # the XLA step first: the reference
                     cfg = layer_config(model, dtype, n, backend, args.smoke)
+                    paper = PAPER.get((model, dtype, n))
+                    r = dict(model=model, dtype=dtype, N=n, impl=label, ms=None, call_ms=None,
+                             floor_ms=None, bytes=0, pct=None, ratio=None, paper=paper,
+                             paper_pct=None, err="-")
                     try:
                         scan_ms, call_ms, out, step_bytes = time_cell(cfg, args.batch,
                                                                       args.steps, args.reps)
                     except Exception as e:  # report and go on with the other cells
                         print(f"{model} {dtype} N={n} {label}: FAILED {type(e).__name__}: {e}",
                               flush=True)
-                        rows.append([model, dtype, n, label, "FAILED", "-", "-", "-", "-", "-"])
+                        r["err"] = f"FAILED {type(e).__name__}"
+                        rows.append(r)
                         continue
                     if ref_out is None:
-                        ref_out, err = out, "-"
+                        ref_out = out
                     else:
                         scale = float(np.max(np.abs(ref_out))) or 1.0
-                        err = f"{float(np.max(np.abs(out - ref_out))) / scale:.1e}"
-                    floor = step_bytes / bw * 1e3
-                    paper = PAPER.get((model, dtype, n))
-                    rows.append([
-                        model, dtype, n, label, f"{scan_ms:.4f}", f"{call_ms:.4f}",
-                        f"{floor:.4f} ({step_bytes / 1e6:.0f} MB)", f"{100 * floor / scan_ms:.0f}%",
-                        "-" if paper is None else f"{paper:.3f} ({paper / scan_ms:.2f}x)", err])
-                    print(" | ".join(str(c) for c in rows[-1]), flush=True)
-    header = ["model", "dtype", "N", "implementation", "ms / step (in-jit scan)",
-              "ms / step (one call per token)", "roofline ms (bytes)", "% of roofline",
-              "paper ms (our speed-up)", "max rel err vs xla"]
-    table = markdown_table(header, rows)
+                        r["err"] = f"{float(np.max(np.abs(out - ref_out))) / scale:.1e}"
+                    floor_s = ceil.floor_s(step_bytes)
+                    r.update(ms=scan_ms, call_ms=call_ms, floor_ms=1e3 * floor_s,
+                             bytes=step_bytes, pct=percent_of_floor(scan_ms * 1e-3, floor_s))
+                    if paper is not None:  # the same bytes over the paper's device
+                        r["paper_pct"] = percent_of_floor(
+                            paper * 1e-3, step_bytes / H100_COPY_BYTES_PER_S)
+                    rows.append(r)
+                    print(f"[{time.perf_counter() - t_start:.0f}s] "
+                          + " | ".join(str(c) for c in table_row(r)), flush=True)
+    add_mimo_siso_ratios(rows)
+    table = markdown_table(COLUMNS, [table_row(r) for r in rows])
     command = "python experiments/bench_decode.py " + " ".join(
         argv if argv is not None else sys.argv[1:])
     intro = (f"Device: {device_name()}; jax {jax.__version__}; commit {git_commit()}; "
-             f"command: `{command.strip()}`; copy bandwidth {bw / 1e12:.3f} TB/s measured in "
-             f"the same run. Batch {args.batch}, {args.steps} steps per timed call, median of "
-             f"{args.reps}.")
+             f"command: `{command.strip()}`; ceilings measured in the same run: "
+             f"{ceil.summary()}. Batch {args.batch}, {args.steps} steps per timed call, median "
+             f"of {args.reps}; {time.perf_counter() - t_start:.0f} s in all. Paper H100 %: its "
+             f"latency against the same bytes over {H100_COPY_BYTES_PER_S / 1e12:.1f} TB/s "
+             f"(assumed H100 copy rate). {target_summary(rows)}")
     publish(intro, table, out_name="bench_decode.md", section=SECTION,
             write_docs=args.write_docs,
             doc_preamble=__doc__.split("\n\n")[0].replace("\n", " ") + "\n\n")

@@ -1,5 +1,6 @@
 """Compare the three XLA forms of the Mamba-3 SSM (reference scan, associative scan, chunked),
-forward and forward+backward, against the roofline measured in the same run.
+forward and forward+backward, against the roofline measured in the same run (the device's fastest
+copy and fastest bf16 matmul: `mamba3_jax.benchmark.measure_ceilings`).
 
     python experiments/bench_forms.py [--quick] [--reps N]
 
@@ -18,8 +19,7 @@ from mamba3_jax.benchmark import (
     device_name,
     git_commit,
     markdown_table,
-    measure_copy_bandwidth,
-    measure_matmul_rate,
+    measure_ceilings,
     time_fn,
 )
 from mamba3_jax.ops.ssm import SSMInputs, SSMState, ssm
@@ -57,10 +57,9 @@ def main():
     ap.add_argument("--reps", type=int, default=20)
     args = ap.parse_args()
 
-    bw = measure_copy_bandwidth(1 << 28 if args.quick else 1 << 30)
-    mm = measure_matmul_rate(2048 if args.quick else 8192)
-    print(f"device {device_name()} commit {git_commit()}: copy {bw / 1e9:.0f} GB/s, "
-          f"bf16 matmul {mm / 1e12:.2f} TFLOP/s")
+    ceil = measure_ceilings(1 << 28 if args.quick else 1 << 30, 2048 if args.quick else 8192)
+    print(f"device {device_name()} commit {git_commit()}: ceilings {ceil.summary()}\n"
+          f"{ceil.detail()}")
 
     cases = [  # (name, B, L, R, H, P, N, chunk, dtype, forms)
         ("SISO f32 B2 L2048 H16", 2, 2048, 1, 16, 64, 128, 64, jnp.float32,
@@ -81,7 +80,7 @@ def main():
         S = N // 4
         sets = [make_inputs(jax.random.PRNGKey(i), B, L, R, H, P, N, S, dtype) for i in range(2)]
         nbytes, flops = costs(B, L, R, H, P, N, S, C, dtype)
-        floor_ms = 1e3 * max(nbytes / bw, flops / mm)
+        floor_ms = 1e3 * ceil.floor_s(nbytes, flops)
         for form in forms:
             run = functools.partial(ssm, form=form, chunk_size=C)
             fwd = jax.jit(lambda i, s, m, run=run: run(i, s, m)[0])
@@ -104,7 +103,8 @@ def main():
     print()
     print(markdown_table(["case", "form", "fwd ms", "fwd+bwd ms", "fwd roofline ms",
                           "fwd / roofline"], rows))
-    print(f"\nroofline = max(bytes / {bw / 1e9:.1f} GB/s, FLOPs / {mm / 1e12:.2f} TFLOP/s); "
+    print(f"\nroofline = max(bytes / {ceil.copy / 1e9:.1f} GB/s, FLOPs / "
+          f"{ceil.matmul / 1e12:.2f} TFLOP/s); "
           f"bytes: q, k per B/C group, x, scalars, f32 y; FLOPs of the chunked form")
 
 

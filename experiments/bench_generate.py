@@ -9,9 +9,18 @@ Random weights in bf16 (inference), the SSM state in `--state_dtype` (fp32 by de
 100,352 (cl100k rounded up; the paper uses Llama-3.1's 128K, so our logits are a little cheaper).
 The prompt is fed in pieces of `--piece` tokens, each one jitted call of the same shape carrying
 the cache (one compilation for every L); decoding is one jitted `fori_loop` whose trip count is
-an argument (one compilation for every L). Each row also gives two floors from ceilings measured
-in the same run: prefill FLOPs (2 x parameters x tokens) over the bf16 matmul rate, and decode
-bytes (every weight and the whole cache read and written per token) over the copy bandwidth.
+an argument (one compilation for every L).
+
+Floors, from ceilings measured in the same run (`mamba3_jax.benchmark.measure_ceilings`: the
+fastest device copy, JAX / torch / cupy, and the fastest 8192^3 bf16 matmul): prefill, the
+matmul FLOPs (2 per weight per token; the tied embedding's logits for the last position only)
+over the matmul rate, or the weights and cache moved once over the copy rate if slower; decode,
+per token, every weight and the whole cache read and the cache written over the copy rate (or
+2 FLOPs per weight per row over the matmul rate if slower). Each time is printed beside its floor
+and as a % of it. The paper's H100 seconds are shown as a % of the H100 floor of its model (ours
+with Llama-3.1's 128,256-token vocabulary) at an assumed 3.0 TB/s copy and 790 TFLOP/s bf16
+matmul (measured on an H100 in earlier runs, not in this one): compare the percentages, not the
+seconds. One model over all lengths takes ~3 minutes on one H200; run one model per call.
 """
 
 from __future__ import annotations
@@ -21,6 +30,7 @@ import functools
 import os
 import sys
 import time
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -29,12 +39,15 @@ from flax import nnx
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from mamba3_jax.benchmark import (  # noqa: E402
+    H100_COPY_BYTES_PER_S,
+    H100_MATMUL_FLOPS,
     device_name,
     git_commit,
     markdown_table,
-    measure_copy_bandwidth,
-    measure_matmul_rate,
+    measure_ceilings,
+    percent_of_floor,
     publish,
+    roofline_s,
     tree_nbytes,
 )
 from mamba3_jax.config import ModelConfig  # noqa: E402
@@ -55,6 +68,32 @@ MODELS = {
     "mimo": dict(mimo_rank=4, d_mlp=3824),
 }
 SECTION = "## End-to-end generation (paper Table 7)"
+PAPER_VOCAB = 128_256  # Llama-3.1's tokenizer, which the paper's model uses
+
+
+class Sizes(NamedTuple):
+    """What the floors need of a model: weights (all, and the tied embedding), their bytes, and
+    the bytes of its decode cache at the benchmark's batch."""
+
+    n_params: int
+    n_embed: int
+    param_bytes: int
+    cache_bytes: int
+
+    def with_vocab(self, vocab: int, old_vocab: int, d_model: int, itemsize: int) -> "Sizes":
+        extra = (vocab - old_vocab) * d_model
+        return self._replace(n_params=self.n_params + extra, n_embed=self.n_embed + extra,
+                             param_bytes=self.param_bytes + extra * itemsize)
+
+
+def floors_s(z: Sizes, batch: int, L: int, copy_rate: float,
+             matmul_rate: float) -> tuple[float, float]:
+    """(prefill floor, decode floor) in seconds for a prompt of L tokens then L new tokens."""
+    prefill_flops = 2.0 * (z.n_params - z.n_embed) * batch * L + 2.0 * z.n_embed * batch
+    prefill = roofline_s(z.param_bytes + z.cache_bytes, prefill_flops, copy_rate, matmul_rate)
+    per_token = roofline_s(z.param_bytes + 2 * z.cache_bytes, 2.0 * z.n_params * batch,
+                           copy_rate, matmul_rate)
+    return prefill, L * per_token
 
 
 def model_config(name: str, state_dtype: str, smoke: bool) -> ModelConfig:
@@ -108,6 +147,25 @@ def run_length(model, fns, batch: int, L: int, piece: int, key):
     return t1 - t0, t2 - t0
 
 
+COLUMNS = ["model", "L", "prefill s (floor, %)", "decode s (floor, %)",
+           "prefill + decode s (floor, %)", "paper H100 prefill s (% of floor)",
+           "paper H100 prefill + decode s (% of floor)", "ours / paper (% of floor, both)"]
+
+
+def table_row(r: dict) -> list:
+    def cell(t, floor):
+        return f"{t:.3f} ({floor:.3f}, {percent_of_floor(t, floor):.0f}%)"
+
+    ours = [r["model"], r["L"], cell(r["prefill"], r["prefill_floor"]),
+            cell(r["decode"], r["decode_floor"]), cell(r["total"], r["total_floor"])]
+    if r["paper"] is None:
+        return ours + ["-", "-", "-"]
+    (p_pre, p_tot), (pct_pre, pct_tot) = r["paper"], r["paper_pct"]
+    mine = percent_of_floor(r["total"], r["total_floor"])
+    return ours + [f"{p_pre:.2f} ({pct_pre:.0f}%)", f"{p_tot:.2f} ({pct_tot:.0f}%)",
+                   f"{mine / pct_tot:.2f}"]
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--models", default="siso,mimo,mamba2")
@@ -123,10 +181,11 @@ def main(argv=None):
         args.batch, args.piece, lengths = 2, 8, [8, 24]
     elif jax.default_backend() not in ("gpu", "cuda"):
         sys.exit("the benchmark needs a GPU (use --smoke on the CPU)")
-    bw = measure_copy_bandwidth((1 << 22) if args.smoke else (1 << 30))
-    mm = measure_matmul_rate(256 if args.smoke else 8192)
-    print(f"{device_name()}, jax {jax.__version__}, commit {git_commit()}; copy "
-          f"{bw / 1e12:.2f} TB/s, bf16 matmul {mm / 1e12:.0f} TFLOP/s", flush=True)
+    t_start = time.perf_counter()
+    ceil = measure_ceilings((1 << 22) if args.smoke else (1 << 30), 256 if args.smoke else 8192,
+                            reps=3 if args.smoke else 10)
+    print(f"{device_name()}, jax {jax.__version__}, commit {git_commit()}; ceilings: "
+          f"{ceil.summary()}\n{ceil.detail()}", flush=True)
     rows = []
     for name in args.models.split(","):
         if name not in MODELS:
@@ -134,31 +193,39 @@ def main(argv=None):
         cfg = model_config(name, args.state_dtype, args.smoke)
         model = Mamba3LM(cfg, rngs=nnx.Rngs(0))
         fns = build_fns(model)
-        n_params = sum(x.size for x in jax.tree.leaves(fns[0]))
-        param_bytes = tree_nbytes(fns[0])
-        cache_bytes = tree_nbytes(jax.eval_shape(functools.partial(model.init_cache, args.batch)))
+        sizes = Sizes(n_params=sum(x.size for x in jax.tree.leaves(fns[0])),
+                      n_embed=cfg.vocab_size * cfg.d_model, param_bytes=tree_nbytes(fns[0]),
+                      cache_bytes=tree_nbytes(jax.eval_shape(
+                          functools.partial(model.init_cache, args.batch))))
+        paper_sizes = sizes.with_vocab(PAPER_VOCAB, cfg.vocab_size, cfg.d_model, 2)  # bf16
         run_length(model, fns, args.batch, min(lengths), args.piece,
                    jax.random.PRNGKey(0))  # compile both functions
         for L in lengths:
             pre_s, total_s = run_length(model, fns, args.batch, L, args.piece,
                                         jax.random.PRNGKey(L))
-            pre_floor = 2 * n_params * args.batch * L / mm
-            dec_floor = L * (param_bytes + 2 * cache_bytes) / bw
-            paper = PAPER[name].get(L)
-            rows.append([name, L, f"{pre_s:.3f}", f"{total_s:.3f}",
-                         f"{pre_floor:.3f} / {pre_floor + dec_floor:.3f}",
-                         "-" if paper is None else f"{paper[0]:.2f} / {paper[1]:.2f}",
-                         "-" if paper is None else f"{paper[1] / total_s:.2f}x"])
-            print(" | ".join(str(c) for c in rows[-1]), flush=True)
-    header = ["model", "L", "prefill s", "prefill + decode s", "floors s (prefill / both)",
-              "paper s (prefill / both)", "our speed-up (both)"]
-    table = markdown_table(header, rows)
+            pre_floor, dec_floor = floors_s(sizes, args.batch, L, ceil.copy, ceil.matmul)
+            r = dict(model=name, L=L, prefill=pre_s, decode=total_s - pre_s, total=total_s,
+                     prefill_floor=pre_floor, decode_floor=dec_floor,
+                     total_floor=pre_floor + dec_floor, paper=PAPER[name].get(L))
+            if r["paper"] is not None:
+                h_pre, h_dec = floors_s(paper_sizes, args.batch, L, H100_COPY_BYTES_PER_S,
+                                        H100_MATMUL_FLOPS)
+                r["paper_pct"] = (percent_of_floor(r["paper"][0], h_pre),
+                                  percent_of_floor(r["paper"][1], h_pre + h_dec))
+            rows.append(r)
+            print(f"[{time.perf_counter() - t_start:.0f}s] "
+                  + " | ".join(str(c) for c in table_row(r)), flush=True)
+    table = markdown_table(COLUMNS, [table_row(r) for r in rows])
     command = "python experiments/bench_generate.py " + " ".join(
         argv if argv is not None else sys.argv[1:])
     intro = (f"Device: {device_name()}; jax {jax.__version__}; commit {git_commit()}; command: "
              f"`{command.strip()}`; batch {args.batch}, prompt pieces of {args.piece}, state "
-             f"{args.state_dtype}; copy {bw / 1e12:.2f} TB/s and bf16 matmul "
-             f"{mm / 1e12:.0f} TFLOP/s measured in the same run.")
+             f"{args.state_dtype}; ceilings measured in the same run: {ceil.summary()}; "
+             f"{time.perf_counter() - t_start:.0f} s in all. Each time: seconds (floor, % of "
+             f"floor). Paper: its H100 seconds (% of the H100 floor of its model at an assumed "
+             f"{H100_COPY_BYTES_PER_S / 1e12:.1f} TB/s copy and "
+             f"{H100_MATMUL_FLOPS / 1e12:.0f} TFLOP/s bf16 matmul); the last column is our % of "
+             f"floor over the paper's (> 1: closer to the device's floor than the paper).")
     publish(intro, table, out_name="bench_generate.md", section=SECTION,
             write_docs=args.write_docs,
             doc_preamble=__doc__.split("\n\n")[0].replace("\n", " ") + "\n\n")

@@ -1,0 +1,28 @@
+"""The shared benchmark ceilings run on the CPU: the copy ceiling is the fastest real copy (an
+aliased 'copy' is refused), and floors are bytes / copy rate vs FLOPs / matmul rate."""
+
+import math
+
+import pytest
+
+from mamba3_jax import benchmark
+
+
+def test_ceilings_take_the_fastest_real_copy_and_matmul():
+    c = benchmark.measure_ceilings(copy_bytes=1 << 20, matmul_n=64, reps=2)
+    rates = {k: v for k, v in c.copies.items() if isinstance(v, float)}
+    assert {"jax jit(jnp.copy)", "jax jit(x * 1) bf16", "jax donated in-place x + 1"} <= set(rates)
+    assert all(math.isfinite(v) and v > 0 for v in rates.values())
+    assert c.copy == max(rates.values())
+    # XLA aliases a donated identity: no bytes move, so it must not count as a copy
+    assert c.copies["jax donated identity"].startswith("no copy made")
+    assert c.copies["torch"].startswith("skipped") and c.copies["cupy"].startswith("skipped")
+    assert c.matmul == max(v for v in c.matmuls.values() if isinstance(v, float)) > 0
+    assert "jax jit(jnp.copy)" in c.detail() and "TB/s" in c.summary()
+
+
+def test_roofline_maths():
+    c = benchmark.Ceilings(copy=4e12, matmul=800e12)
+    assert c.floor_s(nbytes=4e9) == pytest.approx(1e-3)  # memory bound
+    assert c.floor_s(nbytes=4e9, flops=1.6e12) == pytest.approx(2e-3)  # compute bound
+    assert benchmark.percent_of_floor(2e-3, 1e-3) == pytest.approx(50.0)
