@@ -2,12 +2,13 @@
 PY ?= python3
 WORKDIR ?= runs/tiny
 
-.PHONY: help install test test-fast lint train bench bench-forms bench-kernels bench-decode bench-generate bench-train clean
+.PHONY: help install test test-gpu test-fast lint train bench bench-forms bench-kernels bench-decode bench-generate bench-train clean
 
 help:
 	@echo "install      pip-install the package with its test/plot/data extras"
 	@echo "test         run the whole test suite (what CI runs)"
 	@echo "test-fast    skip tests marked slow"
+	@echo "test-gpu     the whole suite on a GPU machine (installs .whl/*.whl first; docs/testing.md)"
 	@echo "lint         ruff"
 	@echo "train        the README's main job: tiny model on the bundled books corpus (CPU)"
 	@echo "bench        GPU benchmarks: SSM forms, Pallas kernels, layer decode (on the GPU machine)"
@@ -18,6 +19,20 @@ install:
 
 test:
 	$(PY) -m pytest -q -n 2 --dist loadgroup --durations=15 tests
+
+# On the GPU machine (no internet): wheels it lacks, copied into the git-ignored .whl/ (see
+# ../shared/wheels/README.md), are installed into GPU_SITE first. No preallocation: pytest
+# workers and the training subprocesses share the GPU.
+GPU_SITE ?= /tmp/site
+GPU_WORKERS ?= 4
+GPU_TESTS ?= tests
+test-gpu:
+	@if ls .whl/*.whl >/dev/null 2>&1; then \
+	  $(PY) -m pip install -q --no-index --no-deps --upgrade --target $(GPU_SITE) .whl/*.whl \
+	  || echo "warning: could not install .whl/*.whl; using the packages already installed"; fi
+	PYTHONPATH=$(GPU_SITE)$${PYTHONPATH:+:$$PYTHONPATH} XLA_PYTHON_CLIENT_PREALLOCATE=false \
+	  $(PY) -m pytest -q -rs --durations=15 \
+	  $$($(PY) -c "import xdist" 2>/dev/null && echo "-n $(GPU_WORKERS) --dist loadgroup") $(GPU_TESTS)
 
 test-fast:
 	$(PY) -m pytest -q -n 2 -m "not slow" tests

@@ -403,7 +403,9 @@ def test_open_iterator_at_exit_does_not_crash():
     proc = subprocess.run(
         [sys.executable, "-c", script],
         cwd=root,
-        env={**os.environ, "PYTHONPATH": str(root)},
+        # the repo first, then whatever made grain importable here (e.g. a --target install)
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(
+            p for p in (str(root), os.environ.get("PYTHONPATH")) if p)},
         capture_output=True,
         text=True,
         timeout=120,

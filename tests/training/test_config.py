@@ -104,7 +104,8 @@ def test_cli_rejects_unknown_key_and_bad_value():
 def test_cli_batch_not_divisible_by_devices(tmp_path):
     r = cli(["--config", TINY_CONFIG, "--workdir", str(tmp_path), "--config.data.batch_size=6",
              "--config.train.grad_accum=2", "--config.mesh.data=2"], env_extra={
-                 "XLA_FLAGS": "--xla_force_host_platform_device_count=2"})
+                 # two forced CPU devices, also on a GPU machine (which would use its GPUs)
+                 "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu"})
     assert r.returncode == 2, r.stdout + r.stderr
     assert "microbatch data.batch_size / train.grad_accum = 6 / 2 = 3" in r.stderr
     assert "must be divisible by the 2 devices" in r.stderr
