@@ -3,8 +3,8 @@
 The core (see `reference.py` for its definition in XLA) takes per-head rotated rows q, k
 (B, Lp R, H, N), lifted inputs v (B, Lp R, H, P), per-row scalars cs (chunk-local cumulative log
 decay), sc (trapezoid scale), gm (gamma) (B, H, Lp R), chunk-local segment ids (B, Lp R) and the
-augmented initial state g0 (B, H, P, N); it returns y (B, Lp R, H, P) float32 and the final
-state. Four kernels, so that only a thin pass runs sequentially over chunks:
+augmented initial state g0 (B, H, P, N); it returns y (B, Lp R, H, P) in the input dtype and
+the final state (float32). Four kernels, so that only a thin pass runs sequentially over chunks:
 
   forward   `_state_kernel`   grid (B, H, P / bp), chunks in order: the state entering every
                               chunk (stored in the input dtype: it is only a matmul operand) and
@@ -182,7 +182,7 @@ def forward(cs_: CoreShape, q, k, v, cs, sc, gm, seg, g0):
                   pl.BlockSpec((SQ, CR), lambda b, h, c: (b, c)),
                   pl.BlockSpec((SQ, SQ, SQ, P, N), lambda b, h, c: (b, h, c, 0, 0))],
         out_specs=_row_spec(cs_, P),
-        out_shape=jax.ShapeDtypeStruct((B, Lr, H, P), f32),
+        out_shape=jax.ShapeDtypeStruct((B, Lr, H, P), cdt),  # bf16 y: half the bytes
         interpret=cs_.interpret,
         compiler_params=cs_.params(cs_.blocks.warps_output, cs_.blocks.stages_output),
         name="mamba3_ssd_output",

@@ -7,10 +7,11 @@ with theta the cumulative rotary angle: inside a chunk a segmented prefix sum of
 rows before the chunk's first reset. A (B, nc, H, S) comes from XLA (a short scan over chunk
 totals), so every chunk is independent. Channel pairs are adjacent, (2i, 2i + 1), i < S.
 
-Forward, grid (B, chunks, R, H): one (C, N) tile of one head. Backward, grid (B, chunks, R, G):
-one program walks the heads of its B/C group, so the group's gradient is summed in registers
-instead of writing one gradient per head; it also writes d(increments) of the chunk (the
-transposed prefix-sum dot), d A and per-chunk partial sums of the bias gradients.
+Forward and backward, grid (B, chunks, R, H): one (C, N) tile of one head per program. The
+backward writes the un-rotated gradient per head in the compute dtype (XLA sums a group's heads
+in float32), d(increments) of the chunk (the transposed prefix-sum dot), d A and per-chunk
+partial sums of the bias gradients. (A loop over a group's heads with the sum in registers
+spilled heavily and left the GPU idle: 256 programs at B 8, L 2048.)
 """
 
 from __future__ import annotations
@@ -95,65 +96,41 @@ def _fwd_kernel(q_ref, k_ref, qb_ref, kb_ref, inc_ref, a_ref, sg_ref, qr_ref, kr
 
 def _bwd_kernel(q_ref, k_ref, qb_ref, kb_ref, inc_ref, a_ref, sg_ref, dqr_ref, dkr_ref,
                 dq_ref, dk_ref, dqb_ref, dkb_ref, dinc_ref, da_ref, *, rs: RotShape):
-    S2, N, cdt, C = 2 * rs.S, rs.N, jnp.dtype(rs.cdt), rs.C
+    """One head and chunk: un-rotated gradients (summed over the group's heads by XLA), the
+    bias gradients' partial sums over the chunk, d(increments) and d(angle carried in)."""
+    S2, N, cdt = 2 * rs.S, rs.N, jnp.dtype(rs.cdt)
     seg = sg_ref[...]
-    first = jnp.where(seg == 0, 1.0, 0.0)
-    parts = [(0, S2)] + ([(S2, N - S2)] if N > S2 else [])
-
-    def body(j, acc):
-        th, tri = _theta(inc_ref[:, j, :].astype(f32), a_ref[j, :], seg, rs.angle_prec)
-        cos, sin = jnp.cos(th), jnp.sin(th)
-        dth = jnp.zeros((C, rs.S), f32)
-        new = []
-        for i, (src, b_ref, d_ref, db_ref) in enumerate(((q_ref, qb_ref, dqr_ref, dqb_ref),
-                                                         (k_ref, kb_ref, dkr_ref, dkb_ref))):
-            a, b = _split_pairs(_biased(src, b_ref[j, pl.ds(0, S2)], 0, S2, cdt))
-            da, db = _split_pairs(d_ref[:, j, pl.ds(0, S2)].astype(f32))
-            dth = dth + db * (a * cos - b * sin) - da * (a * sin + b * cos)
-            du = _join_pairs(da * cos + db * sin, db * cos - da * sin)  # R(theta)^T d
-            db_ref[j, pl.ds(0, S2)] = jnp.sum(du, axis=0)
-            new.append(acc[2 * i] + du)
-            if N > S2:
-                dp = d_ref[:, j, pl.ds(S2, N - S2)].astype(f32)
-                db_ref[j, pl.ds(S2, N - S2)] = jnp.sum(dp, axis=0)
-                new.append(acc[2 * i + 1] + dp)
-            else:
-                new.append(acc[2 * i + 1])
-        dinc_ref[:, j, :] = dot(tri, dth, ta=True, precision=rs.angle_prec)
-        da_ref[j, :] = jnp.sum(first[:, None] * dth, axis=0)
-        return tuple(new)
-
-    zeros = tuple(jnp.zeros((C, w), f32) for _ in range(2) for _, w in parts)
-    if len(parts) == 1:
-        zeros = (zeros[0], zeros[0], zeros[1], zeros[1])
-    acc = jax.lax.fori_loop(0, rs.hg, body, zeros)
-    for i, ref in enumerate((dq_ref, dk_ref)):
-        for p, (off, w) in enumerate(parts):
-            ref[:, pl.ds(off, w)] = acc[2 * i + p].astype(ref.dtype)
+    th, tri = _theta(inc_ref[...].astype(f32), a_ref[...], seg, rs.angle_prec)
+    cos, sin = jnp.cos(th), jnp.sin(th)
+    dth = jnp.zeros(th.shape, f32)
+    for src, b_ref, d_ref, out, db_ref in ((q_ref, qb_ref, dqr_ref, dq_ref, dqb_ref),
+                                           (k_ref, kb_ref, dkr_ref, dk_ref, dkb_ref)):
+        a, b = _split_pairs(_biased(src, b_ref[pl.ds(0, S2)], 0, S2, cdt))
+        da, db = _split_pairs(d_ref[:, pl.ds(0, S2)].astype(f32))
+        dth = dth + db * (a * cos - b * sin) - da * (a * sin + b * cos)
+        du = _join_pairs(da * cos + db * sin, db * cos - da * sin)  # R(theta)^T d
+        out[:, pl.ds(0, S2)] = du.astype(out.dtype)
+        db_ref[pl.ds(0, S2)] = jnp.sum(du, axis=0)
+        if N > S2:
+            dp = d_ref[:, pl.ds(S2, N - S2)]
+            out[:, pl.ds(S2, N - S2)] = dp.astype(out.dtype)
+            db_ref[pl.ds(S2, N - S2)] = jnp.sum(dp.astype(f32), axis=0)
+    dinc_ref[...] = dot(tri, dth, ta=True, precision=rs.angle_prec)
+    da_ref[...] = jnp.sum(jnp.where(seg == 0, 1.0, 0.0)[:, None] * dth, axis=0)
 
 
-def _specs(rs: RotShape, per_head_grid: bool):
-    """BlockSpecs of the inputs shared by both kernels. per_head_grid: grid (B, nc, R, H), else
-    (B, nc, R, G) with the group's heads in one block."""
+def _specs(rs: RotShape):
+    """Input BlockSpecs of both kernels, grid (B, nc, R, H): the head's group rows, biases,
+    increments, carried angle and the chunk's segment ids."""
     C, N, S, hg = rs.C, rs.N, rs.S, rs.hg
-    if per_head_grid:
-        return [
-            pl.BlockSpec((SQ, C, SQ, SQ, N), lambda b, c, r, h: (b, c, r, h // hg, 0)),
-            pl.BlockSpec((SQ, C, SQ, SQ, N), lambda b, c, r, h: (b, c, r, h // hg, 0)),
-            pl.BlockSpec((SQ, SQ, N), lambda b, c, r, h: (h, r, 0)),
-            pl.BlockSpec((SQ, SQ, N), lambda b, c, r, h: (h, r, 0)),
-            pl.BlockSpec((SQ, C, SQ, S), lambda b, c, r, h: (b, c, h, 0)),
-            pl.BlockSpec((SQ, SQ, SQ, S), lambda b, c, r, h: (b, c, h, 0)),
-            pl.BlockSpec((SQ, C), lambda b, c, r, h: (b, c)),
-        ]
     return [
-        pl.BlockSpec((SQ, C, SQ, SQ, N), lambda b, c, r, g: (b, c, r, g, 0)),
-        pl.BlockSpec((SQ, C, SQ, SQ, N), lambda b, c, r, g: (b, c, r, g, 0)),
-        pl.BlockSpec((hg, SQ, N), lambda b, c, r, g: (g, r, 0)),
-        pl.BlockSpec((hg, SQ, N), lambda b, c, r, g: (g, r, 0)),
-        pl.BlockSpec((SQ, C, hg, S), lambda b, c, r, g: (b, c, g, 0)),
-        pl.BlockSpec((SQ, SQ, hg, S), lambda b, c, r, g: (b, c, g, 0)),
-        pl.BlockSpec((SQ, C), lambda b, c, r, g: (b, c)),
+        pl.BlockSpec((SQ, C, SQ, SQ, N), lambda b, c, r, h: (b, c, r, h // hg, 0)),
+        pl.BlockSpec((SQ, C, SQ, SQ, N), lambda b, c, r, h: (b, c, r, h // hg, 0)),
+        pl.BlockSpec((SQ, SQ, N), lambda b, c, r, h: (h, r, 0)),
+        pl.BlockSpec((SQ, SQ, N), lambda b, c, r, h: (h, r, 0)),
+        pl.BlockSpec((SQ, C, SQ, S), lambda b, c, r, h: (b, c, h, 0)),
+        pl.BlockSpec((SQ, SQ, SQ, S), lambda b, c, r, h: (b, c, h, 0)),
+        pl.BlockSpec((SQ, C), lambda b, c, r, h: (b, c)),
     ]
 
 
@@ -163,31 +140,42 @@ def _forward(rs: RotShape, q, k, qb, kb, inc, a, seg):
     shape = jax.ShapeDtypeStruct((B, nc * C, R, H, N), jnp.dtype(rs.cdt))
     return pl.pallas_call(
         functools.partial(_fwd_kernel, rs=rs), grid=(B, nc, R, H),
-        in_specs=_specs(rs, True), out_specs=[out, out], out_shape=[shape, shape],
+        in_specs=_specs(rs), out_specs=[out, out], out_shape=[shape, shape],
         interpret=rs.interpret, compiler_params=rs.params, name="mamba3_rotate_qk",
     )(q, k, qb, kb, inc, a, seg)
 
 
 def _backward(rs: RotShape, q, k, qb, kb, inc, a, seg, dqr, dkr):
     B, nc, C, R, G, H, N, S, hg = rs.B, rs.nc, rs.C, rs.R, rs.G, rs.H, rs.N, rs.S, rs.hg
-    grp = pl.BlockSpec((SQ, C, SQ, SQ, N), lambda b, c, r, g: (b, c, r, g, 0))
-    heads = pl.BlockSpec((SQ, C, SQ, hg, N), lambda b, c, r, g: (b, c, r, g, 0))
-    bias = pl.BlockSpec((SQ, SQ, SQ, hg, N), lambda b, c, r, g: (b, c, r, g, 0))
-    dq, dk, dqb, dkb, dinc, da = pl.pallas_call(
-        functools.partial(_bwd_kernel, rs=rs), grid=(B, nc, R, G),
-        in_specs=_specs(rs, False) + [heads, heads],
-        out_specs=[grp, grp, bias, bias,  # angle gradients per rank: summed over R by XLA
-                   pl.BlockSpec((SQ, C, SQ, hg, S), lambda b, c, r, g: (b, c, r, g, 0)),
-                   pl.BlockSpec((SQ, SQ, SQ, hg, S), lambda b, c, r, g: (b, c, r, g, 0))],
-        out_shape=[jax.ShapeDtypeStruct(q.shape, f32), jax.ShapeDtypeStruct(k.shape, f32),
-                   jax.ShapeDtypeStruct((B, nc, R, H, N), f32),
-                   jax.ShapeDtypeStruct((B, nc, R, H, N), f32),
-                   jax.ShapeDtypeStruct((B, nc * C, R, H, S), f32),
-                   jax.ShapeDtypeStruct((B, nc, R, H, S), f32)],
+    head = pl.BlockSpec((SQ, C, SQ, SQ, N), lambda b, c, r, h: (b, c, r, h, 0))
+    bias = pl.BlockSpec((SQ, SQ, SQ, SQ, N), lambda b, c, r, h: (b, c, r, h, 0))
+    per_rank = R > 1  # angle gradients per rank, summed over R by XLA
+    if per_rank:
+        inc_spec = pl.BlockSpec((SQ, C, SQ, SQ, S), lambda b, c, r, h: (b, c, r, h, 0))
+        a_spec = pl.BlockSpec((SQ, SQ, SQ, SQ, S), lambda b, c, r, h: (b, c, r, h, 0))
+        shapes = [(B, nc * C, R, H, S), (B, nc, R, H, S)]
+    else:
+        inc_spec = pl.BlockSpec((SQ, C, SQ, S), lambda b, c, r, h: (b, c, h, 0))
+        a_spec = pl.BlockSpec((SQ, SQ, SQ, S), lambda b, c, r, h: (b, c, h, 0))
+        shapes = [(B, nc * C, H, S), (B, nc, H, S)]
+    cdt = jnp.dtype(rs.cdt)
+    du_q, du_k, dqb, dkb, dinc, da = pl.pallas_call(
+        functools.partial(_bwd_kernel, rs=rs), grid=(B, nc, R, H),
+        in_specs=_specs(rs) + [head, head],
+        out_specs=[head, head, bias, bias, inc_spec, a_spec],
+        out_shape=[jax.ShapeDtypeStruct((B, nc * C, R, H, N), cdt)] * 2
+        + [jax.ShapeDtypeStruct((B, nc, R, H, N), f32)] * 2
+        + [jax.ShapeDtypeStruct(sh, f32) for sh in shapes],
         interpret=rs.interpret, compiler_params=rs.params, name="mamba3_rotate_qk_bwd",
     )(q, k, qb, kb, inc, a, seg, dqr, dkr)
-    return (dq, dk, jnp.sum(dqb, axis=(0, 1)), jnp.sum(dkb, axis=(0, 1)), jnp.sum(dinc, axis=2),
-            jnp.sum(da, axis=2))
+
+    def group_sum(d):  # per-head gradient -> the B/C group's (float32 sum over its heads)
+        return jnp.sum(d.reshape(B, nc * C, R, G, hg, N).astype(f32), axis=4)
+
+    if per_rank:
+        dinc, da = jnp.sum(dinc, axis=2), jnp.sum(da, axis=2)
+    return (group_sum(du_q), group_sum(du_k), jnp.sum(dqb, axis=(0, 1)),
+            jnp.sum(dkb, axis=(0, 1)), dinc, da)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
