@@ -49,7 +49,7 @@ bench-forms:
 	$(PY) experiments/bench_forms.py
 
 bench-kernels:
-	$(PY) -m pallas_kernels.bench
+	$(PY) -m pallas_kernels.chunked_scan.bench
 
 bench-decode:
 	$(PY) experiments/bench_decode.py

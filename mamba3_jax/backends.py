@@ -51,9 +51,12 @@ def _load_pallas() -> None:
     if not _PALLAS_LOADED:
         _PALLAS_LOADED = True
         try:
-            import pallas_kernels  # noqa: F401  (registers its backends)
+            from pallas_kernels import backend_table
         except ImportError as e:  # the package is optional at run time
             log.info("pallas_kernels not importable: %s", e)
+            return
+        for name, (fn, group_aware) in backend_table().items():
+            register(name, fn, group_aware=group_aware)
 
 
 def resolve(backend: str) -> list[str]:

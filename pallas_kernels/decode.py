@@ -19,10 +19,29 @@ from jax.experimental import pallas as pl
 
 from mamba3_jax.ops.rotary import TWO_PI
 from mamba3_jax.ops.ssm import SSMState
-from pallas_kernels._compat import SQ, compiler_params, is_pow2, plgpu, swap_pairs
-from pallas_kernels.chunked import KernelUnsupported, epilogue_params
+from pallas_kernels._compat import (
+    SQ,
+    KernelUnsupported,
+    compiler_params,
+    is_pow2,
+    plgpu,
+    swap_pairs,
+)
 
 f32 = jnp.float32
+
+
+def epilogue_params(D, mimo_x, mimo_z, mimo_o, norm_weight, H, R, P):
+    """The gate epilogue's per-head parameters packed as one (H, 2 + 3R, P) float32 array:
+    rows [D, mimo_x (R), mimo_z (R), mimo_o (R), norm weight]; absent ones are ones."""
+    ones = jnp.ones((H, R, P), f32)
+    mx = ones if mimo_x is None else mimo_x.astype(f32)
+    mz = ones if mimo_z is None else mimo_z.astype(f32)
+    mo = ones if mimo_o is None else mimo_o.astype(f32)
+    nw = jnp.ones((H, P), f32) if norm_weight is None else norm_weight.astype(f32)
+    return jnp.concatenate([jnp.broadcast_to(D.astype(f32)[:, None, None], (H, 1, P)), mx, mz,
+                            mo, nw[:, None, :]], axis=1)
+
 
 
 def _pick(v, i):

@@ -23,20 +23,15 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
-from mamba3_jax.errors import Unsupported
 from mamba3_jax.ops.mixer import gate_output
 from mamba3_jax.ops.rotary import TWO_PI, rotate
 from mamba3_jax.ops.ssm import SSMInputs, SSMState, lift
-from pallas_kernels._compat import is_pow2
+from pallas_kernels._compat import KernelUnsupported, is_pow2
 from pallas_kernels.chunked_scan import pallas_triton
 from pallas_kernels.chunked_scan.pallas_triton import CoreShape, TritonBlocks
 from pallas_kernels.chunked_scan.pallas_triton_rotary import RotShape, rotate_qk
 
 f32 = jnp.float32
-
-
-class KernelUnsupported(Unsupported):
-    """Shape/config the kernels cannot run: 'auto' falls back to the XLA chunked form."""
 
 
 def _check(cond, msg):
@@ -117,7 +112,7 @@ def _rows(a, R: int):
 
 
 def prepare_rows(inp: SSMInputs, state: SSMState, mimo_x, C: int, cdt, *, interpret: bool,
-                 rotary: str = "kernel"):
+                 rotary: str = "kernel", warps_rotary: int = 4):
     """The pre-pass: the core's operands, the angle at the last token, k rows, padded length.
     rotary: 'kernel' (bias + rotation in `rotate_qk`) or 'xla'."""
     B, L, R, G, N = inp.q.shape
@@ -138,7 +133,7 @@ def prepare_rows(inp: SSMInputs, state: SSMState, mimo_x, C: int, cdt, *, interp
         carry = chunk_carry(inc, seg, state.angle, C)
         theta_last = theta_at(inc, seg, carry, L - 1, C)
         rs = RotShape(B=B, nc=Lp // C, C=C, R=R, G=G, H=H, N=N, S=S, cdt=jnp.dtype(cdt).name,
-                      interpret=interpret)
+                      interpret=interpret, warps=warps_rotary)
 
         def bias(b):
             return jnp.zeros((H, R, N), f32) if b is None else b.astype(f32)
@@ -200,18 +195,25 @@ def chunked_scan(inp: SSMInputs, state: SSMState, *, z, D, mimo_x=None, mimo_z=N
     _check(blocks.bp == 0 or (is_pow2(blocks.bp) and blocks.bp >= 16 and P % blocks.bp == 0),
            f"block bp {blocks.bp} must be a power of two >= 16 dividing P = {P}")
     cdt = jnp.dtype(inp.x.dtype)
+    S = inp.angle_inc.shape[-1]
+    plain = N - 2 * S
+    if not interpret and S and not (S >= 16 and is_pow2(S) and (plain == 0 or (
+            is_pow2(plain) and plain >= 16))):
+        rotary = "xla"  # Triton tiles need power-of-two widths >= 16: rotate in XLA instead
+    if rotary not in ("kernel", "xla"):
+        raise ValueError(f"rotary must be 'kernel' or 'xla', got {rotary!r}")
     ops, theta_last, k_rows, Lp = prepare_rows(inp, state, mimo_x, C, cdt, interpret=interpret,
-                                               rotary=rotary)
+                                               rotary=rotary, warps_rotary=blocks.warps_rotary)
     shape = CoreShape(B=B, H=H, nc=Lp // C, C=C, R=R, N=N, P=P, cdt=cdt.name,
                       interpret=bool(interpret), blocks=blocks)
     try:
         core = IMPLEMENTATIONS[impl]
     except KeyError:
-        raise ValueError(f"unknown implementation {impl!r}; have {sorted(IMPLEMENTATIONS)}") from None
+        raise ValueError(
+            f"unknown implementation {impl!r}; have {sorted(IMPLEMENTATIONS)}") from None
     y, g_last = core(shape, *ops)
     y = y.reshape(B, Lp, R, H, P)[:, :L]
     out = gate_output(y, inp.x, z, D, mimo_x, mimo_z, mimo_o, norm_weight, norm_eps)
-    S = inp.angle_inc.shape[-1]
     last = k_rows.reshape(B, Lp, R, H, N)[:, L - 1]
     final = SSMState(
         angle=jnp.mod(theta_last, TWO_PI) if S else state.angle.astype(f32),

@@ -15,7 +15,6 @@ Timing: median over reps of back-to-back calls, inputs cycled over two sets.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import functools
 import json
 import math
@@ -137,7 +136,8 @@ def main():
     ap.add_argument("--smoke", action="store_true")
     ap.add_argument("--json", default=None)
     ap.add_argument("--profile", action="store_true",
-                    help="one extra call between cudaProfilerStart/Stop (ncu --profile-from-start off)")
+                    help="one extra call between cudaProfilerStart/Stop for "
+                    "`ncu --profile-from-start off`")
     args = ap.parse_args()
 
     official = {}
@@ -170,7 +170,7 @@ def main():
                         note = f"diff {float(jnp.linalg.norm(o - ref) / jnp.linalg.norm(ref)):.1e}"
                     else:
                         fn = jax.jit(fwd_bwd(f))
-                        ms = timeit(fn, list(zip(sets, douts)), args.reps)
+                        ms = timeit(fn, list(zip(sets, douts, strict=True)), args.reps)
                         note = ""
                     if args.profile:
                         profiled(fn, (sets[0],) if mode == "fwd" else (sets[0], douts[0]))

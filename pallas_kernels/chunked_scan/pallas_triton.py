@@ -49,10 +49,11 @@ class TritonBlocks:
     stages_output: int = 2
     warps_dstate: int = 4
     stages_dstate: int = 2
-    warps_grad: int = 8
+    warps_grad: int = 4
     stages_grad: int = 1
-    split_grad: int = 0  # 1: dq in its own kernel (fewer live tiles per kernel)
+    split_grad: int = 1  # 1: dq in its own kernel (fewer live tiles per kernel; faster on H200)
     warps_grad_dq: int = 4
+    warps_rotary: int = 4
     f32_mode: str = "tf32x3"
 
 

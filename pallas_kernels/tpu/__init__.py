@@ -1,11 +1,12 @@
 """Pallas Mosaic TPU kernels of the Mamba-3 SSM: chunked forward/backward and a decode step.
 
-`register_tpu_backends()` adds four backends to `mamba3_jax.backends` (mixer_core's signature):
+`backend_table()` lists four backends (mixer_core's signature) that `mamba3_jax.backends`
+registers:
   * "pallas_tpu": chunked forward + backward kernels compiled for a TPU;
   * "pallas_tpu_step": the single-token decode kernel (L == 1; `backends.step_backend`);
   * "pallas_tpu_interpret", "pallas_tpu_interpret_step": the same kernels in Pallas interpret
     mode (any platform; slow, for tests).
-Shapes the kernels cannot run raise `backends.Unsupported` ('auto' then falls back to XLA).
+Shapes the kernels cannot run raise `mamba3_jax.errors.Unsupported` ('auto' then falls back).
 See docs/kernels.md, section "TPU kernels".
 """
 
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import jax
 
+from pallas_kernels._compat import reference_core
 from pallas_kernels.tpu._common import KernelUnsupported
 from pallas_kernels.tpu.chunked import BlockSizes, chunked_core_tpu, ssm_rows_tpu
 from pallas_kernels.tpu.decode import decode_core_tpu, ssm_step_tpu
@@ -24,7 +26,7 @@ __all__ = [
     "decode_core_tpu",
     "make_backend",
     "on_tpu",
-    "register_tpu_backends",
+    "backend_table",
     "ssm_rows_tpu",
     "ssm_step_tpu",
 ]
@@ -37,12 +39,10 @@ def on_tpu() -> bool:
 def make_backend(interpret: bool, *, step: bool = False, blocks: BlockSizes | None = None):
     """A `mamba3_jax.backends` backend on the TPU kernels.
 
-    KernelUnsupported becomes `backends.Unsupported`; the compiled (non-interpret) backends
-    refuse to run off a TPU. The step backend falls back to the reference form when the decode
-    kernel cannot take the call (e.g. L > 1), like the GPU step backend.
+    The compiled (non-interpret) backends refuse to run off a TPU (KernelUnsupported, an
+    `Unsupported`). The step backend falls back to the reference form when the decode kernel
+    cannot take the call (e.g. L > 1), like the GPU step backend.
     """
-    from mamba3_jax import backends
-
     name = "pallas_tpu" + ("_interpret" if interpret else "") + ("_step" if step else "")
 
     def backend(inp, state, *, z, D, mimo_x=None, mimo_z=None, mimo_o=None, norm_weight=None,
@@ -55,20 +55,20 @@ def make_backend(interpret: bool, *, step: bool = False, blocks: BlockSizes | No
             if step:
                 return decode_core_tpu(inp, state, interpret=interpret, **kw)
             return chunked_core_tpu(inp, state, interpret=interpret, blocks=blocks, **kw)
-        except KernelUnsupported as e:
+        except KernelUnsupported:
             if step:
-                return backends.BACKENDS["reference"](inp, state, **kw)
-            raise backends.Unsupported(str(e)) from e
+                return reference_core(inp, state, **kw)
+            raise
 
     backend.__name__ = name
     return backend
 
 
-def register_tpu_backends() -> None:
-    """Register the four TPU backends with `mamba3_jax.backends` (idempotent)."""
-    from mamba3_jax import backends
-
+def backend_table() -> dict:
+    """name -> (backend, group_aware) for the four TPU backends."""
+    out = {}
     for interpret in (False, True):
         for step in (False, True):
             fn = make_backend(interpret, step=step)
-            backends.register(fn.__name__, fn)
+            out[fn.__name__] = (fn, False)
+    return out

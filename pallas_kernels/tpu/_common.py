@@ -24,6 +24,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from mamba3_jax.errors import Unsupported
+
 f32 = jnp.float32
 
 #: marker for a squeezed block dimension (`pl.squeezed` on new jax, `None` on old)
@@ -36,8 +38,8 @@ ROW_LD, ROW_RESET, ROW_SCALE, ROW_GAMMA = 0, 1, 2, 3
 _HIGHEST = jax.lax.Precision.HIGHEST
 
 
-class KernelUnsupported(NotImplementedError):
-    """A shape/config the TPU kernels cannot run (mapped to backends.Unsupported)."""
+class KernelUnsupported(Unsupported):
+    """A shape/config the TPU kernels cannot run ('auto' then falls back to XLA)."""
 
 
 def check(cond: bool, msg: str) -> None:

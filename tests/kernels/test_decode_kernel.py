@@ -13,7 +13,7 @@ from kernel_cases import INTERPRET, TOL, make_problem, rel
 
 from mamba3_jax.ops.mixer import gate_output
 from mamba3_jax.ops.ssm import ssm_reference, ssm_step
-from pallas_kernels import chunked_core, decode_step
+from pallas_kernels import chunked_scan, decode_step
 
 B, H, N, P, S = 3, 2, 64, 16, 16
 STATE_TOL = {"float32": 1e-5, "bfloat16": 1e-2}
@@ -71,7 +71,7 @@ def test_prefill_then_decode(R, dtype):
 
     pre = inp._replace(**{f: getattr(inp, f)[:, :T0] for f in
                           ("q", "k", "x", "angle_inc", "log_decay", "gamma", "eta", "reset")})
-    prefill = jax.jit(functools.partial(chunked_core, chunk_size=16 // R, interpret=INTERPRET))
+    prefill = jax.jit(functools.partial(chunked_scan, chunk_size=16 // R, interpret=INTERPRET))
     out0, st = prefill(pre, state, **dict(p, z=p["z"][:, :T0]))
     outs = [out0]
     for t in range(T0, L):

@@ -17,7 +17,7 @@ import numpy as np
 from mamba3_jax import backends
 from mamba3_jax.ops.mixer import gate_output
 from mamba3_jax.ops.ssm import SSMInputs, SSMState, ssm_reference
-from pallas_kernels.tpu import register_tpu_backends, ssm_rows_tpu
+from pallas_kernels.tpu import ssm_rows_tpu
 
 TOL = {"float32": 2e-5, "bfloat16": 3e-2}
 GRAD_TOL = {"float32": 5e-5, "bfloat16": 3e-2}
@@ -94,7 +94,7 @@ def run_reference(inp, state, mimo_x):
 
 @functools.partial(jax.jit, static_argnames=("backend",))
 def run_backend(inp, state, z, params, mimo_x, backend):
-    register_tpu_backends()
+    backends.resolve("pallas_interpret")  # loads and registers the Pallas backends
     return backends.mixer_core(inp, state, backend=backend, z=z, mimo_x=mimo_x,
                                chunk_size=CHUNK, **params)
 

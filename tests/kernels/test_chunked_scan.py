@@ -1,4 +1,5 @@
-"""Chunked Pallas kernels (forward, custom_vjp backward) against the sequential reference."""
+"""The chunk-parallel prefill kernels (`pallas_kernels.chunked_scan`: rotation, SSD core, custom
+VJPs) against the sequential reference: forward, final state and every input's gradient."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from kernel_cases import GRAD_TOL, INTERPRET, TOL, make_problem, random_like, re
 from mamba3_jax import backends
 from mamba3_jax.ops.mixer import gate_output
 from mamba3_jax.ops.ssm import ssm_reference
-from pallas_kernels import BlockSizes, chunked_core
+from pallas_kernels import TritonBlocks, chunked_scan
 
 # tiny shapes: interpret mode is slow. N = 64 with S = 16 gives 32 rotated + 32 plain channels
 # (the GPU kernels need dot dimensions >= 16).
@@ -27,9 +28,10 @@ def reference(inp, state, **p):
     return out, final
 
 
-@functools.partial(jax.jit, static_argnames=("chunk", "blocks"))
-def kernel(inp, state, chunk, blocks=None, **p):
-    return chunked_core(inp, state, chunk_size=chunk, interpret=INTERPRET, blocks=blocks, **p)
+@functools.partial(jax.jit, static_argnames=("chunk", "blocks", "rotary"))
+def kernel(inp, state, chunk, blocks=None, rotary="kernel", **p):
+    return chunked_scan(inp, state, chunk_size=chunk, interpret=INTERPRET, blocks=blocks,
+                        rotary=rotary, **p)
 
 
 def check_state(got, want, tol):
@@ -55,12 +57,15 @@ def test_forward(R, dtype, resets, groups):
     check_state(got_state, want_state, TOL[dtype])
 
 
-def test_forward_p_blocks_norm_and_no_rotation():
-    # P split over programs (block_p < P); RMSNorm (forces block_p = P); S = 0 (no rotary).
+def test_forward_p_blocks_norm_and_no_rotation_and_xla_rotary():
+    # P split over the sequential passes' programs (bp < P); RMSNorm; S = 0 (no rotary);
+    # the XLA rotation path (used where the rotation kernel's tiles do not fit) == the kernel's.
     inp, state, p = make_problem(1, B, 32, 1, H, N, 32, S, jnp.float32)
     want, _ = reference(inp, state, **p)
-    got, _ = kernel(inp, state, 16, BlockSizes(block_p=16), **p)
+    got, _ = kernel(inp, state, 16, TritonBlocks(bp=16), **p)
     assert rel(got, want) < TOL["float32"]
+    got_xla, _ = kernel(inp, state, 16, rotary="xla", **p)
+    assert rel(got_xla, got) < 1e-6
     inp, state, p = make_problem(2, B, 24, 2, H, N, P, 0, jnp.float32, True, norm=True)
     want, want_state = reference(inp, state, **p)
     got, got_state = kernel(inp, state, 8, **p)
@@ -90,42 +95,41 @@ def check_grads(got, want, tol):
         assert rel(b, a) < tol, (jax.tree_util.keystr(path), rel(b, a))
 
 
-@pytest.mark.parametrize("bwd", ["fused", "split"])
-@pytest.mark.parametrize("R,dtype,resets,norm,groups", [
-    (1, "float32", True, False, 1),
-    (2, "float32", True, True, None),
-    (1, "bfloat16", False, False, None),
-    (2, "bfloat16", True, False, 1),
+@pytest.mark.parametrize("R,dtype,resets,norm,groups,split", [
+    (1, "float32", True, False, 1, 1),
+    (2, "float32", True, True, None, 0),
+    (1, "bfloat16", False, False, None, 0),
+    (2, "bfloat16", True, False, 1, 1),
 ])
-def test_gradients(R, dtype, resets, norm, groups, bwd):
-    """Every input's gradient (both backward implementations) == the reference's."""
+def test_gradients(R, dtype, resets, norm, groups, split):
+    """Every input's gradient == the reference's (one or two per-chunk gradient kernels)."""
     inp, state, p = make_problem(3, B, 40, R, H, N, P, S, jnp.dtype(dtype), resets, norm=norm,
                                  groups=groups)
     ct = random_like(reference(inp, state, **p), 7)
     want = vjp_all(reference, inp, state, p, ct)
-    got = vjp_all(functools.partial(kernel, chunk=16 // R, blocks=BlockSizes(bwd=bwd)),
+    got = vjp_all(functools.partial(kernel, chunk=16 // R, blocks=TritonBlocks(split_grad=split)),
                   inp, state, p, ct)
     check_grads(got, want, GRAD_TOL[dtype])
 
 
-@pytest.mark.parametrize("block_p,S_", [(16, S), (None, 0)])
-def test_split_backward_matches_fused(block_p, S_):
-    """Split == fused backward (f32, tight) and == the reference: P blocks in the sequential
-    pass; no rotation; resets (also on a chunk's first and last token), a padded length."""
-    inp, state, p = make_problem(6, B, 52, 1, H, N, 32, S_, jnp.float32, resets=True)
+def test_gradients_p_blocks_resets_on_chunk_edges():
+    """P blocks in the sequential passes, resets on a chunk's first and last token, a padded
+    length, no rotation: gradients == the reference's."""
+    inp, state, p = make_problem(6, B, 52, 1, H, N, 32, 0, jnp.float32, resets=True)
     inp = inp._replace(reset=inp.reset.at[:, 16].set(True).at[:, 31].set(True))
     ct = random_like(reference(inp, state, **p), 8)
     want = vjp_all(reference, inp, state, p, ct)
-    fused, split = (
-        vjp_all(functools.partial(kernel, chunk=16, blocks=BlockSizes(block_p=block_p, bwd=m)),
-                inp, state, p, ct) for m in ("fused", "split"))
-    check_grads(split, fused, 1e-5)
-    check_grads(split, want, GRAD_TOL["float32"])
+    got = vjp_all(functools.partial(kernel, chunk=16, blocks=TritonBlocks(bp=16)),
+                  inp, state, p, ct)
+    check_grads(got, want, GRAD_TOL["float32"])
 
 
-def test_block_sizes_bwd_mode_validated():
-    with pytest.raises(ValueError, match="bwd"):
-        BlockSizes(bwd="parallel")
+def test_bad_options_rejected():
+    inp, state, p = make_problem(5, 1, 8, 1, H, N, P, S, jnp.float32)
+    with pytest.raises(ValueError, match="rotary"):
+        kernel(inp, state, 16, rotary="fast", **p)
+    with pytest.raises(backends.Unsupported, match="block bp"):
+        kernel(inp, state, 16, TritonBlocks(bp=24), **p)
 
 
 @pytest.mark.parametrize("R", [2])  # R = 1 hand-over: test_decode_kernel's prefill test
