@@ -143,7 +143,10 @@ def run(args, out=None, err=None) -> int:
 
     from mamba3_jax.generate import stream
 
-    loaded = load_model(info.workdir, info.step)
+    try:
+        loaded = load_model(info.workdir, info.step)
+    except ValueError as e:  # weights that do not fit the stored config
+        raise UsageError(str(e).splitlines()[0]) from e
     tok = loaded.tokenizer
     eos = None if args.ignore_eos else tok.eos_id
     print(f"[{info.workdir} step {info.step}: {loaded.model.cfg.num_params() / 1e6:.2f}M "
@@ -188,6 +191,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except UsageError as e:
         sys.stderr.write(f"error: {e}\n")
         return EXIT_USAGE
+    except KeyboardInterrupt:  # Ctrl-C while streaming: end the line, no traceback
+        sys.stdout.write("\n")
+        return 130
 
 
 if __name__ == "__main__":
