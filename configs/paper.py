@@ -33,6 +33,7 @@ SIZES = {
     "1.5b": (24, 2048, 4096, 3824, 1e-3),
 }
 VARIANTS = ("siso", "mimo")
+REMAT = "names:in_proj,ssm_out,mixer_out,mlp_hidden"
 TOKENS_PER_STEP = 256 * 2048  # 524,288
 TRAIN_TOKENS = 100_000_000_000
 
@@ -90,5 +91,8 @@ def get_config(arg: str = "180m"):
     c.train.keep = 3
     c.train.grad_accum = 1  # raise it when 256 x 2048 does not fit (must divide the batch)
     c.train.loss_chunk = 512  # 100K-vocab logits 512 positions at a time (memory)
+    # keep the big matmul outputs, recompute the SSM internals and elementwise work (~3% more
+    # FLOPs, ~10x less activation memory than "none"; docs/training.md "Throughput")
+    c.train.remat = REMAT
     c.mesh.fsdp = 1  # e.g. 8 on one 8-GPU host for the larger sizes
     return c

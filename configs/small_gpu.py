@@ -49,6 +49,7 @@ def get_config(arg: str = "siso"):
     c.optim.warmup_steps = 200
     c.optim.schedule = "cosine"
 
+    c.train.remat = "names:in_proj,ssm_out,mixer_out,mlp_hidden"  # as configs/paper.py
     c.train.steps = 3000
     c.train.log_every = 20
     c.train.eval_every = 500

@@ -126,8 +126,9 @@ class Mamba3(nnx.Module):
             mimo_x=self._value(self.mimo_x), mimo_z=self._value(self.mimo_z),
             mimo_o=self._value(self.mimo_o), norm_weight=self._value(self.norm),
             chunk_size=cfg.resolved_chunk_size, norm_eps=1e-5)
-        y = checkpoint_name(y, "ssm_out")
-        out = self.out_proj(y.reshape(B, L, cfg.d_inner).astype(u.dtype))
+        # cast here (out_proj computes in cfg.dtype anyway) so a saved "ssm_out" is that size
+        y = checkpoint_name(y.reshape(B, L, cfg.d_inner).astype(_dtype(cfg.dtype)), "ssm_out")
+        out = self.out_proj(y)
         return out, MixerCache(ssm=ssm_state, conv=conv_window)
 
     def step(self, u: jax.Array, cache: MixerCache):

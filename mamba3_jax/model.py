@@ -95,10 +95,17 @@ class Mamba3LM(nnx.Module):
                                 one)
         return [layer.mixer.init_cache(batch) for layer in self.layers]
 
+    def head_input(self, h: jax.Array) -> jax.Array:
+        """Final RMSNorm of the residual stream, in the compute dtype (the LM head's input)."""
+        return self.final_norm(h).astype(jnp.dtype(self.cfg.dtype))
+
+    def head_weight(self) -> jax.Array:
+        """The LM head (d, V) in the master dtype: the tied embedding's transpose or lm_head."""
+        return self.embed.embedding[...].T if self.lm_head is None else self.lm_head[...]
+
     def logits(self, h: jax.Array) -> jax.Array:
-        h = self.final_norm(h).astype(jnp.dtype(self.cfg.dtype))
-        w = (self.embed.embedding[...].T if self.lm_head is None else self.lm_head[...])
-        return jnp.einsum("...d,dv->...v", h, w.astype(h.dtype),
+        h = self.head_input(h)
+        return jnp.einsum("...d,dv->...v", h, self.head_weight().astype(h.dtype),
                           preferred_element_type=jnp.float32)
 
     def features(self, tokens: jax.Array, *, segment_ids: Optional[jax.Array] = None,

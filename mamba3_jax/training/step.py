@@ -27,6 +27,7 @@ from jax.sharding import PartitionSpec as P
 
 from mamba3_jax.config import ModelConfig
 from mamba3_jax.model import Mamba3LM
+from mamba3_jax.training.loss import chunked_cross_entropy
 from mamba3_jax.training.mesh import BATCH_AXES
 
 LN2 = math.log(2.0)
@@ -69,36 +70,22 @@ def _nll_and_hits(model, h, targets):
     return nll, (jnp.argmax(logits, -1) == targets).astype(jnp.float32)
 
 
-def token_losses(model, h, targets, chunk: int = 0):
-    """Per-token nll and argmax hits from the final features h (B, L, d).
-
-    chunk > 0 computes the logits `chunk` positions at a time under jax.checkpoint, so only one
-    (B, chunk, V) slab of logits is alive (forward and backward) instead of (B, L, V)."""
-    L = h.shape[1]
-    if not chunk or chunk >= L:
-        return _nll_and_hits(model, h, targets)
-    pad = (-L) % chunk
-    hp = jnp.pad(h, ((0, 0), (0, pad), (0, 0)))
-    tp = jnp.pad(targets, ((0, 0), (0, pad)))
-    n = (L + pad) // chunk
-    hs = jnp.moveaxis(hp.reshape(h.shape[0], n, chunk, h.shape[2]), 1, 0)
-    ts = jnp.moveaxis(tp.reshape(h.shape[0], n, chunk), 1, 0)
-    graphdef, state = nnx.split(model)
-    one = jax.checkpoint(lambda st, hc, tc: _nll_and_hits(nnx.merge(graphdef, st), hc, tc))
-    nll, hits = jax.lax.map(lambda a: one(state, *a), (hs, ts))
-    unchunk = lambda x: jnp.moveaxis(x, 0, 1).reshape(h.shape[0], -1)[:, :L]  # noqa: E731
-    return unchunk(nll), unchunk(hits)
-
-
 def loss_sums(graphdef, params, frozen, batch, nll_scale=1.0, loss_chunk: int = 0,
               remat: str = "none"):
-    """Masked sums over one (micro)batch: (sum nll [nats], aux dict of sums)."""
+    """Masked sums over one (micro)batch: (sum nll [nats], aux dict of sums).
+
+    loss_chunk > 0: the logits are formed `loss_chunk` positions at a time and the head's
+    gradient in the same pass (training/loss.py), so (B, L, V) logits never exist."""
     model = nnx.merge(graphdef, params, frozen)
     h, _ = model.features(batch["inputs"], positions=batch["positions"], remat=remat)
-    nll, hits = token_losses(model, h, batch["targets"], loss_chunk)
     mask = batch["loss_mask"].astype(jnp.float32)
-    sum_nll = jnp.sum(nll * mask) * nll_scale
-    correct = jnp.sum(hits * mask)
+    if loss_chunk:
+        sum_nll, correct = chunked_cross_entropy(model.head_input(h), model.head_weight(),
+                                                 batch["targets"], mask, loss_chunk)
+    else:
+        nll, hits = _nll_and_hits(model, h, batch["targets"])
+        sum_nll, correct = jnp.sum(nll * mask), jnp.sum(hits * mask)
+    sum_nll = sum_nll * nll_scale
     aux = {"sum_nll": sum_nll, "tokens": jnp.sum(mask),
            "bytes": jnp.sum(batch["target_bytes"].astype(jnp.float32)), "correct": correct}
     return sum_nll, aux
@@ -191,9 +178,10 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, schedule: Callab
     return train_step
 
 
-def make_eval_step(graphdef):
+def make_eval_step(graphdef, loss_chunk: int = 0):
     def eval_step(state: dict, batch: dict):
-        _, aux = loss_sums(graphdef, state["params"], state["frozen"], batch)
+        _, aux = loss_sums(graphdef, state["params"], state["frozen"], batch,
+                           loss_chunk=loss_chunk)
         return aux
     return eval_step
 
