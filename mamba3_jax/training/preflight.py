@@ -105,7 +105,7 @@ def load_source(name: str, spec: Mapping):
         n = len(source)
         if n:
             source[0], source[n - 1]  # noqa: B018  (decode errors surface here)
-    except (OSError, ValueError, KeyError, TypeError, EOFError) as e:
+    except Exception as e:  # any failure to read an input is a problem of that input
         raise ConfigError(f"data.{name} {dict(spec)}: {_one_line(e)}") from e
     if not n:
         empty = _empty_files(source)
@@ -122,7 +122,7 @@ def load_inputs(config):
     d = config.data
     try:
         tokenizer = get_tokenizer(d.tokenizer)
-    except (OSError, ValueError, KeyError, TypeError, ImportError) as e:
+    except Exception as e:  # missing files, a broken tokenizer.json, a missing library
         raise ConfigError(f"data.tokenizer={d.tokenizer!r}: {_one_line(e)}") from e
     train_source = load_source("train_source", source_spec(d.train_source))
     eval_source = None
