@@ -12,6 +12,7 @@ can check its arguments before any weights are read.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from typing import Any, NamedTuple, Optional
@@ -41,9 +42,19 @@ class TrainedRun(NamedTuple):
     step: int
 
 
-def _manager(ckpt_dir: str, handlers: dict) -> ocp.CheckpointManager:
+@contextlib.contextmanager
+def _manager(ckpt_dir: str, handlers: dict):
     options = ocp.CheckpointManagerOptions(create=False)  # reading must not create directories
-    return ocp.CheckpointManager(ckpt_dir, options=options, item_handlers=handlers)
+    mgr = ocp.CheckpointManager(ckpt_dir, options=options, item_handlers=handlers)
+    try:
+        yield mgr
+    finally:
+        mgr.close()
+
+
+def _restore(ckpt_dir: str, step: int, handlers: dict, **args) -> dict:
+    with _manager(ckpt_dir, handlers) as mgr:
+        return mgr.restore(step, args=ocp.args.Composite(**args))
 
 
 def checkpoint_steps(workdir: str) -> list[int]:
@@ -51,7 +62,10 @@ def checkpoint_steps(workdir: str) -> list[int]:
     if not os.path.isdir(workdir):
         raise FileNotFoundError(f"run directory {workdir!r} does not exist")
     ckpt_dir = os.path.join(os.path.abspath(workdir), "checkpoints")
-    steps = (sorted(_manager(ckpt_dir, {}).all_steps()) if os.path.isdir(ckpt_dir) else [])
+    steps = []
+    if os.path.isdir(ckpt_dir):
+        with _manager(ckpt_dir, {}) as mgr:
+            steps = sorted(mgr.all_steps())
     if not steps:
         raise FileNotFoundError(f"{workdir!r} has no checkpoint (expected {ckpt_dir}/<step>/; "
                                 "train with python -m mamba3_jax.train --workdir first)")
@@ -61,8 +75,8 @@ def checkpoint_steps(workdir: str) -> list[int]:
 def _saved_config(workdir: str, step: int) -> dict:
     ckpt_dir = os.path.join(workdir, "checkpoints")
     if os.path.exists(os.path.join(ckpt_dir, str(step), "config")):
-        mgr = _manager(ckpt_dir, {"config": ocp.JsonCheckpointHandler()})
-        out = mgr.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
+        out = _restore(ckpt_dir, step, {"config": ocp.JsonCheckpointHandler()},
+                       config=ocp.args.JsonRestore())
         return dict(out["config"])
     path = os.path.join(workdir, "config.json")  # older checkpoints: the run's config file
     if not os.path.exists(path):
@@ -103,13 +117,12 @@ def load_model(workdir: str, step: Optional[int] = None) -> TrainedRun:
     tokenizer and training config."""
     info = read_run(workdir, step)
     graphdef, target = _abstract_weights(info.model_config)
-    mgr = _manager(os.path.join(info.workdir, "checkpoints"),
-                   {"state": ocp.PyTreeCheckpointHandler()})
     restore = ocp.args.PyTreeRestore(
         item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
         partial_restore=True)  # skip the optimizer state
     try:
-        state = mgr.restore(info.step, args=ocp.args.Composite(state=restore))["state"]
+        state = _restore(os.path.join(info.workdir, "checkpoints"), info.step,
+                         {"state": ocp.PyTreeCheckpointHandler()}, state=restore)["state"]
     except (ValueError, KeyError, TypeError) as e:
         raise ValueError(f"cannot load checkpoint {info.step} of {info.workdir!r} into the "
                          f"model its config describes: {e}") from e
