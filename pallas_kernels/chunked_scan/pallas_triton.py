@@ -51,7 +51,7 @@ class TritonBlocks:
     stages_dstate: int = 2
     warps_grad: int = 4
     stages_grad: int = 1
-    split_grad: int = 1  # 1: dq in its own kernel (fewer live tiles per kernel; faster on H200)
+    split_grad: int = 1  # per-chunk gradient kernels: 0 one, 1 dq | dk dv, 2 dq | dk | dv
     warps_grad_dq: int = 4
     warps_rotary: int = 4
     f32_mode: str = "tf32x3"
@@ -214,47 +214,50 @@ def _dstate_kernel(q_ref, dy_ref, cs_ref, sg_ref, st_ref, dgl_ref, dst_ref, dg0_
 
 def _grad_kernel(q_ref, k_ref, v_ref, cs_ref, sc_ref, gm_ref, sg_ref, st_ref, dst_ref, dy_ref,
                  *out_refs, cs_: CoreShape, part: str):
-    """One chunk's gradients. part 'all': dq, dk, dv, d cs, d sc, d gm; 'dkv': all but dq (d cs
-    without the readout's share); 'dq': dq and the readout's share of d cs."""
+    """One chunk's gradients. `part` names what this kernel computes, any of 'q', 'k', 'v' (one
+    kernel or several: fewer live tiles per kernel). Outputs: the named gradients in q, k, v
+    order, then this part's share of d cs and (with 'k' or 'v') of d sc, then d gm with 'k'."""
     cdt, prec, CR = jnp.dtype(cs_.cdt), cs_.prec, cs_.CR
     cs, sc, gm, seg = cs_ref[...], sc_ref[...], gm_ref[...], sg_ref[...]
     e, to_end, _ = _chunk_decays(cs, seg)
     te = to_end * sc
     dyc = dy_ref[...].astype(cdt)
     W, expo, diag = _weights(cs, sc, gm, seg, cs_.R)
-    dA = dot(dyc, v_ref[...], tb=True, precision=prec)  # d(masked scores)
-    dS = (dA * W).astype(cdt)
-    if part in ("all", "dkv"):
-        dk_ref, dv_ref, dcs_ref, dsc_ref, dgm_ref = out_refs[-5:]
+    outs = list(out_refs)
+    dcs = jnp.zeros((CR,), f32)
+    dsc = jnp.zeros((CR,), f32)
+    row = jax.lax.broadcasted_iota(jnp.int32, (CR,), 0)
+    if "q" in part:  # through the intra-chunk scores and the readout of the state entering
+        dS = (dot(dyc, v_ref[...], tb=True, precision=prec) * W).astype(cdt)
+        dyG = dot(dyc, st_ref[...], precision=prec)  # (CR, N): dy @ state entering the chunk
+        dq = dot(dS, k_ref[...], precision=prec) + e[:, None] * dyG
+        outs.pop(0)[...] = dq.astype(q_ref.dtype)
+        dcs = dcs + e * jnp.sum(dyG * q_ref[...].astype(f32), axis=1)
+    if "k" in part:  # through the scores and the chunk's share of the next state
         s = dot(q_ref[...], k_ref[...], tb=True, precision=prec)  # (CR, CR)
-        # dv: through the intra-chunk product and the chunk's share of the next state
-        kdg = dot(k_ref[...], dst_ref[...], tb=True, precision=prec)  # (CR, P)
-        dv = dot((s * W).astype(cdt), dyc, ta=True, precision=prec) + te[:, None] * kdg
-        dv_ref[...] = dv.astype(dv_ref.dtype)
-        dte = jnp.sum(kdg * v_ref[...].astype(f32), axis=1)  # d(to_end * sc) per row
-        dk = (dot(dS, q_ref[...], ta=True, precision=prec)
+        dA = dot(dyc, v_ref[...], tb=True, precision=prec)  # d(masked scores)
+        dk = (dot((dA * W).astype(cdt), q_ref[...], ta=True, precision=prec)
               + te[:, None] * dot(v_ref[...], dst_ref[...], precision=prec))
-        dk_ref[...] = dk.astype(dk_ref.dtype)
+        outs.pop(0)[...] = dk.astype(k_ref.dtype)
         dW = dA * s
         dWe = dW * expo  # strict part, before the key scale
         dWs = dWe * sc[None, :]
-        dsc_ref[...] = jnp.sum(dWe, axis=0) + to_end * dte
-        dgm_ref[...] = jnp.sum(jnp.where(diag, dW, 0.0), axis=1)
-        row = jax.lax.broadcasted_iota(jnp.int32, (CR,), 0)
-        dcs = jnp.sum(dWs, axis=1) - jnp.sum(dWs, axis=0) - te * dte
-        dcs = dcs + jnp.where(row == CR - 1, jnp.sum(te * dte), 0.0)
-    if part in ("all", "dq"):
-        dq_ref = out_refs[0]
-        dyG = dot(dyc, st_ref[...], precision=prec)  # (CR, N): dy @ state entering the chunk
-        dq = dot(dS, k_ref[...], precision=prec) + e[:, None] * dyG
-        dq_ref[...] = dq.astype(dq_ref.dtype)
-        de = e * jnp.sum(dyG * q_ref[...].astype(f32), axis=1)
-        if part == "dq":
-            out_refs[1][...] = de
-        else:
-            dcs = dcs + de
-    if part in ("all", "dkv"):
-        dcs_ref[...] = dcs
+        dsc = dsc + jnp.sum(dWe, axis=0)
+        dcs = dcs + jnp.sum(dWs, axis=1) - jnp.sum(dWs, axis=0)
+        dgm = jnp.sum(jnp.where(diag, dW, 0.0), axis=1)
+    if "v" in part:  # through the masked scores' product and the chunk's share of the next state
+        s = dot(q_ref[...], k_ref[...], tb=True, precision=prec)
+        kdg = dot(k_ref[...], dst_ref[...], tb=True, precision=prec)  # (CR, P)
+        dv = dot((s * W).astype(cdt), dyc, ta=True, precision=prec) + te[:, None] * kdg
+        outs.pop(0)[...] = dv.astype(v_ref.dtype)
+        dte = jnp.sum(kdg * v_ref[...].astype(f32), axis=1)  # d(to_end * sc) per row
+        dsc = dsc + to_end * dte
+        dcs = dcs - te * dte + jnp.where(row == CR - 1, jnp.sum(te * dte), 0.0)
+    outs.pop(0)[...] = dcs
+    if "k" in part or "v" in part:
+        outs.pop(0)[...] = dsc
+    if "k" in part:
+        outs.pop(0)[...] = dgm
 
 
 def backward(cs_: CoreShape, q, k, v, cs, sc, gm, seg, states, dy, dgl):
@@ -288,27 +291,35 @@ def backward(cs_: CoreShape, q, k, v, cs, sc, gm, seg, states, dy, dgl):
                 pl.BlockSpec((SQ, CR), lambda b, h, c: (b, c)), chunk_state, chunk_state,
                 _row_spec(cs_, P)]
     args = (q, k, v, cs, sc, gm, seg, states, dstates, dy)
-    d_q = (_row_spec(cs_, N), jax.ShapeDtypeStruct(q.shape, q.dtype))
-    d_kv = [(_row_spec(cs_, N), jax.ShapeDtypeStruct(k.shape, k.dtype)),
-            (_row_spec(cs_, P), jax.ShapeDtypeStruct(v.shape, v.dtype))]
-    d_scal = [(rows, jax.ShapeDtypeStruct((B, H, Lr), f32))] * 3
+    grad_out = {"q": (_row_spec(cs_, N), jax.ShapeDtypeStruct(q.shape, q.dtype)),
+                "k": (_row_spec(cs_, N), jax.ShapeDtypeStruct(k.shape, k.dtype)),
+                "v": (_row_spec(cs_, P), jax.ShapeDtypeStruct(v.shape, v.dtype))}
+    scalar = (rows, jax.ShapeDtypeStruct((B, H, Lr), f32))
 
-    def call(part, outs, warps):
+    def call(part, warps):
+        outs = [grad_out[x] for x in part] + [scalar] * (1 + ("k" in part or "v" in part)
+                                                        + ("k" in part))
         return pl.pallas_call(
             functools.partial(_grad_kernel, cs_=cs_, part=part),
             grid=(B, H, nc), in_specs=in_specs,
             out_specs=[o[0] for o in outs], out_shape=[o[1] for o in outs],
             interpret=cs_.interpret,
             compiler_params=cs_.params(warps, cs_.blocks.stages_grad),
-            name=f"mamba3_ssd_grad_{part}",
+            name=f"mamba3_ssd_grad_d{part}",
         )(*args)
 
-    if cs_.blocks.split_grad:
-        dq, de = call("dq", [d_q, d_scal[0]], cs_.blocks.warps_grad_dq)
-        dk, dv, dcs, dsc, dgm = call("dkv", d_kv + d_scal, cs_.blocks.warps_grad)
-        dcs = dcs + de
-    else:
-        dq, dk, dv, dcs, dsc, dgm = call("all", [d_q] + d_kv + d_scal, cs_.blocks.warps_grad)
+    parts = {0: ("qkv",), 1: ("q", "kv"), 2: ("q", "k", "v")}[cs_.blocks.split_grad]
+    grads, dcs, dsc = {}, 0.0, 0.0
+    for part in parts:
+        res = list(call(part, cs_.blocks.warps_grad_dq if part == "q" else cs_.blocks.warps_grad))
+        for x in part:
+            grads[x] = res.pop(0)
+        dcs = dcs + res.pop(0)
+        if "k" in part or "v" in part:
+            dsc = dsc + res.pop(0)
+        if "k" in part:
+            dgm = res.pop(0)
+    dq, dk, dv = grads["q"], grads["k"], grads["v"]
     # d(chunk decay) -> the last row's cs: decay = exp(cs_last) unless the chunk has a reset
     csl = cs.reshape(B, H, nc, CR)[..., -1]
     sgl = seg.reshape(B, nc, CR)[:, None, :, -1]

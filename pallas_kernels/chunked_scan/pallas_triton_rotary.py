@@ -5,7 +5,13 @@
 with theta the cumulative rotary angle: inside a chunk a segmented prefix sum of the increments
 (a dot with the 0/1 matrix [s <= t, same segment]), plus the angle A carried into the chunk on
 rows before the chunk's first reset. A (B, nc, H, S) comes from XLA (a short scan over chunk
-totals), so every chunk is independent. Channel pairs are adjacent, (2i, 2i + 1), i < S.
+totals), so every chunk is independent.
+
+Channel layout: the kernels take q, k (and biases) with the N channels permuted so that the
+rotation pairs are the column blocks [0, S) and [S, 2S) (`pair_permutation`): the rotation is
+then elementwise on two tiles, with no pair shuffles. The SSD core does not care (q . k and the
+state's channel order are permuted alike); the caller permutes the initial state in and the
+final state out.
 
 Forward and backward, grid (B, chunks, R, H): one (C, N) tile of one head per program. The
 backward writes the un-rotated gradient per head in the compute dtype (XLA sums a group's heads
@@ -55,16 +61,12 @@ class RotShape:
         return None if self.interpret else compiler_params(self.warps, 1)
 
 
-def _split_pairs(u):
-    """(C, 2S) -> even and odd channels (C, S) each."""
-    c, w = u.shape
-    a, b = jnp.split(u.reshape(c, w // 2, 2), 2, axis=-1)
-    return a.reshape(c, w // 2), b.reshape(c, w // 2)
+def pair_permutation(N: int, S: int):
+    """Channel order with the rotation pairs (2i, 2i + 1) of the model's convention moved to
+    columns (i, S + i); the N - 2S plain channels keep their order at the end."""
+    import numpy as np
 
-
-def _join_pairs(a, b):
-    c, s = a.shape
-    return jnp.concatenate([a.reshape(c, s, 1), b.reshape(c, s, 1)], axis=-1).reshape(c, 2 * s)
+    return np.concatenate([np.arange(0, 2 * S, 2), np.arange(1, 2 * S, 2), np.arange(2 * S, N)])
 
 
 def _theta(inc, a_in, seg, prec):
@@ -83,38 +85,42 @@ def _biased(ref, bias, off, w, cdt):
 
 def _fwd_kernel(q_ref, k_ref, qb_ref, kb_ref, inc_ref, a_ref, sg_ref, qr_ref, kr_ref, *,
                 rs: RotShape):
-    S2, N, cdt = 2 * rs.S, rs.N, jnp.dtype(rs.cdt)
+    S, N, cdt = rs.S, rs.N, jnp.dtype(rs.cdt)
     th, _ = _theta(inc_ref[...].astype(f32), a_ref[...], sg_ref[...], rs.angle_prec)
     cos, sin = jnp.cos(th), jnp.sin(th)
     for src, b_ref, out in ((q_ref, qb_ref, qr_ref), (k_ref, kb_ref, kr_ref)):
-        a, b = _split_pairs(_biased(src, b_ref[pl.ds(0, S2)], 0, S2, cdt))
-        out[:, pl.ds(0, S2)] = _join_pairs(a * cos - b * sin, a * sin + b * cos).astype(out.dtype)
-        if N > S2:
-            out[:, pl.ds(S2, N - S2)] = _biased(src, b_ref[pl.ds(S2, N - S2)], S2, N - S2,
-                                                cdt).astype(out.dtype)
+        a = _biased(src, b_ref[pl.ds(0, S)], 0, S, cdt)  # pair member 1 of each rotated pair
+        b = _biased(src, b_ref[pl.ds(S, S)], S, S, cdt)  # pair member 2
+        out[:, pl.ds(0, S)] = (a * cos - b * sin).astype(out.dtype)
+        out[:, pl.ds(S, S)] = (a * sin + b * cos).astype(out.dtype)
+        if N > 2 * S:
+            out[:, pl.ds(2 * S, N - 2 * S)] = _biased(
+                src, b_ref[pl.ds(2 * S, N - 2 * S)], 2 * S, N - 2 * S, cdt).astype(out.dtype)
 
 
 def _bwd_kernel(q_ref, k_ref, qb_ref, kb_ref, inc_ref, a_ref, sg_ref, dqr_ref, dkr_ref,
                 dq_ref, dk_ref, dqb_ref, dkb_ref, dinc_ref, da_ref, *, rs: RotShape):
     """One head and chunk: un-rotated gradients (summed over the group's heads by XLA), the
     bias gradients' partial sums over the chunk, d(increments) and d(angle carried in)."""
-    S2, N, cdt = 2 * rs.S, rs.N, jnp.dtype(rs.cdt)
+    S, N, cdt = rs.S, rs.N, jnp.dtype(rs.cdt)
     seg = sg_ref[...]
     th, tri = _theta(inc_ref[...].astype(f32), a_ref[...], seg, rs.angle_prec)
     cos, sin = jnp.cos(th), jnp.sin(th)
     dth = jnp.zeros(th.shape, f32)
     for src, b_ref, d_ref, out, db_ref in ((q_ref, qb_ref, dqr_ref, dq_ref, dqb_ref),
                                            (k_ref, kb_ref, dkr_ref, dk_ref, dkb_ref)):
-        a, b = _split_pairs(_biased(src, b_ref[pl.ds(0, S2)], 0, S2, cdt))
-        da, db = _split_pairs(d_ref[:, pl.ds(0, S2)].astype(f32))
+        a = _biased(src, b_ref[pl.ds(0, S)], 0, S, cdt)
+        b = _biased(src, b_ref[pl.ds(S, S)], S, S, cdt)
+        da = d_ref[:, pl.ds(0, S)].astype(f32)
+        db = d_ref[:, pl.ds(S, S)].astype(f32)
         dth = dth + db * (a * cos - b * sin) - da * (a * sin + b * cos)
-        du = _join_pairs(da * cos + db * sin, db * cos - da * sin)  # R(theta)^T d
-        out[:, pl.ds(0, S2)] = du.astype(out.dtype)
-        db_ref[pl.ds(0, S2)] = jnp.sum(du, axis=0)
-        if N > S2:
-            dp = d_ref[:, pl.ds(S2, N - S2)]
-            out[:, pl.ds(S2, N - S2)] = dp.astype(out.dtype)
-            db_ref[pl.ds(S2, N - S2)] = jnp.sum(dp.astype(f32), axis=0)
+        for off, du in ((0, da * cos + db * sin), (S, db * cos - da * sin)):  # R(theta)^T d
+            out[:, pl.ds(off, S)] = du.astype(out.dtype)
+            db_ref[pl.ds(off, S)] = jnp.sum(du, axis=0)
+        if N > 2 * S:
+            dp = d_ref[:, pl.ds(2 * S, N - 2 * S)]
+            out[:, pl.ds(2 * S, N - 2 * S)] = dp.astype(out.dtype)
+            db_ref[pl.ds(2 * S, N - 2 * S)] = jnp.sum(dp.astype(f32), axis=0)
     dinc_ref[...] = dot(tri, dth, ta=True, precision=rs.angle_prec)
     da_ref[...] = jnp.sum(jnp.where(seg == 0, 1.0, 0.0)[:, None] * dth, axis=0)
 
