@@ -23,8 +23,11 @@ Reported per case: compile s (lower + compile of the train step), first step s (
 first step, what a run waits before its first log line), step ms (mean over the timed steps),
 tokens/s, tokens/s per device, MFU (`mamba3_jax.training.flops`: model FLOPs only, no recompute),
 peak device memory (allocator peak; `hlo GiB` is XLA's own estimate: arguments + temporaries),
-the final loss (finite, ~ln V on random tokens) and the SSM backend used. The table is printed
-last; `$OUT/bench_train.json` and `$OUT/bench_train.md` get the rows when `$OUT` is set.
+the final loss (finite, ~ln V on random tokens) and the SSM backend used. Like the training
+command, a config with `train.deterministic` (the default) runs with
+`--xla_gpu_deterministic_ops=true`; `--set train.deterministic=False` measures without it.
+The table is printed last; `$OUT/bench_train.json` and `$OUT/bench_train.md` get the rows when
+`$OUT` is set.
 """
 
 from __future__ import annotations
@@ -46,9 +49,9 @@ sys.path.insert(0, str(REPO))
 #        per-device microbatch, microbatches). Sized for a few seconds per step on one H200.
 CASES = {
     "180m": ("configs/paper.py", "180m", 100352, 16, 2),
-    "1.5b": ("configs/paper.py", "1.5b", 100352, 4, 2),
+    "1.5b": ("configs/paper.py", "1.5b", 100352, 8, 2),
     "180m_mimo": ("configs/paper.py", "180m_mimo", 100352, 16, 2),
-    "1.5b_mimo": ("configs/paper.py", "1.5b_mimo", 100352, 4, 2),
+    "1.5b_mimo": ("configs/paper.py", "1.5b_mimo", 100352, 8, 2),
     "small_gpu": ("configs/small_gpu.py", "siso", 50304, 32, 1),
     "small_gpu_mimo": ("configs/small_gpu.py", "mimo", 50304, 32, 1),
     # --smoke (CPU): a 2-layer byte model on short sequences
@@ -155,6 +158,8 @@ def run_case(case: dict) -> dict:
         "device_kind": devices[0].device_kind, "jax": jax.__version__,
         "params": tr.model_cfg.num_params(), "scan_layers": tr.model_cfg.scan_layers,
         "remat": str(config.train.remat), "backend": resolve(tr.model_cfg.scan_backend)[0],
+        "xla_deterministic": "--xla_gpu_deterministic_ops=true" in os.environ.get("XLA_FLAGS",
+                                                                                 ""),
         "seq_len": int(config.data.seq_len), "micro_per_device": case["micro"],
         "grad_accum": case["accum"], "tokens_per_step": tr.tokens_per_step,
         "flops_per_token": tr.flops_per_token, "compile_s": round(compile_s, 2),
@@ -169,8 +174,12 @@ def run_case(case: dict) -> dict:
 
 
 def run_in_subprocess(case: dict, timeout: float) -> dict:
+    from mamba3_jax.training.preflight import with_deterministic_flag
+
     cmd = [sys.executable, str(Path(__file__).resolve()), "--case", json.dumps(case)]
     env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    if case_config(case).train.deterministic:  # as `mamba3_jax.train` runs it (GPU flag)
+        env["XLA_FLAGS"] = with_deterministic_flag(env.get("XLA_FLAGS", ""))
     try:
         r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     except subprocess.TimeoutExpired:

@@ -38,13 +38,15 @@ def _scan(h, w, targets, mask, chunk: int, with_grads: bool):
         hc, tc, mc = xs
         logits = jnp.einsum("bcd,dv->bcv", hc, wc, preferred_element_type=f32)
         lse = jax.nn.logsumexp(logits, axis=-1)
-        onehot = jax.nn.one_hot(tc, logits.shape[-1], dtype=f32)
-        nll = lse - jnp.sum(logits * onehot, axis=-1)
+        nll = lse - jnp.take_along_axis(logits, tc[..., None], axis=-1)[..., 0]
         hits = (jnp.argmax(logits, -1) == tc).astype(f32)
         sums = (jnp.sum(nll * mc), jnp.sum(hits * mc))
         if not with_grads:
             return dw, (sums, None)
-        dlogits = ((jnp.exp(logits - lse[..., None]) - onehot) * mc[..., None]).astype(h.dtype)
+        # softmax - onehot without a materialised (B, chunk, V) one-hot: a fused compare
+        p = jnp.exp(logits - lse[..., None])
+        is_target = jnp.arange(logits.shape[-1]) == tc[..., None]
+        dlogits = (jnp.where(is_target, p - 1.0, p) * mc[..., None]).astype(h.dtype)
         dh = jnp.einsum("bcv,dv->bcd", dlogits, wc, preferred_element_type=f32)
         dw = dw + jnp.einsum("bcd,bcv->dv", hc, dlogits, preferred_element_type=f32)
         return dw, (sums, dh.astype(h.dtype))
