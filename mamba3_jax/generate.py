@@ -59,9 +59,11 @@ def check_prompt(prompt, vocab_size: int) -> None:
     if not jnp.issubdtype(jnp.result_type(prompt), jnp.integer):
         raise ValueError(f"prompt must hold integer token ids, got dtype "
                          f"{jnp.result_type(prompt)}")
-    if isinstance(prompt, jax.core.Tracer):
-        return
-    lo, hi = int(jnp.min(prompt)), int(jnp.max(prompt))
+    try:
+        ids = np.asarray(prompt)
+    except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+        return  # traced: the values are not known here
+    lo, hi = int(ids.min()), int(ids.max())
     if lo < 0 or hi >= vocab_size:
         bad = lo if lo < 0 else hi
         raise ValueError(f"prompt holds token id {bad}, outside the vocabulary [0, {vocab_size})")
