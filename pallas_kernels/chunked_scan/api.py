@@ -22,7 +22,6 @@ from typing import Optional
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from mamba3_jax.ops.mixer import gate_output
 from mamba3_jax.ops.rotary import TWO_PI, rotate
@@ -30,7 +29,12 @@ from mamba3_jax.ops.ssm import SSMInputs, SSMState, lift
 from pallas_kernels._compat import KernelUnsupported, is_pow2
 from pallas_kernels.chunked_scan import pallas_triton
 from pallas_kernels.chunked_scan.pallas_triton import CoreShape, TritonBlocks
-from pallas_kernels.chunked_scan.pallas_triton_rotary import RotShape, pair_permutation, rotate_qk
+from pallas_kernels.chunked_scan.pallas_triton_rotary import (
+    RotShape,
+    from_pair_blocks,
+    rotate_qk,
+    to_pair_blocks,
+)
 
 f32 = jnp.float32
 
@@ -113,9 +117,9 @@ def _rows(a, R: int):
 
 
 def prepare_rows(inp: SSMInputs, state: SSMState, mimo_x, C: int, cdt, *, interpret: bool,
-                 rotary: str = "kernel", warps_rotary: int = 4):
+                 rotary: str = "kernel", warps_rotary: int = 4, angle_mode: str = "tf32x3"):
     """The pre-pass: the core's operands, the angle at the last token, k rows, padded length and
-    the channel permutation of q, k and the state (None: model order).
+    whether q, k and the state have their channels in `to_pair_blocks` order.
     rotary: 'kernel' (bias + rotation in `rotate_qk`) or 'xla'."""
     B, L, R, G, N = inp.q.shape
     H = inp.x.shape[2]
@@ -130,19 +134,20 @@ def prepare_rows(inp: SSMInputs, state: SSMState, mimo_x, C: int, cdt, *, interp
     eta = jnp.where(reset[..., None], 0.0, inp.eta.astype(f32))
     scale = inp.gamma.astype(f32) + jnp.concatenate([eta[:, 1:], jnp.zeros_like(eta[:, :1])], 1)
     seg = jnp.cumsum(padt(reset).reshape(B, Lp // C, C).astype(jnp.int32), axis=2).reshape(B, Lp)
-    perm = None
+    permuted = False
     if S and rotary == "kernel":
         inc = padt(inp.angle_inc.astype(f32))
         carry = chunk_carry(inc, seg, state.angle, C)
         theta_last = theta_at(inc, seg, carry, L - 1, C)
         rs = RotShape(B=B, nc=Lp // C, C=C, R=R, G=G, H=H, N=N, S=S, cdt=jnp.dtype(cdt).name,
-                      interpret=interpret, warps=warps_rotary)
-        perm = pair_permutation(N, S)
+                      interpret=interpret, warps=warps_rotary, angle_mode=angle_mode)
+        permuted = True
 
         def bias(b):
-            return jnp.zeros((H, R, N), f32) if b is None else b.astype(f32)[..., perm]
+            return jnp.zeros((H, R, N), f32) if b is None else to_pair_blocks(b.astype(f32), S)
 
-        q, k = rotate_qk(rs, padt(inp.q).astype(cdt)[..., perm], padt(inp.k).astype(cdt)[..., perm],
+        q, k = rotate_qk(rs, to_pair_blocks(padt(inp.q).astype(cdt), S),
+                         to_pair_blocks(padt(inp.k).astype(cdt), S),
                          bias(inp.q_bias), bias(inp.k_bias), inc, carry, seg)
         q, k = (u.reshape(B, Lp * R, H, N) for u in (q, k))
     else:
@@ -150,7 +155,8 @@ def prepare_rows(inp: SSMInputs, state: SSMState, mimo_x, C: int, cdt, *, interp
         theta_last = theta[:, L - 1] if S else None
         q = _per_head_rows(padt(inp.q), inp.q_bias, theta, H, cdt)
         k = _per_head_rows(padt(inp.k), inp.k_bias, theta, H, cdt)
-    v = padt(lift(inp.x, mimo_x)).astype(cdt).reshape(B, Lp * R, H, -1)
+    v = inp.x.astype(cdt) if mimo_x is None else lift(inp.x, mimo_x).astype(cdt)  # SISO: x
+    v = padt(v).reshape(B, Lp * R, H, -1)
     cs = jnp.cumsum(padt(inp.log_decay.astype(f32)).reshape(B, Lp // C, C, H), axis=2)
     cs = _rows(cs.reshape(B, Lp, H), R)
     sc, gm = _rows(padt(scale), R), _rows(padt(inp.gamma.astype(f32)), R)
@@ -159,9 +165,9 @@ def prepare_rows(inp: SSMInputs, state: SSMState, mimo_x, C: int, cdt, *, interp
     kv0 = jnp.einsum("brhp,brhn->bhpn", lift(state.x_prev, mimo_x), state.k_prev.astype(f32),
                      precision=jax.lax.Precision.HIGHEST)
     g0 = state.h.astype(f32) + eta[:, 0, :, None, None] * kv0
-    if perm is not None:
-        g0 = g0[..., perm]
-    return (q, k, v, cs, sc, gm, seg_rows, g0), theta_last, k, Lp, perm
+    if permuted:
+        g0 = to_pair_blocks(g0, S)
+    return (q, k, v, cs, sc, gm, seg_rows, g0), theta_last, k, Lp, permuted
 
 
 # ----------------------------------------------------------------------------- registry
@@ -209,9 +215,9 @@ def chunked_scan(inp: SSMInputs, state: SSMState, *, z, D, mimo_x=None, mimo_z=N
     if rotary not in ("kernel", "xla"):
         raise ValueError(
             f"rotary must be 'kernel' or 'xla', got {rotary!r}")
-    ops, theta_last, k_rows, Lp, perm = prepare_rows(
+    ops, theta_last, k_rows, Lp, permuted = prepare_rows(
         inp, state, mimo_x, C, cdt, interpret=interpret, rotary=rotary,
-        warps_rotary=blocks.warps_rotary)
+        warps_rotary=blocks.warps_rotary, angle_mode=blocks.angle_mode)
     shape = CoreShape(B=B, H=H, nc=Lp // C, C=C, R=R, N=N, P=P, cdt=cdt.name,
                       interpret=bool(interpret), blocks=blocks)
     try:
@@ -223,9 +229,8 @@ def chunked_scan(inp: SSMInputs, state: SSMState, *, z, D, mimo_x=None, mimo_z=N
     y = y.reshape(B, Lp, R, H, P)[:, :L]
     out = gate_output(y, inp.x, z, D, mimo_x, mimo_z, mimo_o, norm_weight, norm_eps)
     last = k_rows.reshape(B, Lp, R, H, N)[:, L - 1]
-    if perm is not None:  # back to the model's channel order
-        inv = np.argsort(perm)
-        last, g_last = last[..., inv], g_last[..., inv]
+    if permuted:  # back to the model's channel order
+        last, g_last = from_pair_blocks(last, S), from_pair_blocks(g_last, S)
     final = SSMState(
         angle=jnp.mod(theta_last, TWO_PI) if S else state.angle.astype(f32),
         h=g_last.astype(state.h.dtype),

@@ -119,7 +119,7 @@ def impls(args):
             out["xla chunked"] = functools.partial(backends.BACKENDS["chunked"], chunk_size=64)
             continue
         kw = dict(kv.split("=") for kv in spec.split(";") if "=" in kv) if spec != "ours" else {}
-        blocks = TritonBlocks(**{k: (v if k == "f32_mode" else int(v)) for k, v in kw.items()})
+        blocks = TritonBlocks(**{k: (int(v) if v.isdigit() else v) for k, v in kw.items()})
         out[f"ours {spec}"] = functools.partial(chunked_scan, interpret=interp, blocks=blocks)
     return out
 

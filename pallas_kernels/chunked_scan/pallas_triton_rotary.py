@@ -8,7 +8,7 @@ rows before the chunk's first reset. A (B, nc, H, S) comes from XLA (a short sca
 totals), so every chunk is independent.
 
 Channel layout: the kernels take q, k (and biases) with the N channels permuted so that the
-rotation pairs are the column blocks [0, S) and [S, 2S) (`pair_permutation`): the rotation is
+rotation pairs are the column blocks [0, S) and [S, 2S) (`to_pair_blocks`): the rotation is
 then elementwise on two tiles, with no pair shuffles. The SSD core does not care (q . k and the
 state's channel order are permuted alike); the caller permutes the initial state in and the
 final state out.
@@ -47,26 +47,35 @@ class RotShape:
     cdt: str
     interpret: bool
     warps: int = 4
+    angle_mode: str = "tf32x3"  # the prefix-sum dots on the GPU: 'tf32x3' or 'ieee' (exact FMA)
 
     @property
     def hg(self) -> int:
         return self.H // self.G
 
     @property
-    def angle_prec(self):  # float32 prefix sums: exact in interpret mode, 3xTF32 on the GPU
-        return dot_precision(f32, self.interpret, "tf32x3")
+    def angle_prec(self):  # float32 prefix sums: exact in interpret mode
+        return dot_precision(f32, self.interpret, self.angle_mode)
 
     @property
     def params(self):
         return None if self.interpret else compiler_params(self.warps, 1)
 
 
-def pair_permutation(N: int, S: int):
-    """Channel order with the rotation pairs (2i, 2i + 1) of the model's convention moved to
-    columns (i, S + i); the N - 2S plain channels keep their order at the end."""
-    import numpy as np
+def to_pair_blocks(u, S: int):
+    """(..., N) in the model's channel order (pairs (2i, 2i + 1)) -> pairs in columns (i, S + i);
+    the N - 2S plain channels stay at the end. A reshape and a transpose (no gather, so its
+    transpose under autodiff is no scatter)."""
+    lead = u.shape[:-1]
+    rot = jnp.swapaxes(u[..., :2 * S].reshape(lead + (S, 2)), -1, -2).reshape(lead + (2 * S,))
+    return jnp.concatenate([rot, u[..., 2 * S:]], axis=-1)
 
-    return np.concatenate([np.arange(0, 2 * S, 2), np.arange(1, 2 * S, 2), np.arange(2 * S, N)])
+
+def from_pair_blocks(u, S: int):
+    """Inverse of `to_pair_blocks`."""
+    lead = u.shape[:-1]
+    rot = jnp.swapaxes(u[..., :2 * S].reshape(lead + (2, S)), -1, -2).reshape(lead + (2 * S,))
+    return jnp.concatenate([rot, u[..., 2 * S:]], axis=-1)
 
 
 def _theta(inc, a_in, seg, prec):
