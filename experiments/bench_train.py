@@ -48,9 +48,9 @@ sys.path.insert(0, str(REPO))
 # name: (config file, its argument, vocabulary of the real tokenizer padded as the config does,
 #        per-device microbatch, microbatches). Sized for a few seconds per step on one H200.
 CASES = {
-    "180m": ("configs/paper.py", "180m", 100352, 16, 2),
+    "180m": ("configs/paper.py", "180m", 100352, 32, 2),
     "1.5b": ("configs/paper.py", "1.5b", 100352, 8, 2),
-    "180m_mimo": ("configs/paper.py", "180m_mimo", 100352, 16, 2),
+    "180m_mimo": ("configs/paper.py", "180m_mimo", 100352, 32, 2),
     "1.5b_mimo": ("configs/paper.py", "1.5b_mimo", 100352, 8, 2),
     "small_gpu": ("configs/small_gpu.py", "siso", 50304, 32, 1),
     "small_gpu_mimo": ("configs/small_gpu.py", "mimo", 50304, 32, 1),
