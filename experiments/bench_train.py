@@ -58,7 +58,8 @@ CASES = {
     "tiny": ("configs/tiny_cpu.py", "", 257, 2, 2),
 }
 DEFAULT_CONFIGS = "180m,1.5b,180m_mimo,small_gpu"
-SMOKE_OVERRIDES = ("data.seq_len=64", "model.scan_layers=True", "train.remat=full")
+SMOKE_OVERRIDES = ("data.seq_len=64", "model.scan_layers=True", "train.remat=full",
+                   "train.loss_chunk=32")
 
 
 def load_config(path: str, arg: str):
