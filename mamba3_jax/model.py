@@ -58,7 +58,8 @@ def remat_policy(spec: str) -> Optional[Callable]:
 
 
 def apply_layer(graphdef, remat: str, *, prevent_cse: bool = True) -> Callable:
-    """(layer state, h, cache, reset) -> (h, cache) of one Block, rematerialised per `remat`."""
+    """(layer state, h, cache, reset, backend) -> (h, cache) of one Block, rematerialised per
+    `remat` (backend is static)."""
     def fn(state, h, cache, reset, backend):
         return nnx.merge(graphdef, state)(h, reset=reset, cache=cache, backend=backend)
 
