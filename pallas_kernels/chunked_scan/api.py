@@ -18,6 +18,8 @@ XLA's autodiff of the pre- and post-pass carries the core's gradients back to th
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 from typing import Optional
 
 import jax
@@ -25,10 +27,11 @@ import jax.numpy as jnp
 
 from mamba3_jax.ops.mixer import gate_output
 from mamba3_jax.ops.rotary import TWO_PI, rotate
-from mamba3_jax.ops.ssm import SSMInputs, SSMState, lift
+from mamba3_jax.ops.ssm import SSMInputs, SSMState, lift, per_head
 from pallas_kernels._compat import KernelUnsupported, is_pow2
 from pallas_kernels.chunked_scan import pallas_triton
 from pallas_kernels.chunked_scan.pallas_triton import CoreShape, TritonBlocks
+from pallas_kernels.chunked_scan.pallas_triton_fused import fused_forward
 from pallas_kernels.chunked_scan.pallas_triton_rotary import (
     RotShape,
     from_pair_blocks,
@@ -193,41 +196,34 @@ def check_supported(inp: SSMInputs, C: int, interpret: bool):
     _check(is_pow2(P) and P >= 16, f"headdim {P} must be a power of two >= 16")
 
 
-def chunked_scan(inp: SSMInputs, state: SSMState, *, z, D, mimo_x=None, mimo_z=None,
-                 mimo_o=None, norm_weight=None, chunk_size: int = 64, norm_eps: float = 1e-5,
-                 interpret: bool = False, blocks: Optional[TritonBlocks] = None,
-                 impl: str = "pallas_triton", rotary: str = "kernel"):
-    """`backends.mixer_core`'s contract on the chunk-parallel kernels: (out (B, L, H, P) f32,
-    final state). chunk_size is in tokens (rows per chunk: chunk_size * R)."""
-    blocks = blocks or TritonBlocks()
-    C = int(chunk_size)
-    check_supported(inp, C, interpret)
+@dataclasses.dataclass(frozen=True)
+class _Opts:
+    """Static options of one call (hashable: a nondiff argument of the custom_vjp)."""
+
+    C: int
+    interpret: bool
+    blocks: TritonBlocks
+    impl: str
+    rotary: str
+    norm_eps: float
+
+
+def _rows_path(o: _Opts, inp, state, z, D, mimo_x=None, mimo_z=None, mimo_o=None,
+               norm_weight=None):
+    """Rotated q, k rows per head (`rotate_qk`), the SSD core, the gate in XLA: the training
+    path (every piece has its backward)."""
     B, L, R, G, N = inp.q.shape
     H, P = inp.x.shape[2], inp.x.shape[3]
-    _check(blocks.bp == 0 or (is_pow2(blocks.bp) and blocks.bp >= 16 and P % blocks.bp == 0),
-           f"block bp {blocks.bp} must be a power of two >= 16 dividing P = {P}")
-    cdt = jnp.dtype(inp.x.dtype)
     S = inp.angle_inc.shape[-1]
-    plain = N - 2 * S
-    if not interpret and S and not (S >= 16 and is_pow2(S) and (plain == 0 or (
-            is_pow2(plain) and plain >= 16))):
-        rotary = "xla"  # Triton tiles need power-of-two widths >= 16: rotate in XLA instead
-    if rotary not in ("kernel", "xla"):
-        raise ValueError(
-            f"rotary must be 'kernel' or 'xla', got {rotary!r}")
+    cdt = jnp.dtype(inp.x.dtype)
     ops, theta_last, k_rows, Lp, permuted = prepare_rows(
-        inp, state, mimo_x, C, cdt, interpret=interpret, rotary=rotary,
-        warps_rotary=blocks.warps_rotary, angle_mode=blocks.angle_mode)
-    shape = CoreShape(B=B, H=H, nc=Lp // C, C=C, R=R, N=N, P=P, cdt=cdt.name,
-                      interpret=bool(interpret), blocks=blocks)
-    try:
-        core = IMPLEMENTATIONS[impl]
-    except KeyError:
-        raise ValueError(
-            f"unknown implementation {impl!r}; have {sorted(IMPLEMENTATIONS)}") from None
-    y, g_last = core(shape, *ops)
+        inp, state, mimo_x, o.C, cdt, interpret=o.interpret, rotary=o.rotary,
+        warps_rotary=o.blocks.warps_rotary, angle_mode=o.blocks.angle_mode)
+    shape = CoreShape(B=B, H=H, nc=Lp // o.C, C=o.C, R=R, N=N, P=P, cdt=cdt.name,
+                      interpret=o.interpret, blocks=o.blocks)
+    y, g_last = IMPLEMENTATIONS[o.impl](shape, *ops)
     y = y.reshape(B, Lp, R, H, P)[:, :L]
-    out = gate_output(y, inp.x, z, D, mimo_x, mimo_z, mimo_o, norm_weight, norm_eps)
+    out = gate_output(y, inp.x, z, D, mimo_x, mimo_z, mimo_o, norm_weight, o.norm_eps)
     last = k_rows.reshape(B, Lp, R, H, N)[:, L - 1]
     if permuted:  # back to the model's channel order
         last, g_last = from_pair_blocks(last, S), from_pair_blocks(g_last, S)
@@ -236,4 +232,95 @@ def chunked_scan(inp: SSMInputs, state: SSMState, *, z, D, mimo_x=None, mimo_z=N
         h=g_last.astype(state.h.dtype),
         k_prev=last.astype(state.k_prev.dtype),
         x_prev=inp.x[:, -1].astype(state.x_prev.dtype))
-    return out, final
+    return out.astype(cdt), final
+
+
+def _fused_path(o: _Opts, inp, state, z, D):
+    """Inference (SISO, no RMSNorm, rotation kernel-sized): `pallas_triton_fused`."""
+    B, L, _, G, N = inp.q.shape
+    H = inp.x.shape[2]
+    S = inp.angle_inc.shape[-1]
+    C, cdt = o.C, jnp.dtype(inp.x.dtype)
+    Lp = -(-L // C) * C
+
+    def padt(a):
+        return jnp.pad(a, [(0, 0), (0, Lp - L)] + [(0, 0)] * (a.ndim - 2)) if Lp > L else a
+
+    reset = jnp.zeros((B, L), bool) if inp.reset is None else inp.reset
+    eta = jnp.where(reset[..., None], 0.0, inp.eta.astype(f32))
+    scale = inp.gamma.astype(f32) + jnp.concatenate([eta[:, 1:], jnp.zeros_like(eta[:, :1])], 1)
+    seg = jnp.cumsum(padt(reset).reshape(B, Lp // C, C).astype(jnp.int32), axis=2).reshape(B, Lp)
+    cs = jnp.cumsum(padt(inp.log_decay.astype(f32)).reshape(B, Lp // C, C, H), axis=2)
+    cs, sc, gm = (jnp.swapaxes(a.reshape(B, Lp, H), 1, 2)
+                  for a in (cs, padt(scale), padt(inp.gamma.astype(f32))))
+    kv0 = jnp.einsum("bhp,bhn->bhpn", state.x_prev.astype(f32), state.k_prev[:, 0].astype(f32),
+                     precision=jax.lax.Precision.HIGHEST)
+    g0 = to_pair_blocks(state.h.astype(f32) + eta[:, 0, :, None, None] * kv0, S)
+
+    def bias(b):  # (H, 1, N) or None -> (H, N) f32, pair-block order
+        return jnp.zeros((H, N), f32) if b is None else to_pair_blocks(b[:, 0].astype(f32), S)
+
+    def group(v):  # (B, L, 1, G, N) -> (B, Lp, G, N), pair-block order
+        return to_pair_blocks(padt(v[:, :, 0]).astype(cdt), S)
+
+    out, g_last, a_last = fused_forward(
+        group(inp.q), group(inp.k), bias(inp.q_bias), bias(inp.k_bias),
+        padt(inp.angle_inc.astype(f32)), state.angle.astype(f32), padt(inp.x.astype(cdt)),
+        padt(z.astype(cdt)), D, cs, sc, gm, seg, g0, C=C, interpret=o.interpret,
+        warps_state=o.blocks.warps_state, warps_output=o.blocks.warps_output,
+        angle_mode=o.blocks.angle_mode, f32_mode=o.blocks.f32_mode)
+    k_last = per_head(inp._replace(q=inp.q[:, -1:], k=inp.k[:, -1:])).k[:, 0]  # (B, 1, H, N)
+    final = SSMState(angle=a_last, h=from_pair_blocks(g_last, S).astype(state.h.dtype),
+                     k_prev=rotate(k_last, a_last[:, None]).astype(cdt).astype(
+                         state.k_prev.dtype),
+                     x_prev=inp.x[:, -1].astype(state.x_prev.dtype))
+    return out[:, :L], final
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _fused_inference(o: _Opts, inp, state, z, D):
+    """The fused kernels when not differentiated; under autodiff the training path runs and
+    its VJP is used (custom_vjp: the primal only runs outside differentiation)."""
+    return _fused_path(o, inp, state, z, D)
+
+
+def _fi_fwd(o, inp, state, z, D):
+    return jax.vjp(functools.partial(_rows_path, o), inp, state, z, D)
+
+
+def _fi_bwd(o, vjp, ct):
+    return vjp(ct)
+
+
+_fused_inference.defvjp(_fi_fwd, _fi_bwd)
+
+
+def chunked_scan(inp: SSMInputs, state: SSMState, *, z, D, mimo_x=None, mimo_z=None,
+                 mimo_o=None, norm_weight=None, chunk_size: int = 64, norm_eps: float = 1e-5,
+                 interpret: bool = False, blocks: Optional[TritonBlocks] = None,
+                 impl: str = "pallas_triton", rotary: str = "kernel"):
+    """`backends.mixer_core`'s contract on the chunk-parallel kernels: (out (B, L, H, P) in the
+    input dtype, final state). chunk_size is in tokens (rows per chunk: chunk_size * R).
+    Outside autodiff, SISO without the RMSNorm runs the fused inference kernels."""
+    blocks = blocks or TritonBlocks()
+    C = int(chunk_size)
+    check_supported(inp, C, interpret)
+    R, N, P = inp.q.shape[2], inp.q.shape[4], inp.x.shape[3]
+    _check(blocks.bp == 0 or (is_pow2(blocks.bp) and blocks.bp >= 16 and P % blocks.bp == 0),
+           f"block bp {blocks.bp} must be a power of two >= 16 dividing P = {P}")
+    S = inp.angle_inc.shape[-1]
+    plain = N - 2 * S
+    if not interpret and S and not (S >= 16 and is_pow2(S) and (plain == 0 or (
+            is_pow2(plain) and plain >= 16))):
+        rotary = "xla"  # Triton tiles need power-of-two widths >= 16: rotate in XLA instead
+    if rotary not in ("kernel", "xla"):
+        raise ValueError(
+            f"rotary must be 'kernel' or 'xla', got {rotary!r}")
+    if impl not in IMPLEMENTATIONS:
+        raise ValueError(f"unknown implementation {impl!r}; have {sorted(IMPLEMENTATIONS)}")
+    o = _Opts(C=C, interpret=bool(interpret), blocks=blocks, impl=impl, rotary=rotary,
+              norm_eps=float(norm_eps))
+    if (blocks.fused_inference and rotary == "kernel" and S and R == 1 and mimo_x is None
+            and norm_weight is None):
+        return _fused_inference(o, inp, state, z, D)
+    return _rows_path(o, inp, state, z, D, mimo_x, mimo_z, mimo_o, norm_weight)

@@ -54,6 +54,7 @@ class TritonBlocks:
     split_grad: int = 1  # per-chunk gradient kernels: 0 one, 1 dq | dk dv, 2 dq | dk | dv
     warps_grad_dq: int = 4
     warps_rotary: int = 4
+    fused_inference: int = 1  # outside autodiff, SISO without RMSNorm: `pallas_triton_fused`
     angle_mode: str = "tf32x3"  # rotation kernels' prefix-sum dots: 'tf32x3' or 'ieee'
     f32_mode: str = "tf32x3"
 

@@ -52,7 +52,7 @@ def test_forward(R, dtype, resets, groups):
     inp, state, p = make_problem(0, B, L, R, H, N, P, S, jnp.dtype(dtype), resets, groups=groups)
     want, want_state = reference(inp, state, **p)
     got, got_state = kernel(inp, state, 16 // R, **p)
-    assert got.shape == want.shape and got.dtype == jnp.float32
+    assert got.shape == want.shape and got.dtype == inp.x.dtype
     assert rel(got, want) < TOL[dtype], rel(got, want)
     check_state(got_state, want_state, TOL[dtype])
 
@@ -66,6 +66,11 @@ def test_forward_p_blocks_norm_and_no_rotation_and_xla_rotary():
     assert rel(got, want) < TOL["float32"]
     got_xla, _ = kernel(inp, state, 16, rotary="xla", **p)
     assert rel(got_xla, got) < 1e-6
+    # the fused inference kernels (the default outside autodiff) == the training path's kernels
+    got_rows, rows_state = kernel(inp, state, 16, TritonBlocks(fused_inference=0), **p)
+    got, got_state = kernel(inp, state, 16, **p)
+    assert rel(got, got_rows) < 1e-6
+    check_state(got_state, rows_state, 1e-6)
     inp, state, p = make_problem(2, B, 24, 2, H, N, P, 0, jnp.float32, True, norm=True)
     want, want_state = reference(inp, state, **p)
     got, got_state = kernel(inp, state, 8, **p)
@@ -82,6 +87,13 @@ def vjp_all(fn, inp, state, p, ct):
 
     return jax.jit(lambda args, ct: jax.vjp(f, *args)[1](ct))(
         (inp, state, *[p[n] for n in names]), ct)
+
+
+def cast_like(ct, fn, inp, state, p):
+    """The cotangent ct in the dtypes of fn's outputs (the kernels return the input dtype)."""
+    shapes = jax.eval_shape(lambda: fn(inp, state, **p))
+    return jax.tree.map(lambda c, s: None if c is None else c.astype(s.dtype), ct, shapes,
+                        is_leaf=lambda c: c is None)
 
 
 def check_grads(got, want, tol):
@@ -107,8 +119,8 @@ def test_gradients(R, dtype, resets, norm, groups, split):
                                  groups=groups)
     ct = random_like(reference(inp, state, **p), 7)
     want = vjp_all(reference, inp, state, p, ct)
-    got = vjp_all(functools.partial(kernel, chunk=16 // R, blocks=TritonBlocks(split_grad=split)),
-                  inp, state, p, ct)
+    fn = functools.partial(kernel, chunk=16 // R, blocks=TritonBlocks(split_grad=split))
+    got = vjp_all(fn, inp, state, p, cast_like(ct, fn, inp, state, p))
     check_grads(got, want, GRAD_TOL[dtype])
 
 
