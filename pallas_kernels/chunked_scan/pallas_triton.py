@@ -54,7 +54,10 @@ class TritonBlocks:
     split_grad: int = 1  # per-chunk gradient kernels: 0 one, 1 dq | dk dv, 2 dq | dk | dv
     warps_grad_dq: int = 4
     warps_rotary: int = 4
-    fused_inference: int = 1  # outside autodiff, SISO without RMSNorm: `pallas_triton_fused`
+    # 1: outside autodiff, SISO without RMSNorm, the two-kernel `pallas_triton_fused` path.
+    # Off: 2x slower on an H200 as written (its sequential pass rotates k in the chunk loop
+    # on only B*H programs); kept, tested, for the next round (docs/kernels.md).
+    fused_inference: int = 0
     angle_mode: str = "tf32x3"  # rotation kernels' prefix-sum dots: 'tf32x3' or 'ieee'
     f32_mode: str = "tf32x3"
 

@@ -66,9 +66,9 @@ def test_forward_p_blocks_norm_and_no_rotation_and_xla_rotary():
     assert rel(got, want) < TOL["float32"]
     got_xla, _ = kernel(inp, state, 16, rotary="xla", **p)
     assert rel(got_xla, got) < 1e-6
-    # the fused inference kernels (the default outside autodiff) == the training path's kernels
-    got_rows, rows_state = kernel(inp, state, 16, TritonBlocks(fused_inference=0), **p)
-    got, got_state = kernel(inp, state, 16, **p)
+    # the fused inference kernels (opt-in outside autodiff) == the training path's kernels
+    got_rows, rows_state = kernel(inp, state, 16, **p)
+    got, got_state = kernel(inp, state, 16, TritonBlocks(fused_inference=1), **p)
     assert rel(got, got_rows) < 1e-6
     check_state(got_state, rows_state, 1e-6)
     inp, state, p = make_problem(2, B, 24, 2, H, N, P, 0, jnp.float32, True, norm=True)
