@@ -158,6 +158,20 @@ def _row_spec(cs_: CoreShape, width: int):  # one chunk of rows of one head
     return pl.BlockSpec((SQ, cs_.CR, SQ, width), lambda b, h, c: (b, c, h, 0))
 
 
+def _pass_out_specs(cs_: CoreShape):
+    """A sequential pass's outputs, P-blocked: one state per chunk and the end state."""
+    nc, bp, N = cs_.nc, cs_.bp, cs_.N
+    return [pl.BlockSpec((SQ, SQ, nc, bp, N), lambda b, h, p: (b, h, 0, p, 0)),
+            pl.BlockSpec((SQ, SQ, bp, N), lambda b, h, p: (b, h, p, 0))]
+
+
+def _pass_out_shapes(cs_: CoreShape):
+    """Per-chunk states in the input dtype (only ever a matmul operand), end state in f32."""
+    B, H, P, N = cs_.B, cs_.H, cs_.P, cs_.N
+    return [jax.ShapeDtypeStruct((B, H, cs_.nc, P, N), jnp.dtype(cs_.cdt)),
+            jax.ShapeDtypeStruct((B, H, P, N), f32)]
+
+
 def forward(cs_: CoreShape, q, k, v, cs, sc, gm, seg, g0):
     B, H, nc, CR, N, P, bp = cs_.B, cs_.H, cs_.nc, cs_.CR, cs_.N, cs_.P, cs_.bp
     Lr = nc * CR
@@ -171,10 +185,8 @@ def forward(cs_: CoreShape, q, k, v, cs, sc, gm, seg, g0):
         grid=(B, H, P // bp),
         in_specs=[kseq, vseq, sseq, sseq, gseq,
                   pl.BlockSpec((SQ, SQ, bp, N), lambda b, h, p: (b, h, p, 0))],
-        out_specs=[pl.BlockSpec((SQ, SQ, nc, bp, N), lambda b, h, p: (b, h, 0, p, 0)),
-                   pl.BlockSpec((SQ, SQ, bp, N), lambda b, h, p: (b, h, p, 0))],
-        out_shape=[jax.ShapeDtypeStruct((B, H, nc, P, N), cdt),
-                   jax.ShapeDtypeStruct((B, H, P, N), f32)],
+        out_specs=_pass_out_specs(cs_),
+        out_shape=_pass_out_shapes(cs_),
         interpret=cs_.interpret,
         compiler_params=cs_.params(cs_.blocks.warps_state, cs_.blocks.stages_state),
         name="mamba3_ssd_state",
@@ -268,7 +280,6 @@ def _grad_kernel(q_ref, k_ref, v_ref, cs_ref, sc_ref, gm_ref, sg_ref, st_ref, ds
 def backward(cs_: CoreShape, q, k, v, cs, sc, gm, seg, states, dy, dgl):
     B, H, nc, CR, N, P, bp = cs_.B, cs_.H, cs_.nc, cs_.CR, cs_.N, cs_.P, cs_.bp
     Lr = nc * CR
-    cdt = jnp.dtype(cs_.cdt)
     nP = P // bp
     sseq = pl.BlockSpec((SQ, SQ, Lr), lambda b, h, p: (b, h, 0))
     dstates, dg0, ddec = pl.pallas_call(
@@ -279,12 +290,9 @@ def backward(cs_: CoreShape, q, k, v, cs, sc, gm, seg, states, dy, dgl):
                   sseq, pl.BlockSpec((SQ, Lr), lambda b, h, p: (b, 0)),
                   pl.BlockSpec((SQ, SQ, nc, bp, N), lambda b, h, p: (b, h, 0, p, 0)),
                   pl.BlockSpec((SQ, SQ, bp, N), lambda b, h, p: (b, h, p, 0))],
-        out_specs=[pl.BlockSpec((SQ, SQ, nc, bp, N), lambda b, h, p: (b, h, 0, p, 0)),
-                   pl.BlockSpec((SQ, SQ, bp, N), lambda b, h, p: (b, h, p, 0)),
-                   pl.BlockSpec((SQ, SQ, SQ, nc), lambda b, h, p: (b, h, p, 0))],
-        out_shape=[jax.ShapeDtypeStruct((B, H, nc, P, N), cdt),
-                   jax.ShapeDtypeStruct((B, H, P, N), f32),
-                   jax.ShapeDtypeStruct((B, H, nP, nc), f32)],
+        out_specs=_pass_out_specs(cs_) + [
+            pl.BlockSpec((SQ, SQ, SQ, nc), lambda b, h, p: (b, h, p, 0))],
+        out_shape=_pass_out_shapes(cs_) + [jax.ShapeDtypeStruct((B, H, nP, nc), f32)],
         interpret=cs_.interpret,
         compiler_params=cs_.params(cs_.blocks.warps_dstate, cs_.blocks.stages_dstate),
         name="mamba3_ssd_dstate",
