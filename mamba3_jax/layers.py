@@ -1,4 +1,8 @@
-"""Flax NNX modules: thin holders of parameters around the pure functions in `mamba3_jax.ops`."""
+"""Flax NNX modules: thin holders of parameters around the pure functions in `mamba3_jax.ops`.
+
+The Mamba-3 mixer and the residual Block. Building blocks shared with the baselines (Linear
+init, RMSNorm, SwiGLU, Frozen) live in `mamba3_jax.nn`; this module imports the baselines'
+mixers, never the other way round."""
 
 from __future__ import annotations
 
@@ -11,44 +15,12 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from mamba3_jax.backends import mixer_core, step_backend
+from mamba3_jax.baselines.mamba2 import Mamba2
 from mamba3_jax.config import ModelConfig
+from mamba3_jax.nn import Frozen, RMSNorm, SwiGLU, linear, torch_linear_init
 from mamba3_jax.ops.discretization import init_dt_bias
 from mamba3_jax.ops.mixer import MixerCache, causal_conv, prepare, split_in_proj
-from mamba3_jax.ops.norms import rms_norm
 from mamba3_jax.ops.ssm import SSMState
-
-
-class Frozen(nnx.Variable):
-    """A fixed array saved with the model but not trained (e.g. frozen B/C biases)."""
-
-
-def torch_linear_init(fan_in: int, scale: float = 1.0):
-    """PyTorch's default Linear init, U(-1/sqrt(fan_in), 1/sqrt(fan_in)), times `scale`."""
-    bound = scale / math.sqrt(fan_in)
-
-    def init(key, shape, dtype=jnp.float32):
-        return jax.random.uniform(key, shape, dtype, -bound, bound)
-
-    return init
-
-
-def _dtype(name: str):
-    return jnp.dtype(name)
-
-
-def linear(d_in, d_out, cfg: ModelConfig, rngs, scale: float = 1.0) -> nnx.Linear:
-    return nnx.Linear(d_in, d_out, use_bias=False, dtype=_dtype(cfg.dtype),
-                      param_dtype=_dtype(cfg.param_dtype),
-                      kernel_init=torch_linear_init(d_in, scale), rngs=rngs)
-
-
-class RMSNorm(nnx.Module):
-    def __init__(self, dim: int, eps: float = 1e-5):
-        self.weight = nnx.Param(jnp.ones((dim,), jnp.float32))
-        self.eps = eps
-
-    def __call__(self, x):
-        return rms_norm(x, self.weight[...], self.eps)
 
 
 class Mamba3(nnx.Module):
@@ -94,9 +66,9 @@ class Mamba3(nnx.Module):
     def init_cache(self, batch: int) -> MixerCache:
         cfg = self.cfg
         ssm = SSMState.zeros(batch, cfg.nheads, cfg.headdim, cfg.d_state, cfg.num_rope_angles,
-                             cfg.mimo_rank, dtype=_dtype(cfg.dtype),
-                             state_dtype=_dtype(cfg.state_dtype))
-        conv = (jnp.zeros((batch, cfg.d_conv - 1, cfg.conv_channels), _dtype(cfg.dtype))
+                             cfg.mimo_rank, dtype=jnp.dtype(cfg.dtype),
+                             state_dtype=jnp.dtype(cfg.state_dtype))
+        conv = (jnp.zeros((batch, cfg.d_conv - 1, cfg.conv_channels), jnp.dtype(cfg.dtype))
                 if cfg.d_conv else None)
         return MixerCache(ssm=ssm, conv=conv)
 
@@ -127,7 +99,7 @@ class Mamba3(nnx.Module):
             mimo_o=self._value(self.mimo_o), norm_weight=self._value(self.norm),
             chunk_size=cfg.resolved_chunk_size, norm_eps=1e-5)
         # cast here (out_proj computes in cfg.dtype anyway) so a saved "ssm_out" is that size
-        y = checkpoint_name(y.reshape(B, L, cfg.d_inner).astype(_dtype(cfg.dtype)), "ssm_out")
+        y = checkpoint_name(y.reshape(B, L, cfg.d_inner).astype(jnp.dtype(cfg.dtype)), "ssm_out")
         out = self.out_proj(y)
         return out, MixerCache(ssm=ssm_state, conv=conv_window)
 
@@ -141,32 +113,12 @@ class Mamba3(nnx.Module):
         return out[:, 0], cache
 
 
-class SwiGLU(nnx.Module):
-    """fc1 -> [value, gate] -> value * silu(gate) -> fc2 (the reference GatedMLP layout)."""
-
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
-        f = cfg.resolved_d_mlp
-        self.hidden = f
-        self.fc1 = linear(cfg.d_model, 2 * f, cfg, rngs)
-        self.fc2 = linear(f, cfg.d_model, cfg, rngs, scale=1.0 / math.sqrt(2 * cfg.n_layer))
-
-    def __call__(self, x):
-        h = checkpoint_name(self.fc1(x), "mlp_hidden")
-        value, gate = h[..., :self.hidden], h[..., self.hidden:]
-        return checkpoint_name(self.fc2(value * jax.nn.silu(gate)), "mlp_out")
-
-
 class Block(nnx.Module):
     """Pre-norm residual block: x + Mamba3(norm(x)); x + MLP(norm(x))."""
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         self.norm1 = RMSNorm(cfg.d_model, cfg.norm_eps)
-        if cfg.mixer == "mamba2":
-            from mamba3_jax.baselines.mamba2 import Mamba2  # baselines build on this module
-
-            self.mixer = Mamba2(cfg, rngs=rngs)
-        else:
-            self.mixer = Mamba3(cfg, rngs=rngs)
+        self.mixer = (Mamba2 if cfg.mixer == "mamba2" else Mamba3)(cfg, rngs=rngs)
         self.norm2 = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.mlp = SwiGLU(cfg, rngs=rngs)
 

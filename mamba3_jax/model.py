@@ -22,7 +22,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from mamba3_jax.config import ModelConfig, parse_remat
-from mamba3_jax.layers import Block, Frozen, RMSNorm
+from mamba3_jax.layers import Block
+from mamba3_jax.nn import Frozen, RMSNorm
 from mamba3_jax.ops.ssm import reset_from_positions, reset_from_segment_ids
 
 

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from mamba3_jax.config import ModelConfig
-from mamba3_jax.layers import linear, torch_linear_init
+from mamba3_jax.nn import linear, torch_linear_init
 from mamba3_jax.ops.discretization import init_dt_bias
 from mamba3_jax.ops.mixer import MixerCache, causal_conv, split_in_proj
 from mamba3_jax.ops.norms import rms_norm
