@@ -1,9 +1,11 @@
 """Pallas kernels of the Mamba-3 SSM, one folder (or module) per op.
 
-  * `chunked_scan/` prefill and training: chunk-parallel Pallas Triton kernels (forward and
-    backward), `chunked_scan(...)` with `mamba3_jax.backends.mixer_core`'s contract;
-  * `decode.py`      the fused single-token decode step (Pallas Triton, state updated in place);
-  * `tpu/`           Pallas Mosaic TPU kernels (chunked forward/backward, decode).
+  * `chunked_scan/` prefill and training: `chunked_scan(...)` with `mamba3_jax.backends.
+    mixer_core`'s contract, chunk-parallel Pallas Triton kernels (forward and backward), the
+    Mosaic TPU kernels, the reference, named shapes;
+  * `decode_step/`   the fused single-token decode step (Pallas Triton, state updated in place;
+    Mosaic TPU);
+  * `tpu/`           what the TPU kernels share, their CPU lowering check and their backends.
 
 `backend_table()` lists the backends; `mamba3_jax.backends` registers them when a Pallas backend
 is first asked for. Nothing here imports the registry (imports flow one way: backends ->
@@ -19,10 +21,11 @@ from __future__ import annotations
 
 import jax
 
-from pallas_kernels._compat import KernelUnsupported, reference_core
+from pallas_kernels._compat import KernelUnsupported
 from pallas_kernels.chunked_scan.api import chunked_scan
 from pallas_kernels.chunked_scan.pallas_triton import TritonBlocks
-from pallas_kernels.decode import decode_step
+from pallas_kernels.chunked_scan.reference import reference as reference_core
+from pallas_kernels.decode_step.pallas_triton import decode_step
 
 __all__ = ["KernelUnsupported", "TritonBlocks", "backend_table", "chunked_scan", "decode_step",
            "on_gpu"]

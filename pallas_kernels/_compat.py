@@ -7,8 +7,6 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from mamba3_jax.errors import Unsupported
-from mamba3_jax.ops.mixer import gate_output
-from mamba3_jax.ops.ssm import per_head, ssm_reference
 
 try:  # the Triton flavour of Pallas (deprecated since jax 0.11, still the CUDA default)
     from jax.experimental.pallas import triton as plgpu
@@ -21,12 +19,6 @@ f32 = jnp.float32
 class KernelUnsupported(Unsupported):
     """A shape/config a kernel cannot run ('auto' then falls back to XLA)."""
 
-
-def reference_core(inp, state, *, z, D, mimo_x=None, mimo_z=None, mimo_o=None, norm_weight=None,
-                   chunk_size=64, norm_eps=1e-5):
-    """The sequential XLA form with the gated output: the step backends' fallback."""
-    y, final = ssm_reference(per_head(inp), state, mimo_x)
-    return gate_output(y, inp.x, z, D, mimo_x, mimo_z, mimo_o, norm_weight, norm_eps), final
 
 #: marker for a block dimension that is squeezed out of the kernel's ref
 SQ = getattr(pl, "squeezed", None)

@@ -1,4 +1,7 @@
-"""Pallas Mosaic TPU kernels of the Mamba-3 SSM: chunked forward/backward and a decode step.
+"""Pallas Mosaic TPU kernels of the Mamba-3 SSM: chunked forward/backward
+(`chunked_scan/pallas_mosaic_tpu.py`) and a decode step (`decode_step/pallas_mosaic_tpu.py`);
+this package holds their shared helpers (`_common.py`), the CPU lowering check (`lowering.py`)
+and the backends.
 
 `backend_table()` lists four backends (mixer_core's signature) that `mamba3_jax.backends`
 registers:
@@ -14,10 +17,14 @@ from __future__ import annotations
 
 import jax
 
-from pallas_kernels._compat import reference_core
+from pallas_kernels.chunked_scan.pallas_mosaic_tpu import (
+    BlockSizes,
+    chunked_core_tpu,
+    ssm_rows_tpu,
+)
+from pallas_kernels.chunked_scan.reference import reference as reference_core
+from pallas_kernels.decode_step.pallas_mosaic_tpu import decode_core_tpu, ssm_step_tpu
 from pallas_kernels.tpu._common import KernelUnsupported
-from pallas_kernels.tpu.chunked import BlockSizes, chunked_core_tpu, ssm_rows_tpu
-from pallas_kernels.tpu.decode import decode_core_tpu, ssm_step_tpu
 
 __all__ = [
     "BlockSizes",

@@ -11,21 +11,12 @@ import pytest
 from kernel_cases import GRAD_TOL, INTERPRET, TOL, make_problem, random_like, rel
 
 from mamba3_jax import backends
-from mamba3_jax.ops.mixer import gate_output
-from mamba3_jax.ops.ssm import ssm_reference
 from pallas_kernels import TritonBlocks, chunked_scan
+from pallas_kernels.chunked_scan import reference as oracle
+from pallas_kernels.chunked_scan.shapes import TEST_SHAPE
 
-# tiny shapes: interpret mode is slow. N = 64 with S = 16 gives 32 rotated + 32 plain channels
-# (the GPU kernels need dot dimensions >= 16).
-B, H, N, P, S = 2, 2, 64, 16, 16
-
-
-@jax.jit
-def reference(inp, state, **p):
-    y, final = ssm_reference(inp, state, p.get("mimo_x"))
-    out = gate_output(y, inp.x, p["z"], p["D"], p.get("mimo_x"), p.get("mimo_z"),
-                      p.get("mimo_o"), p.get("norm_weight"))
-    return out, final
+B, H, N, P, S = (TEST_SHAPE[k] for k in ("B", "H", "N", "P", "S"))
+reference = jax.jit(oracle.reference)
 
 
 @functools.partial(jax.jit, static_argnames=("chunk", "blocks", "rotary"))
