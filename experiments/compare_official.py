@@ -15,6 +15,7 @@ Reference functions used (file: functions):
   mamba_ssm/ops/triton/mamba3/mamba3_mimo_rotary_step.py  apply_rotary_qk_inference_reference
   mamba_ssm/ops/triton/layernorm_gated.py  rms_norm_ref   (what RMSNormGated computes)
   mamba_ssm/modules/mamba3.py              heavy_tail_activation
+  mamba_ssm/modules/ssd_minimal.py         ssd_minimal_discrete
 
 Comparisons (ours in float32, the reference in float64 by default, both on the same float32
 random inputs):
@@ -29,6 +30,12 @@ random inputs):
   D  the whole mixer: our `Mamba3` module with random weights, exported to the reference layer's
      parameter layout, vs the reference layer's math (`Mamba3.forward` glue in torch, below)
      feeding the reference functions; ours also as prefill + token-by-token `step`.
+  M  the whole language model through the checkpoint converter: our `Mamba3LM` (SISO, MIMO,
+     Mamba-2; scanned layers) exported with `mamba3_jax.convert.to_official` to a
+     `MambaLMHeadModel` state dict, run by that model's glue (embedding, pre-norm blocks,
+     GatedMLP, final norm, LM head; written in torch below) with each mixer computed by the
+     reference functions (Mamba-3: as in D, MIMO in the kernels' channel pairing; Mamba-2:
+     causal conv1d, `ssd_minimal_discrete`, gated RMSNorm); logits compared.
 
 Errors: max |ours - ref| / max |ref| per quantity; angles: max circular distance / 2 pi. The
 script exits 1 if any counted error exceeds --tol (default 1e-4).
@@ -77,6 +84,7 @@ REFERENCE_FILES = {
         "apply_rotary_qk_inference_reference",),
     "mamba_ssm/ops/triton/layernorm_gated.py": ("rms_norm_ref",),
     "mamba_ssm/modules/mamba3.py": ("heavy_tail_activation",),
+    "mamba_ssm/modules/ssd_minimal.py": ("ssd_minimal_discrete",),
 }
 
 
@@ -726,6 +734,112 @@ def section_layer(ref: Reference, tt: Torch, seed: int) -> list[Row]:
     return rows
 
 
+# ----------------------------------------------------------------------------- M: whole model
+
+
+def reference_mamba2_layer(ref: Reference, tt: Torch, sd: dict, u, cfg: ModelConfig):
+    """The reference `Mamba2.forward` maths (mamba_ssm/modules/mamba2.py, defaults: no D per
+    channel, gated RMSNorm after the gate) with `ssd_minimal_discrete` for the scan."""
+    torch = tt.torch
+    F = torch.nn.functional
+    E, H, P, N, G, K = (cfg.d_inner, cfg.nheads, cfg.headdim, cfg.d_state, cfg.ngroups,
+                        cfg.d_conv)
+    p = {name: tt(v) for name, v in sd.items()}
+    Bsz, L = u.shape[:2]
+    z, xbc, dd_dt = torch.split(u @ p["in_proj.weight"].T, [E, E + 2 * G * N, H], dim=-1)
+    xbc = F.conv1d(xbc.transpose(1, 2), p["conv1d.weight"], p["conv1d.bias"], padding=K - 1,
+                   groups=xbc.shape[-1])[..., :L].transpose(1, 2)
+    x, Bm, Cm = torch.split(F.silu(xbc), [E, G * N, G * N], dim=-1)
+    dt = F.softplus(dd_dt + p["dt_bias"])
+    A = -torch.exp(p["A_log"])
+    x = x.reshape(Bsz, L, H, P)
+    per_head = [Bsz, L, G, 1, N]  # groups broadcast over their heads
+    Bm = Bm.reshape(per_head).expand(Bsz, L, G, H // G, N).reshape(Bsz, L, H, N)
+    Cm = Cm.reshape(per_head).expand(Bsz, L, G, H // G, N).reshape(Bsz, L, H, N)
+    y, _ = ref.ssd_minimal_discrete(x * dt[..., None], A * dt, Bm, Cm, block_len=REF_CHUNK)
+    y = (y + x * p["D"][:, None]).reshape(Bsz, L, E)
+    y = ref.rms_norm_ref(y, p["norm.weight"], None, z=z, eps=1e-5, group_size=E // G,
+                         norm_before_gate=False).to(tt.dtype)
+    return y @ p["out_proj.weight"].T
+
+
+def reference_lm(ref: Reference, tt: Torch, sd: dict, tokens, cfg: ModelConfig):
+    """`MambaLMHeadModel.forward` (unfused add + norm path of modules/block.py) on an official
+    state dict, each mixer computed by the reference functions."""
+    p = {k: tt(v) for k, v in sd.items()}
+
+    def norm(x, key):  # the model's RMSNorm (eps 1e-5), no bias
+        return ref.rms_norm_ref(x, p[key], None, eps=1e-5).to(tt.dtype)
+
+    def mixer_sd(i):
+        head = f"backbone.layers.{i}.mixer."
+        return {k[len(head):]: v for k, v in sd.items() if k.startswith(head)}
+
+    h = p["backbone.embedding.weight"][tt.torch.from_numpy(np.asarray(tokens, np.int64))]
+    residual = None
+    for i in range(cfg.n_layer):
+        pre = f"backbone.layers.{i}."
+        residual = h if residual is None else h + residual
+        h = norm(residual, pre + "norm.weight")
+        if cfg.mixer == "mamba2":
+            h = reference_mamba2_layer(ref, tt, mixer_sd(i), h, cfg)
+        else:
+            path = "mimo_chunk" if cfg.mimo_rank > 1 else "siso_fwd"
+            h = reference_layer(ref, tt, {k: np.asarray(v, np.float64)
+                                          for k, v in mixer_sd(i).items()},
+                                h.numpy(), cfg, path)[0]
+        residual = h + residual
+        h = norm(residual, pre + "norm2.weight")
+        value, gate = tt.torch.chunk(h @ p[pre + "mlp.fc1.weight"].T, 2, dim=-1)
+        h = (value * tt.torch.nn.functional.silu(gate)) @ p[pre + "mlp.fc2.weight"].T
+    h = norm(h + residual, "backbone.norm_f.weight")
+    return h @ p["lm_head.weight"].T
+
+
+def perturb(model, rng, scale: float = 0.2) -> None:
+    """Noise on every variable, so the constant-initialised ones (norm gains, biases, D, MIMO
+    projections) are checked too."""
+    from flax import nnx
+
+    _, state = nnx.split(model)
+    nnx.update(model, jax.tree.map(
+        lambda x: x + scale * jnp.asarray(rng.standard_normal(x.shape), x.dtype), state))
+
+
+def section_model(ref: Reference, tt: Torch, seed: int) -> list[Row]:
+    from flax import nnx
+
+    from mamba3_jax.convert import model_weights, official_config, to_official
+    from mamba3_jax.model import Mamba3LM
+
+    rows = []
+    B, L = 2, 24  # a multiple of the reference chunk sizes
+    base = dict(vocab_size=64, d_model=32, n_layer=2, d_state=16, expand=2, headdim=8,
+                ngroups=2, d_mlp=128, dt_min=0.01, dt_max=0.3, chunk_size=OUR_CHUNK,
+                scan_backend="chunked", scan_layers=True)
+    cases = [("Mamba-3 SISO", dict(a_activation="heavy_tail")),
+             ("Mamba-3 SISO outproj_norm", dict(a_activation="heavy_tail",
+                                                 is_outproj_norm=True)),
+             ("Mamba-3 MIMO R=4", dict(a_activation="heavy_tail", mimo_rank=4)),
+             ("Mamba-3 MIMO R=2 outproj_norm rope 1.0",
+              dict(a_activation="heavy_tail", mimo_rank=2, is_outproj_norm=True,
+                   rope_fraction=1.0)),
+             ("Mamba-2", dict(mixer="mamba2", d_conv=4))]
+    for i, (name, extra) in enumerate(cases):
+        rng = np.random.default_rng(seed + 40 + i)
+        cfg = ModelConfig(**{**base, **extra})
+        official_config(cfg)  # representable
+        model = Mamba3LM(cfg, rngs=nnx.Rngs(seed + i))
+        perturb(model, rng)
+        tokens = rng.integers(0, cfg.vocab_size, (B, L))
+        ours = nnx.jit(lambda m, t: m(t))(model, jnp.asarray(tokens, jnp.int32))
+        sd = to_official(model_weights(model), cfg)
+        ref_logits = reference_lm(ref, tt, sd, tokens, cfg)
+        rows.append(Row("M", f"LM {name} (2 layers, scanned) via convert.to_official: logits",
+                        {"y": rel(ours, tnp(ref_logits))}))
+    return rows
+
+
 # ----------------------------------------------------------------------------- main
 
 
@@ -748,7 +862,7 @@ def main(argv=None) -> int:
     ap.add_argument("--ref-dtype", choices=("float64", "float32"), default="float64",
                     help="dtype the reference functions run in (ours always runs in float32)")
     ap.add_argument("--tol", type=float, default=1e-4)
-    ap.add_argument("--sections", default="ABPCD", help="subset of A, B, P, C, D to run")
+    ap.add_argument("--sections", default="ABPCDM", help="subset of A, B, P, C, D, M to run")
     args = ap.parse_args(argv)
 
     import torch
@@ -773,6 +887,8 @@ def main(argv=None) -> int:
             rows += section_rotary(ref, tt, args.seed)
         if "D" in args.sections:
             rows += section_layer(ref, tt, args.seed)
+        if "M" in args.sections:
+            rows += section_model(ref, tt, args.seed)
     print(format_table(rows, args.tol))
     counted = [r for r in rows if r.counted]
     worst = max(counted, key=lambda r: max(r.errs.values()))

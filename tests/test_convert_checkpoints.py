@@ -4,6 +4,8 @@ the official module's logits on converted weights."""
 
 import json
 import os
+import pathlib
+import sys
 import zlib
 
 import jax.numpy as jnp
@@ -284,3 +286,23 @@ def test_logits_match_the_official_module(case):
     with torch.no_grad():
         ref_logits = ref(torch.from_numpy(np.asarray(TOKENS)).long()).logits.numpy()
     np.testing.assert_allclose(ref_logits, logits(model), rtol=1e-4, atol=1e-4)
+
+
+def test_logits_match_the_official_math():
+    """Where a state-spaces/mamba checkout is named by MAMBA_REPO (and torch, einops import):
+    experiments/compare_official.py section M runs `MambaLMHeadModel`'s glue in torch on
+    `to_official` state dicts, each mixer by the official reference functions (MIMO in the
+    kernels' channel pairing), for SISO, MIMO and Mamba-2. About 35 s, so opt-in."""
+    repo = os.environ.get("MAMBA_REPO")
+    if not repo:
+        pytest.skip("set MAMBA_REPO to a state-spaces/mamba checkout")
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("einops")
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "experiments"))
+    import compare_official as co
+
+    with torch.no_grad():
+        rows = co.section_model(co.Reference(pathlib.Path(repo)), co.Torch(torch.float64), 0)
+    assert len(rows) == 5
+    for row in rows:
+        assert row.errs["y"] < 1e-4, (row.name, row.errs)
