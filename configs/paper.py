@@ -1,15 +1,21 @@
-"""The Mamba-3 paper's language-model shapes and recipe (one file, four sizes, SISO or MIMO).
+"""The Mamba-3 paper's language-model shapes and recipe (one file, four sizes, SISO or MIMO, and
+the Transformer++ baseline).
 
     python -m mamba3_jax.train --config configs/paper.py:180m --workdir runs/180m
     python -m mamba3_jax.train --config configs/paper.py:440m_mimo --workdir runs/440m_mimo
 
-Argument: `<size>[_<variant>]`, size in 180m | 440m | 880m | 1.5b, variant siso (default) | mimo.
+Argument: `<size>[_<variant>]`, size in 180m | 440m | 880m | 1.5b, variant siso (default) | mimo
+| transformer.
 
 Shapes: N (d_state) 128, P (headdim) 64, expand 2; MIMO rank 4 with the narrower MLP:
     180m  12 x 768,  MLP 1500 (SISO) / 1264 (MIMO), peak LR 3e-3
     440m  24 x 1024, MLP 2048 / 1792,               peak LR 1.5e-3
     880m  24 x 1536, MLP 3072 / 2800,               peak LR 1.25e-3
     1.5b  24 x 2048, MLP 4096 / 3824,               peak LR 1e-3
+Transformer++ (`_transformer`, mixer="attention"): heads of 64 (d_model / 64 of them), RoPE,
+SwiGLU, RMSNorm, tied embeddings, same recipe; the MLP is widened so that the parameter count
+matches the SISO model of that size within 0.5% (the brief gives no Transformer widths):
+    180m MLP 2140, 440m 2880, 880m 4224, 1.5b 5632.
 Recipe: context 2048, ~0.5M tokens per step (256 x 2048), bf16 compute with fp32 master weights,
 AdamW (0.9, 0.95), weight decay 0.1, clip 1.0, linear warmup then cosine to 1e-5,
 100B tokens (190,735 steps).
@@ -32,7 +38,9 @@ SIZES = {
     "880m": (24, 1536, 3072, 2800, 1.25e-3),
     "1.5b": (24, 2048, 4096, 3824, 1e-3),
 }
-VARIANTS = ("siso", "mimo")
+# Transformer++ MLP widths: parameter count of the SISO model of the same size (see above)
+TRANSFORMER_MLP = {"180m": 2140, "440m": 2880, "880m": 4224, "1.5b": 5632}
+VARIANTS = ("siso", "mimo", "transformer")
 REMAT = "names:in_proj,ssm_out,mixer_out,mlp_hidden"
 TOKENS_PER_STEP = 256 * 2048  # 524,288
 TRAIN_TOKENS = 100_000_000_000
@@ -61,6 +69,10 @@ def get_config(arg: str = "180m"):
     m.mimo_rank = 4 if variant == "mimo" else 1
     m.d_mlp = mlp_mimo if variant == "mimo" else mlp_siso
     m.mlp_multiple_of = 1  # the paper's widths exactly (1500, 1264, 2800, 3824 are not x128)
+    if variant == "transformer":
+        m.mixer = "attention"
+        m.d_mlp = TRANSFORMER_MLP[size]
+        m.max_seq_len = 2048  # KV cache for generation: the training context
     m.scan_backend = "auto"
     m.scan_layers = True  # one layer compiled once (lax.scan); same maths as the unrolled model
     m.dtype = "bfloat16"

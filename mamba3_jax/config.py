@@ -12,7 +12,7 @@ from typing import Optional
 A_ACTIVATIONS = ("softplus", "heavy_tail")
 DISCRETIZATIONS = ("trapezoid", "trapezoid_half", "euler")
 ROTATIONS = ("data_dependent", "fixed", "none")
-MIXERS = ("mamba3", "mamba2")
+MIXERS = ("mamba3", "mamba2", "attention")
 SCAN_BACKENDS = ("auto", "reference", "associative", "chunked", "pallas", "pallas_interpret")
 DTYPES = ("float32", "bfloat16", "float16")
 # Rematerialisation of each block in the backward pass (`Mamba3LM.features(remat=...)`):
@@ -75,6 +75,11 @@ class ModelConfig:
     bc_bias_trainable: bool = True
     d_conv: int = 0  # >0 adds the Mamba-2 style causal depthwise conv (+SiLU) on x, B, C
     a_init_range: tuple = (1.0, 16.0)  # Mamba-2 only: A = -exp(A_log), A_log = log U(range)
+    # --- attention (mixer="attention": the Transformer++ baseline); head size is `headdim` ---
+    attn_heads: Optional[int] = None  # None: d_model // headdim
+    attn_kv_heads: Optional[int] = None  # None: attn_heads (fewer: grouped-query attention)
+    attn_rope: bool = True  # False: no positional encoding (NoPE)
+    max_seq_len: int = 2048  # KV-cache positions for generation (prompt + new tokens)
     # --- language model ---
     d_mlp: Optional[int] = None  # None: 2 * d_model; always rounded up to mlp_multiple_of
     mlp_multiple_of: int = 128
@@ -119,6 +124,22 @@ class ModelConfig:
             need(self.d_conv > 0, "mixer='mamba2' needs its short conv: set d_conv (e.g. 4)")
             lo, hi = tuple(self.a_init_range)
             need(0 < lo <= hi, f"a_init_range must satisfy 0 < lo <= hi, got {self.a_init_range}")
+        if self.mixer == "attention" and not errors:
+            need(self.attn_heads is not None or self.d_model % self.headdim == 0,
+                 f"mixer='attention' without attn_heads needs d_model = {self.d_model} "
+                 f"divisible by headdim = {self.headdim}")
+            for name in ("attn_heads", "attn_kv_heads"):
+                v = getattr(self, name)
+                need(v is None or (isinstance(v, int) and v > 0),
+                     f"{name} must be None or a positive integer, got {v!r}")
+            if not errors:
+                need(self.resolved_attn_heads % self.resolved_kv_heads == 0,
+                     f"attn_heads = {self.resolved_attn_heads} must be a multiple of "
+                     f"attn_kv_heads = {self.resolved_kv_heads}")
+            need(self.headdim % 2 == 0 or not self.attn_rope,
+                 f"RoPE needs an even headdim, got {self.headdim}")
+        need(isinstance(self.max_seq_len, int) and self.max_seq_len > 0,
+             f"max_seq_len must be a positive integer, got {self.max_seq_len!r}")
         need(self.rotation in ROTATIONS,
              f"rotation must be one of {ROTATIONS}, got {self.rotation!r}")
         need(self.scan_backend in SCAN_BACKENDS,
@@ -157,6 +178,14 @@ class ModelConfig:
         if self.rotation == "none":
             return 0
         return int(self.d_state * self.rope_fraction) // 2
+
+    @property
+    def resolved_attn_heads(self) -> int:
+        return self.attn_heads if self.attn_heads is not None else self.d_model // self.headdim
+
+    @property
+    def resolved_kv_heads(self) -> int:
+        return self.attn_kv_heads if self.attn_kv_heads is not None else self.resolved_attn_heads
 
     @property
     def learned_lambda(self) -> bool:
@@ -207,8 +236,11 @@ class ModelConfig:
         return self.d_inner + 2 * self.bc_width if self.d_conv else 0
 
     def mixer_params(self) -> int:
-        """Trainable parameters of one Mamba-3 mixer (must equal the module's count)."""
+        """Trainable parameters of one mixer (must equal the module's count)."""
         h, r, p, n = self.nheads, self.mimo_rank, self.headdim, self.d_state
+        if self.mixer == "attention":  # q, k, v, o projections
+            q, kv = self.resolved_attn_heads * p, self.resolved_kv_heads * p
+            return self.d_model * (2 * q + 2 * kv)
         total = self.d_model * self.d_in_proj + self.d_inner * self.d_model  # in/out proj
         if self.mixer == "mamba2":  # dt_bias, A_log, D, gated norm, conv
             return total + 3 * h + self.d_inner + (self.d_conv + 1) * self.conv_channels

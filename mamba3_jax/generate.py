@@ -128,6 +128,11 @@ def _checked(model: Mamba3LM, prompt, max_new_tokens, temperature, top_k, top_p,
     check_sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                    top_p=top_p, prefill_chunk=prefill_chunk, vocab_size=vocab)
     check_prompt(prompt, vocab)
+    cfg = model.cfg
+    if cfg.mixer == "attention" and np.shape(prompt)[1] + max_new_tokens > cfg.max_seq_len:
+        raise ValueError(f"prompt length {np.shape(prompt)[1]} + max_new_tokens "
+                         f"{max_new_tokens} exceeds the KV cache (max_seq_len = "
+                         f"{cfg.max_seq_len})")
     return dict(temperature=float(temperature), top_k=None if top_k is None else int(top_k),
                 top_p=float(top_p))
 

@@ -15,6 +15,7 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from mamba3_jax.backends import mixer_core, step_backend
+from mamba3_jax.baselines.attention import Attention
 from mamba3_jax.baselines.mamba2 import Mamba2
 from mamba3_jax.config import ModelConfig
 from mamba3_jax.nn import Frozen, RMSNorm, SwiGLU, linear, torch_linear_init
@@ -114,11 +115,13 @@ class Mamba3(nnx.Module):
 
 
 class Block(nnx.Module):
-    """Pre-norm residual block: x + Mamba3(norm(x)); x + MLP(norm(x))."""
+    """Pre-norm residual block: x + mixer(norm(x)); x + MLP(norm(x)). The mixer is Mamba-3,
+    Mamba-2 or attention (`cfg.mixer`); attention + this block is Transformer++."""
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         self.norm1 = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.mixer = (Mamba2 if cfg.mixer == "mamba2" else Mamba3)(cfg, rngs=rngs)
+        mixers = {"mamba3": Mamba3, "mamba2": Mamba2, "attention": Attention}
+        self.mixer = mixers[cfg.mixer](cfg, rngs=rngs)
         self.norm2 = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.mlp = SwiGLU(cfg, rngs=rngs)
 

@@ -173,6 +173,8 @@ def test_mamba2_conv_layout():
 
 def test_unrepresentable_models_are_refused():
     cfg, _ = make("siso")
+    with pytest.raises(ConversionError, match="not converted"):
+        official_config(ModelConfig(mixer="attention"))
     with pytest.raises(ConversionError, match="heavy_tail"):
         official_config(cfg.replace(a_activation="softplus"))
     official_config(cfg.replace(a_activation="softplus"), force=True)
