@@ -7,6 +7,9 @@ Studies:
               state 64 matches Mamba-2 at 128.
   ablations   no bias + Euler, no bias, full, full + short conv (Table 5a); lambda learned /
               1/2 / Euler (Table 8); B/C bias init 1 / 0 / frozen 1 (Table 10).
+  baselines   Mamba-3 SISO, Mamba-3 MIMO R=4, Mamba-2 and Transformer++ at the config's size (the
+              Transformer's MLP widened to 1408 so its parameter count is within 1.1% of the
+              SISO model's on configs/small_gpu.py).
 
 Every run is a normal training run (`python -m mamba3_jax.train`, config `configs/small_gpu.py`
 by default) in its own workdir under --workdir, evaluated on the books *test* split
@@ -35,12 +38,16 @@ from mamba3_jax.training import sweep  # noqa: E402
 
 MAMBA2 = {"model.mixer": "mamba2", "model.d_conv": "4", "model.rotation": "none"}
 MIMO = {"model.mimo_rank": "4", "model.d_mlp": "896"}  # narrower MLP, as configs/small_gpu.py
+# Transformer++: attention with RoPE; MLP 1408 matches small_gpu's SISO parameter count (26.1M)
+TRANSFORMER = {"model.mixer": "attention", "model.d_mlp": "1408", "model.max_seq_len": "1024"}
 STUDIES = {
     "state_size": {
         f"{name}_N{n}": {**over, "model.d_state": str(n)}
         for name, over in (("mamba2", MAMBA2), ("siso", {}), ("mimo", MIMO))
         for n in (16, 32, 64, 128)
     },
+    "baselines": {"mamba3_siso": {}, "mamba3_mimo": MIMO, "mamba2": MAMBA2,
+                  "transformer": TRANSFORMER},
     "ablations": {  # paper value (440M test perplexity) in the comment
         "full": {},  # 15.72
         "nobias_euler": {"model.bc_bias": "False", "model.discretization": "euler"},  # 16.68

@@ -133,3 +133,31 @@ def test_paper_transformer_configs_match_the_mamba_sizes(size):
     tf, siso = model_config(c, 100277), model_config(mod.get_config(size), 100277)
     assert tf.mixer == "attention" and tf.resolved_attn_heads * 64 == tf.d_model
     assert abs(tf.num_params() / siso.num_params() - 1) < 0.005
+
+
+def test_lm_compare_baselines_study_has_a_matched_transformer(tmp_path):
+    import importlib.util
+    import os
+    import sys
+
+    from mamba3_jax.training.config import model_config, validate
+
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "experiments"))
+    import lm_compare
+
+    runs = {r["variant"]: r["overrides"]
+            for r in lm_compare.plan("baselines", "configs/small_gpu.py", str(tmp_path), [0], {})}
+    assert set(runs) == {"mamba3_siso", "mamba3_mimo", "mamba2", "transformer"}
+    spec = importlib.util.spec_from_file_location("small_gpu", "configs/small_gpu.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    siso, tf = mod.get_config(""), mod.get_config("")
+    for key, value in runs["transformer"].items():
+        if key.startswith("model."):
+            field = key.split(".", 1)[1]
+            tf.model[field] = type(tf.model[field])(value) if tf.model[field] is not None \
+                else int(value)
+    validate(tf)
+    a, b = model_config(siso, 257), model_config(tf, 257)
+    assert b.mixer == "attention" and b.max_seq_len >= tf.data.seq_len
+    assert abs(b.num_params() / a.num_params() - 1) < 0.015
