@@ -13,6 +13,7 @@ A_ACTIVATIONS = ("softplus", "heavy_tail")
 DISCRETIZATIONS = ("trapezoid", "trapezoid_half", "euler")
 ROTATIONS = ("data_dependent", "fixed", "none")
 MIXERS = ("mamba3", "mamba2", "attention")
+LAYER_LETTERS = {"M": "mamba3", "A": "attention"}  # layer_pattern letters -> mixer
 SCAN_BACKENDS = ("auto", "reference", "associative", "chunked", "pallas", "pallas_interpret")
 DTYPES = ("float32", "bfloat16", "float16")
 # Rematerialisation of each block in the backward pass (`Mamba3LM.features(remat=...)`):
@@ -80,6 +81,9 @@ class ModelConfig:
     attn_kv_heads: Optional[int] = None  # None: attn_heads (fewer: grouped-query attention)
     attn_rope: bool = True  # False: no positional encoding (NoPE)
     max_seq_len: int = 2048  # KV-cache positions for generation (prompt + new tokens)
+    # hybrids: one letter a layer, repeated to n_layer: M = Mamba-3, A = attention (e.g. "MMMMMA",
+    # the paper's 5:1; set attn_rope=False for its NoPE attention). "" = every layer `mixer`
+    layer_pattern: str = ""
     # --- language model ---
     d_mlp: Optional[int] = None  # None: 2 * d_model; always rounded up to mlp_multiple_of
     mlp_multiple_of: int = 128
@@ -138,6 +142,17 @@ class ModelConfig:
                      f"attn_kv_heads = {self.resolved_kv_heads}")
             need(self.headdim % 2 == 0 or not self.attn_rope,
                  f"RoPE needs an even headdim, got {self.headdim}")
+        if self.layer_pattern:
+            pat = self.layer_pattern
+            need(isinstance(pat, str) and set(pat) <= set(LAYER_LETTERS),
+                 f"layer_pattern must use the letters {sorted(LAYER_LETTERS)}, got {pat!r}")
+            need(self.n_layer % len(pat) == 0,
+                 f"n_layer = {self.n_layer} must be a multiple of len(layer_pattern) = "
+                 f"{len(pat)}")
+            need(self.mixer == "mamba3", "layer_pattern sets the mixers: leave mixer='mamba3'")
+            need(not self.scan_layers or len(set(pat)) == 1,
+                 "scan_layers needs one mixer kind in every layer; unset it for a hybrid "
+                 "layer_pattern")
         need(isinstance(self.max_seq_len, int) and self.max_seq_len > 0,
              f"max_seq_len must be a positive integer, got {self.max_seq_len!r}")
         need(self.rotation in ROTATIONS,
@@ -178,6 +193,12 @@ class ModelConfig:
         if self.rotation == "none":
             return 0
         return int(self.d_state * self.rope_fraction) // 2
+
+    def layer_mixer(self, i: int) -> str:
+        """The mixer of layer i: from layer_pattern when set, else `mixer`."""
+        if not self.layer_pattern:
+            return self.mixer
+        return LAYER_LETTERS[self.layer_pattern[i % len(self.layer_pattern)]]
 
     @property
     def resolved_attn_heads(self) -> int:
@@ -235,10 +256,11 @@ class ModelConfig:
     def conv_channels(self) -> int:
         return self.d_inner + 2 * self.bc_width if self.d_conv else 0
 
-    def mixer_params(self) -> int:
-        """Trainable parameters of one mixer (must equal the module's count)."""
+    def mixer_params(self, mixer: Optional[str] = None) -> int:
+        """Trainable parameters of one mixer of kind `mixer` (default: `self.mixer`); must equal
+        the module's count."""
         h, r, p, n = self.nheads, self.mimo_rank, self.headdim, self.d_state
-        if self.mixer == "attention":  # q, k, v, o projections
+        if (mixer or self.mixer) == "attention":  # q, k, v, o projections
             q, kv = self.resolved_attn_heads * p, self.resolved_kv_heads * p
             return self.d_model * (2 * q + 2 * kv)
         total = self.d_model * self.d_in_proj + self.d_inner * self.d_model  # in/out proj
@@ -258,9 +280,9 @@ class ModelConfig:
     def num_params(self) -> int:
         """Trainable parameters of the language model."""
         d, f = self.d_model, self.resolved_d_mlp
-        block = self.mixer_params() + 2 * d + 3 * d * f
+        mixers = sum(self.mixer_params(self.layer_mixer(i)) for i in range(self.n_layer))
         embed = self.vocab_size * d * (1 if self.tie_embeddings else 2)
-        return embed + self.n_layer * block + d
+        return embed + mixers + self.n_layer * (2 * d + 3 * d * f) + d
 
     def replace(self, **kw) -> "ModelConfig":
         return dataclasses.replace(self, **kw)

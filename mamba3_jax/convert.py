@@ -61,9 +61,9 @@ def official_config(cfg: ModelConfig, *, force: bool = False) -> dict:
     ConversionError if `cfg` uses something the official layers lack. `force` lets through the
     one difference that keeps the weights meaningful: our softplus A activation (the official
     Mamba-3 layer always uses heavy_tail)."""
-    if cfg.mixer not in ("mamba3", "mamba2"):
-        raise ConversionError(f"mixer={cfg.mixer!r} is not converted (Mamba-3 and Mamba-2 "
-                              "only)")
+    if cfg.mixer not in ("mamba3", "mamba2") or "A" in cfg.layer_pattern:
+        raise ConversionError(f"mixer={cfg.mixer!r}, layer_pattern={cfg.layer_pattern!r}: "
+                              "attention layers are not converted (Mamba-3 and Mamba-2 only)")
     problems = []
     if cfg.mixer == "mamba3":
         if cfg.discretization != "trapezoid":

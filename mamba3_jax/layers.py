@@ -116,12 +116,12 @@ class Mamba3(nnx.Module):
 
 class Block(nnx.Module):
     """Pre-norm residual block: x + mixer(norm(x)); x + MLP(norm(x)). The mixer is Mamba-3,
-    Mamba-2 or attention (`cfg.mixer`); attention + this block is Transformer++."""
+    Mamba-2 or attention (`cfg.layer_mixer(layer)`); attention + this block is Transformer++."""
 
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, layer: int = 0):
         self.norm1 = RMSNorm(cfg.d_model, cfg.norm_eps)
         mixers = {"mamba3": Mamba3, "mamba2": Mamba2, "attention": Attention}
-        self.mixer = mixers[cfg.mixer](cfg, rngs=rngs)
+        self.mixer = mixers[cfg.layer_mixer(layer)](cfg, rngs=rngs)
         self.norm2 = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.mlp = SwiGLU(cfg, rngs=rngs)
 

@@ -77,7 +77,7 @@ class Mamba3LM(nnx.Module):
                                param_dtype=jnp.dtype(cfg.param_dtype),
                                embedding_init=nnx.initializers.normal(cfg.initializer_range),
                                rngs=rngs)
-        blocks = [Block(cfg, rngs=rngs) for _ in range(cfg.n_layer)]
+        blocks = [Block(cfg, rngs=rngs, layer=i) for i in range(cfg.n_layer)]
         if cfg.scan_layers:
             setattr(self, STACKED, stack_modules(blocks))
         else:
