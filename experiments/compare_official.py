@@ -763,9 +763,42 @@ def reference_mamba2_layer(ref: Reference, tt: Torch, sd: dict, u, cfg: ModelCon
     return y @ p["out_proj.weight"].T
 
 
+def reference_mha_layer(tt: Torch, sd: dict, u, attn_cfg: dict):
+    """`MHA.forward` (mamba_ssm/modules/mha.py, no cache) in plain torch: fused q/k/v in_proj,
+    rotary on `rotary_emb_dim` channels (interleaved = adjacent pairs, inverse frequencies
+    base^(-2i/dim), as flash-attn's RotaryEmbedding), kv heads repeated, causal softmax."""
+    torch = tt.torch
+    N, K, D = attn_cfg["num_heads"], attn_cfg["num_heads_kv"], attn_cfg["head_dim"]
+    Bsz, L = u.shape[:2]
+    qkv = u @ tt(sd["in_proj.weight"]).T
+    q, kv = torch.split(qkv, [N * D, 2 * K * D], dim=-1)
+    q = q.reshape(Bsz, L, N, D)
+    k, v = kv.reshape(Bsz, L, 2, K, D).unbind(dim=2)
+    rot = attn_cfg["rotary_emb_dim"]
+    if rot:
+        assert attn_cfg["rotary_emb_interleaved"] and rot == D
+        inv = attn_cfg["rotary_emb_base"] ** (-torch.arange(0, rot, 2, dtype=tt.dtype) / rot)
+        ang = torch.arange(L, dtype=tt.dtype)[:, None] * inv  # (L, D/2)
+        cos, sin = torch.cos(ang)[:, None], torch.sin(ang)[:, None]
+
+        def rope(x):
+            a, b = x[..., 0::2], x[..., 1::2]
+            return torch.stack([a * cos - b * sin, a * sin + b * cos], dim=-1).flatten(-2)
+
+        q, k = rope(q), rope(k)
+    k = torch.repeat_interleave(k, N // K, dim=2)
+    v = torch.repeat_interleave(v, N // K, dim=2)
+    s = torch.einsum("btnd,bsnd->bnts", q, k) / math.sqrt(D)
+    s = s.masked_fill(~torch.ones(L, L, dtype=torch.bool).tril(), float("-inf"))
+    ctx = torch.einsum("bnts,bsnd->btnd", torch.softmax(s, dim=-1), v).reshape(Bsz, L, N * D)
+    return ctx @ tt(sd["out_proj.weight"]).T
+
+
 def reference_lm(ref: Reference, tt: Torch, sd: dict, tokens, cfg: ModelConfig):
     """`MambaLMHeadModel.forward` (unfused add + norm path of modules/block.py) on an official
     state dict, each mixer computed by the reference functions."""
+    from mamba3_jax.convert import official_attn_cfg
+
     p = {k: tt(v) for k, v in sd.items()}
 
     def norm(x, key):  # the model's RMSNorm (eps 1e-5), no bias
@@ -781,7 +814,9 @@ def reference_lm(ref: Reference, tt: Torch, sd: dict, tokens, cfg: ModelConfig):
         pre = f"backbone.layers.{i}."
         residual = h if residual is None else h + residual
         h = norm(residual, pre + "norm.weight")
-        if cfg.mixer == "mamba2":
+        if cfg.layer_mixer(i) == "attention":
+            h = reference_mha_layer(tt, mixer_sd(i), h, official_attn_cfg(cfg))
+        elif cfg.mixer == "mamba2":
             h = reference_mamba2_layer(ref, tt, mixer_sd(i), h, cfg)
         else:
             path = "mimo_chunk" if cfg.mimo_rank > 1 else "siso_fwd"
@@ -824,7 +859,11 @@ def section_model(ref: Reference, tt: Torch, seed: int) -> list[Row]:
              ("Mamba-3 MIMO R=2 outproj_norm rope 1.0",
               dict(a_activation="heavy_tail", mimo_rank=2, is_outproj_norm=True,
                    rope_fraction=1.0)),
-             ("Mamba-2", dict(mixer="mamba2", d_conv=4))]
+             ("Mamba-2", dict(mixer="mamba2", d_conv=4)),
+             ("Transformer++ (RoPE, 4 query / 2 kv heads)",
+              dict(mixer="attention", attn_kv_heads=2, scan_layers=True)),
+             ("hybrid MA (NoPE attention)", dict(a_activation="heavy_tail", layer_pattern="MA",
+                                                 attn_rope=False, scan_layers=False))]
     for i, (name, extra) in enumerate(cases):
         rng = np.random.default_rng(seed + 40 + i)
         cfg = ModelConfig(**{**base, **extra})
@@ -835,7 +874,8 @@ def section_model(ref: Reference, tt: Torch, seed: int) -> list[Row]:
         ours = nnx.jit(lambda m, t: m(t))(model, jnp.asarray(tokens, jnp.int32))
         sd = to_official(model_weights(model), cfg)
         ref_logits = reference_lm(ref, tt, sd, tokens, cfg)
-        rows.append(Row("M", f"LM {name} (2 layers, scanned) via convert.to_official: logits",
+        layout = "scanned" if cfg.scan_layers else "unrolled"
+        rows.append(Row("M", f"LM {name} (2 layers, {layout}) via convert.to_official: logits",
                         {"y": rel(ours, tnp(ref_logits))}))
     return rows
 

@@ -7,8 +7,9 @@ Our side is a training run directory (`checkpoints/<step>/...`, read with
 `mamba3_jax.load.load_model`, written as a checkpoint that `load_model` and
 `python -m mamba3_jax.generate` read). The PyTorch side is a state dict of
 `mamba_ssm.models.mixer_seq_simple.MambaLMHeadModel` with Mamba-3 (SISO or MIMO) or Mamba-2
-layers, in a `.safetensors` file or a `torch.save` file (`.bin`, `.pt`, `.pth`), with the
-official `config.json` (a `MambaConfig`) beside it. The key map, the layouts and what cannot be
+layers and attention (`MHA`) layers (Transformer++, Mamba-3 hybrids), in a `.safetensors` file
+or a `torch.save` file (`.bin`, `.pt`, `.pth`), with the official `config.json` (a
+`MambaConfig`) beside it. The key map, the layouts and what cannot be
 converted: docs/weights.md "Whole-model checkpoints".
 
 The maths is in pure functions on flat dicts of numpy arrays: `to_official` / `from_official`
@@ -61,9 +62,7 @@ def official_config(cfg: ModelConfig, *, force: bool = False) -> dict:
     ConversionError if `cfg` uses something the official layers lack. `force` lets through the
     one difference that keeps the weights meaningful: our softplus A activation (the official
     Mamba-3 layer always uses heavy_tail)."""
-    if cfg.mixer not in ("mamba3", "mamba2") or "A" in cfg.layer_pattern:
-        raise ConversionError(f"mixer={cfg.mixer!r}, layer_pattern={cfg.layer_pattern!r}: "
-                              "attention layers are not converted (Mamba-3 and Mamba-2 only)")
+    kinds = [cfg.layer_mixer(i) for i in range(cfg.n_layer)]
     problems = []
     if cfg.mixer == "mamba3":
         if cfg.discretization != "trapezoid":
@@ -76,7 +75,7 @@ def official_config(cfg: ModelConfig, *, force: bool = False) -> dict:
         if cfg.d_conv:
             problems.append(f"d_conv={cfg.d_conv} (the conv ablation has no official "
                             "counterpart)")
-        if cfg.a_activation != "heavy_tail" and not force:
+        if cfg.a_activation != "heavy_tail" and not force and "mamba3" in kinds:
             problems.append(f"a_activation={cfg.a_activation!r} (the official Mamba3 always uses "
                             "heavy_tail; --force writes the weights anyway, outputs will differ)")
         ssm = {"layer": "Mamba3", "d_state": cfg.d_state, "expand": cfg.expand,
@@ -85,6 +84,8 @@ def official_config(cfg: ModelConfig, *, force: bool = False) -> dict:
                "dt_init_floor": cfg.dt_init_floor, "A_floor": cfg.a_floor,
                "is_outproj_norm": cfg.is_outproj_norm, "is_mimo": cfg.mimo_rank > 1,
                "mimo_rank": cfg.mimo_rank, "chunk_size": cfg.resolved_chunk_size}
+    elif cfg.mixer == "attention":
+        ssm = {}  # no SSM layer
     else:
         ssm = {"layer": "Mamba2", "d_state": cfg.d_state, "d_conv": cfg.d_conv,
                "expand": cfg.expand, "headdim": cfg.headdim, "ngroups": cfg.ngroups,
@@ -98,12 +99,53 @@ def official_config(cfg: ModelConfig, *, force: bool = False) -> dict:
     if problems:
         raise ConversionError("the official MambaLMHeadModel cannot represent this model: "
                               + "; ".join(problems))
+    attn = [i for i, k in enumerate(kinds) if k == "attention"]
     return {"d_model": cfg.d_model, "d_intermediate": cfg.resolved_d_mlp,
             "n_layer": cfg.n_layer, "vocab_size": cfg.vocab_size, "ssm_cfg": ssm,
-            "attn_layer_idx": [], "attn_cfg": {}, "rms_norm": True, "residual_in_fp32": True,
+            "attn_layer_idx": attn, "attn_cfg": official_attn_cfg(cfg) if attn else {},
+            "rms_norm": True, "residual_in_fp32": True,
             "fused_add_norm": True,
             # 1: the official model keeps our vocabulary size instead of padding it
             "pad_vocab_size_multiple": 1, "tie_embeddings": cfg.tie_embeddings}
+
+
+def official_attn_cfg(cfg: ModelConfig) -> dict:
+    """`attn_cfg` of the official MHA computing our attention: causal, no biases, RoPE on the
+    whole head in adjacent pairs (`rotary_emb_interleaved`, same frequencies) or none (NoPE)."""
+    D = cfg.headdim
+    return {"num_heads": cfg.resolved_attn_heads, "num_heads_kv": cfg.resolved_kv_heads,
+            "head_dim": D, "causal": True, "qkv_proj_bias": False, "out_proj_bias": False,
+            "rotary_emb_dim": D if cfg.attn_rope else 0, "rotary_emb_base": cfg.rope_theta,
+            "rotary_emb_interleaved": True}
+
+
+def _attention_from_official(attn: dict, d_model: int, problems: list) -> dict:
+    """Our attention fields for an official attn_cfg; unsupported settings go to problems."""
+    a = dict(attn)
+    heads = int(a.pop("num_heads", 0))
+    if heads <= 0:
+        problems.append("attn_cfg lacks num_heads")
+        return {}
+    D = int(a.pop("head_dim", None) or d_model // heads)
+    kw = {"attn_heads": heads, "attn_kv_heads": int(a.pop("num_heads_kv", None) or heads),
+          "headdim": D}
+    rot = int(a.pop("rotary_emb_dim", 0))
+    kw["attn_rope"] = rot > 0
+    kw["rope_theta"] = float(a.pop("rotary_emb_base", 10000.0))
+    if rot not in (0, D):
+        problems.append(f"rotary_emb_dim={rot} (we rotate the whole head, {D}, or nothing)")
+    if rot and not a.pop("rotary_emb_interleaved", False):
+        problems.append("rotary_emb_interleaved=False (we rotate adjacent pairs)")
+    a.pop("rotary_emb_interleaved", None)
+    for key, want in (("causal", True), ("qkv_proj_bias", False), ("out_proj_bias", False),
+                      ("mlp_dim", 0), ("d_conv", 0), ("softmax_scale", None)):
+        if key in a and a.pop(key) != want:
+            problems.append(f"attn_cfg {key} other than {want!r}")
+        elif key in ("causal", "qkv_proj_bias", "out_proj_bias") and key not in attn:
+            problems.append(f"attn_cfg without {key} (the official default differs from ours)")
+    if a:
+        problems.append(f"unknown attn_cfg keys {sorted(a)}")
+    return kw
 
 
 # ssm_cfg keys whose official default is the only value we implement
@@ -120,9 +162,11 @@ def config_from_official(official: dict, vocab_size: Optional[int] = None,
     count (the official model pads the configured one up to `pad_vocab_size_multiple`);
     `overrides` set our own fields (e.g. scan_layers, scan_backend)."""
     oc = dict(official)
-    problems = []
-    if oc.get("attn_layer_idx"):
-        problems.append(f"attention layers {oc['attn_layer_idx']} (not supported yet)")
+    problems: list = []
+    n_layer = int(oc["n_layer"])
+    attn_idx = sorted(int(i) for i in oc.get("attn_layer_idx") or [])
+    attn_kw = (_attention_from_official(oc.get("attn_cfg") or {}, int(oc["d_model"]), problems)
+               if attn_idx else {})
     if not oc.get("rms_norm", True):
         problems.append("rms_norm=False (LayerNorm blocks are not supported)")
     d_mlp = int(oc.get("d_intermediate", 0))
@@ -131,7 +175,11 @@ def config_from_official(official: dict, vocab_size: Optional[int] = None,
     ssm = dict(oc.get("ssm_cfg") or {})
     layer = ssm.pop("layer", "Mamba1")
     kw: dict = {}
-    if layer == "Mamba3":
+    all_attention = len(attn_idx) == n_layer
+    if all_attention:  # Transformer++: the ssm_cfg is unused
+        kw = dict(mixer="attention")
+        ssm, names, ignored = {}, {}, ()
+    elif layer == "Mamba3":
         is_mimo = bool(ssm.pop("is_mimo", False))
         rank = int(ssm.pop("mimo_rank", 4))
         kw = dict(mixer="mamba3", a_activation="heavy_tail", discretization="trapezoid",
@@ -164,13 +212,21 @@ def config_from_official(official: dict, vocab_size: Optional[int] = None,
             ssm.pop(key)
     if ssm:
         problems.append(f"unknown ssm_cfg keys {sorted(ssm)}")
+    if attn_idx and not all_attention:
+        if layer != "Mamba3":
+            problems.append(f"attention mixed with {layer} layers (hybrids: Mamba-3 only)")
+        kw["layer_pattern"] = "".join("A" if i in attn_idx else "M" for i in range(n_layer))
+        if "headdim" in kw and kw["headdim"] != attn_kw.get("headdim", kw["headdim"]):
+            problems.append(f"attention head_dim {attn_kw['headdim']} differs from the Mamba "
+                            f"headdim {kw['headdim']} (one headdim here)")
+    kw.update(attn_kw)
     if problems:
         raise ConversionError("cannot convert this official model: " + "; ".join(problems))
     if vocab_size is None:
         vocab_size = int(oc["vocab_size"])
         mult = int(oc.get("pad_vocab_size_multiple", 1))
         vocab_size += (-vocab_size) % mult
-    kw.update(vocab_size=vocab_size, d_model=int(oc["d_model"]), n_layer=int(oc["n_layer"]),
+    kw.update(vocab_size=vocab_size, d_model=int(oc["d_model"]), n_layer=n_layer,
               d_mlp=d_mlp, mlp_multiple_of=OFFICIAL_MLP_MULTIPLE, norm_eps=OFFICIAL_NORM_EPS,
               tie_embeddings=bool(oc.get("tie_embeddings", True)))
     kw.update(overrides)
@@ -185,12 +241,18 @@ def _t(a):  # our Linear kernels are (in, out); PyTorch stores (out, in)
 
 @dataclasses.dataclass(frozen=True)
 class Entry:
-    """One parameter of a block: our path below the block, the official key below
-    `backbone.layers.<i>.`, and the array maps between them (per layer, no layer axis)."""
-    ours: Path
+    """One official parameter of a block: its key below `backbone.layers.<i>.`, our paths below
+    the block that make it (one, or several for attention's fused q/k/v projection), and the
+    array maps between them (per layer, no layer axis): to_official(*ours) -> array,
+    from_official(array) -> tuple of ours."""
+    ours: tuple
     official: str
-    to_official: Callable = lambda a: a
-    from_official: Callable = lambda a: a
+    to_official: Callable
+    from_official: Callable
+
+
+def _one(path: Path, official: str, to=lambda a: a, back=lambda a: a) -> Entry:
+    return Entry((path,), official, to, lambda a: (back(a),))
 
 
 def _bc_maps(cfg: ModelConfig):
@@ -219,36 +281,51 @@ def _in_proj_maps(cfg: ModelConfig):
     return (lambda a: on_bc(_t(a), to_n)), (lambda a: _t(on_bc(a, from_n)))
 
 
-def block_entries(cfg: ModelConfig) -> list[Entry]:
-    """The key map of one block (docs/weights.md "Whole-model checkpoints")."""
+def _attention_entries(cfg: ModelConfig) -> list[Entry]:
+    """The official MHA fuses q, k, v into one in_proj (rows [q (N*D), k (K*D), v (K*D)])."""
     m = "mixer"
-    out = [Entry(("norm1", "weight"), "norm.weight"),
-           Entry(("norm2", "weight"), "norm2.weight"),
-           Entry(("mlp", "fc1", "kernel"), "mlp.fc1.weight", _t, _t),
-           Entry(("mlp", "fc2", "kernel"), "mlp.fc2.weight", _t, _t),
-           Entry((m, "in_proj", "kernel"), "mixer.in_proj.weight", *_in_proj_maps(cfg)),
-           Entry((m, "out_proj", "kernel"), "mixer.out_proj.weight", _t, _t),
-           Entry((m, "dt_bias"), "mixer.dt_bias"),
-           Entry((m, "D"), "mixer.D")]
-    if cfg.mixer == "mamba2":
+    q, kv = cfg.resolved_attn_heads * cfg.headdim, cfg.resolved_kv_heads * cfg.headdim
+    paths = tuple((m, name, "kernel") for name in ("q_proj", "k_proj", "v_proj"))
+    return [Entry(paths, "mixer.in_proj.weight",
+                  lambda a, b, c: np.concatenate([_t(a), _t(b), _t(c)], axis=0),
+                  lambda w: (_t(w[:q]), _t(w[q:q + kv]), _t(w[q + kv:]))),
+            _one((m, "o_proj", "kernel"), "mixer.out_proj.weight", _t, _t)]
+
+
+def block_entries(cfg: ModelConfig, mixer: Optional[str] = None) -> list[Entry]:
+    """The key map of one block whose mixer is `mixer` (default cfg.mixer); docs/weights.md
+    "Whole-model checkpoints"."""
+    m = "mixer"
+    out = [_one(("norm1", "weight"), "norm.weight"),
+           _one(("norm2", "weight"), "norm2.weight"),
+           _one(("mlp", "fc1", "kernel"), "mlp.fc1.weight", _t, _t),
+           _one(("mlp", "fc2", "kernel"), "mlp.fc2.weight", _t, _t)]
+    mixer = mixer or cfg.mixer
+    if mixer == "attention":
+        return out + _attention_entries(cfg)
+    out += [_one((m, "in_proj", "kernel"), "mixer.in_proj.weight", *_in_proj_maps(cfg)),
+            _one((m, "out_proj", "kernel"), "mixer.out_proj.weight", _t, _t),
+            _one((m, "dt_bias"), "mixer.dt_bias"),
+            _one((m, "D"), "mixer.D")]
+    if mixer == "mamba2":
         K, ch = cfg.d_conv, cfg.conv_channels
-        out += [Entry((m, "conv_weight"), "mixer.conv1d.weight",  # torch: (ch, 1, K)
-                      lambda a: _t(a)[:, None, :], lambda a: _t(a.reshape(ch, K))),
-                Entry((m, "conv_bias"), "mixer.conv1d.bias"),
-                Entry((m, "A_log"), "mixer.A_log"),
-                Entry((m, "norm"), "mixer.norm.weight")]
+        out += [_one((m, "conv_weight"), "mixer.conv1d.weight",  # torch: (ch, 1, K)
+                     lambda a: _t(a)[:, None, :], lambda a: _t(a.reshape(ch, K))),
+                _one((m, "conv_bias"), "mixer.conv1d.bias"),
+                _one((m, "A_log"), "mixer.A_log"),
+                _one((m, "norm"), "mixer.norm.weight")]
         return out
     to_n, from_n = _bc_maps(cfg)
-    out += [Entry((m, "B_norm"), "mixer.B_norm.weight", to_n, from_n),
-            Entry((m, "C_norm"), "mixer.C_norm.weight", to_n, from_n),
-            Entry((m, "B_bias"), "mixer.B_bias", to_n, from_n),
-            Entry((m, "C_bias"), "mixer.C_bias", to_n, from_n)]
+    out += [_one((m, "B_norm"), "mixer.B_norm.weight", to_n, from_n),
+            _one((m, "C_norm"), "mixer.C_norm.weight", to_n, from_n),
+            _one((m, "B_bias"), "mixer.B_bias", to_n, from_n),
+            _one((m, "C_bias"), "mixer.C_bias", to_n, from_n)]
     if cfg.mimo_rank > 1:
-        out += [Entry((m, name), f"mixer.{name}") for name in ("mimo_x", "mimo_z", "mimo_o")]
+        out += [_one((m, name), f"mixer.{name}") for name in ("mimo_x", "mimo_z", "mimo_o")]
     if cfg.is_outproj_norm:
         H, P = cfg.nheads, cfg.headdim
-        out.append(Entry((m, "norm"), "mixer.norm.weight", lambda a: a.reshape(H * P),
-                         lambda a: a.reshape(H, P)))
+        out.append(_one((m, "norm"), "mixer.norm.weight", lambda a: a.reshape(H * P),
+                        lambda a: a.reshape(H, P)))
     return out
 
 
@@ -276,11 +353,13 @@ def to_official(flat: dict, cfg: ModelConfig) -> dict[str, np.ndarray]:
     take = src.take
     sd = {"backbone.embedding.weight": take(("embed", "embedding")),
           "backbone.norm_f.weight": take(("final_norm", "weight"))}
-    for e in block_entries(cfg):
-        stacked = take(("blocks",) + e.ours) if cfg.scan_layers else None
-        for i in range(cfg.n_layer):
-            a = stacked[i] if cfg.scan_layers else take(("layers", i) + e.ours)
-            sd[f"backbone.layers.{i}.{e.official}"] = np.ascontiguousarray(e.to_official(a))
+    for i in range(cfg.n_layer):
+        for e in block_entries(cfg, cfg.layer_mixer(i)):
+            # stacked layout: every layer has the same kind (config check), index layer i
+            arrays = [take(("blocks",) + p)[i] if cfg.scan_layers else take(("layers", i) + p)
+                      for p in e.ours]
+            sd[f"backbone.layers.{i}.{e.official}"] = np.ascontiguousarray(
+                e.to_official(*arrays))
     # always written (a copy when tied) so that a strict load_state_dict finds it
     sd["lm_head.weight"] = (sd["backbone.embedding.weight"] if cfg.tie_embeddings
                             else _t(take(("lm_head",))))
@@ -305,14 +384,16 @@ def from_official(sd: dict, cfg: ModelConfig) -> dict[Path, np.ndarray]:
             flat[("lm_head",)] = _t(head)
     elif not cfg.tie_embeddings:
         raise ConversionError("the state dict lacks 'lm_head.weight' (untied embeddings)")
-    for e in block_entries(cfg):
-        per = [e.from_official(take(f"backbone.layers.{i}.{e.official}"))
-               for i in range(cfg.n_layer)]
-        if cfg.scan_layers:
-            flat[("blocks",) + e.ours] = np.stack(per)
-        else:
-            for i, a in enumerate(per):
-                flat[("layers", i) + e.ours] = a
+    stacked: dict = {}
+    for i in range(cfg.n_layer):
+        for e in block_entries(cfg, cfg.layer_mixer(i)):
+            parts = e.from_official(take(f"backbone.layers.{i}.{e.official}"))
+            for path, a in zip(e.ours, parts, strict=True):
+                if cfg.scan_layers:
+                    stacked.setdefault(("blocks",) + path, []).append(a)
+                else:
+                    flat[("layers", i) + path] = a
+    flat.update({k: np.stack(v) for k, v in stacked.items()})
     left = src.left()
     if left:
         raise ConversionError(f"state dict keys with no counterpart here: {left[:8]}"

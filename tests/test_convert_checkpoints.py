@@ -22,6 +22,7 @@ from mamba3_jax.convert import (
     from_official,
     mimo_channel_permutation,
     model_weights,
+    official_attn_cfg,
     official_config,
     to_official,
 )
@@ -34,7 +35,10 @@ CASES = {
     "mimo": dict(mimo_rank=2, is_outproj_norm=True, rope_fraction=1.0),
     "mamba2": dict(mixer="mamba2", d_conv=4),
     "untied": dict(tie_embeddings=False),
+    "transformer": dict(mixer="attention", attn_kv_heads=2),
+    "hybrid": dict(layer_pattern="MA", attn_rope=False),  # no scan: mixed kinds
 }
+SCANNABLE = [c for c in CASES if c != "hybrid"]
 
 
 def noise(name, shape):
@@ -71,6 +75,8 @@ def official_shapes(oc: dict) -> dict:
     """Each key's shape as the official modules define it (mamba_ssm/models/mixer_seq_simple.py,
     modules/{mamba3,mamba2,mlp,block}.py), written out independently of convert.py."""
     d, f, V, ssm = oc["d_model"], oc["d_intermediate"], oc["vocab_size"], oc["ssm_cfg"]
+    if not ssm:  # every layer attention
+        ssm = {"layer": "none", "d_state": 0, "ngroups": 1, "headdim": 1, "expand": 1}
     N, G, P = ssm["d_state"], ssm["ngroups"], ssm["headdim"]
     E = ssm["expand"] * d
     H = E // P
@@ -79,7 +85,9 @@ def official_shapes(oc: dict) -> dict:
     layer = {"norm.weight": (d,), "norm2.weight": (d,), "mlp.fc1.weight": (2 * f, d),
              "mlp.fc2.weight": (d, f), "mixer.out_proj.weight": (d, E),
              "mixer.dt_bias": (H,), "mixer.D": (H,)}
-    if ssm["layer"] == "Mamba3":
+    if ssm["layer"] == "none":
+        pass
+    elif ssm["layer"] == "Mamba3":
         R = ssm["mimo_rank"] if ssm["is_mimo"] else 1
         S = int(N * ssm["rope_fraction"]) // 2
         layer.update({"mixer.in_proj.weight": (2 * E + 2 * N * G * R + 3 * H + S, d),
@@ -95,8 +103,15 @@ def official_shapes(oc: dict) -> dict:
                       "mixer.conv1d.weight": (conv, 1, ssm["d_conv"]),
                       "mixer.conv1d.bias": (conv,), "mixer.A_log": (H,),
                       "mixer.norm.weight": (E,)})
+    attn = oc["attn_cfg"]
     for i in range(oc["n_layer"]):
-        out.update({f"backbone.layers.{i}.{k}": v for k, v in layer.items()})
+        this = layer
+        if i in oc["attn_layer_idx"]:  # modules/mha.py: fused q/k/v in_proj, no biases here
+            N, K, Da = attn["num_heads"], attn["num_heads_kv"], attn["head_dim"]
+            this = {k: v for k, v in layer.items() if not k.startswith("mixer.")}
+            this.update({"mixer.in_proj.weight": ((N + 2 * K) * Da, d),
+                         "mixer.out_proj.weight": (d, N * Da)})
+        out.update({f"backbone.layers.{i}.{k}": v for k, v in this.items()})
     return out
 
 
@@ -108,7 +123,7 @@ def test_keys_and_shapes_are_the_official_ones(case):
     assert {k: v.shape for k, v in sd.items()} == official_shapes(oc)
 
 
-@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("case", SCANNABLE)
 def test_round_trip_both_layouts(case):
     """ours -> official -> ours is exact, from and to both layer layouts; the stacked and the
     unrolled model (equal seeds give equal weights) export to the same state dict."""
@@ -127,7 +142,7 @@ def test_round_trip_both_layouts(case):
             np.testing.assert_array_equal(back[k], want[k], err_msg=str(k))
 
 
-@pytest.mark.parametrize("case", ["siso", "mimo", "mamba2"])
+@pytest.mark.parametrize("case", ["siso", "mimo", "mamba2", "transformer", "hybrid"])
 def test_config_round_trip_gives_the_same_logits(case):
     """Export the weights and the config, rebuild from the official side alone: same logits."""
     cfg, model = make(case)
@@ -173,8 +188,6 @@ def test_mamba2_conv_layout():
 
 def test_unrepresentable_models_are_refused():
     cfg, _ = make("siso")
-    with pytest.raises(ConversionError, match="not converted"):
-        official_config(ModelConfig(mixer="attention"))
     with pytest.raises(ConversionError, match="heavy_tail"):
         official_config(cfg.replace(a_activation="softplus"))
     official_config(cfg.replace(a_activation="softplus"), force=True)
@@ -184,7 +197,14 @@ def test_unrepresentable_models_are_refused():
         with pytest.raises(ConversionError, match=msg):
             official_config(cfg.replace(**bad))
     oc = official_config(cfg)
-    for bad, msg in ((dict(attn_layer_idx=[1]), "attention"), (dict(d_intermediate=0), "MLP"),
+    attn = official_attn_cfg(cfg.replace(mixer="attention"))
+    for bad, msg in ((dict(attn_layer_idx=[1], attn_cfg={**attn, "causal": False}), "causal"),
+                     (dict(attn_layer_idx=[1], attn_cfg={**attn, "rotary_emb_dim": 4}),
+                      "rotary_emb_dim"),
+                     (dict(attn_layer_idx=[1], attn_cfg={**attn, "rotary_emb_interleaved": False}),
+                      "interleaved"),
+                     (dict(attn_layer_idx=[1], attn_cfg={**attn, "head_dim": 16}), "head_dim"),
+                     (dict(d_intermediate=0), "MLP"),
                      (dict(rms_norm=False), "LayerNorm"),
                      (dict(ssm_cfg={"layer": "Mamba1"}), "Mamba1"),
                      (dict(ssm_cfg={**oc["ssm_cfg"], "foo": 1}), "foo")):
@@ -294,7 +314,8 @@ def test_logits_match_the_official_math():
     """Where a state-spaces/mamba checkout is named by MAMBA_REPO (and torch, einops import):
     experiments/compare_official.py section M runs `MambaLMHeadModel`'s glue in torch on
     `to_official` state dicts, each mixer by the official reference functions (MIMO in the
-    kernels' channel pairing), for SISO, MIMO and Mamba-2. About 35 s, so opt-in."""
+    kernels' channel pairing), for SISO, MIMO, Mamba-2, Transformer++ and a hybrid. About 55 s,
+    so opt-in."""
     repo = os.environ.get("MAMBA_REPO")
     if not repo:
         pytest.skip("set MAMBA_REPO to a state-spaces/mamba checkout")
@@ -305,6 +326,6 @@ def test_logits_match_the_official_math():
 
     with torch.no_grad():
         rows = co.section_model(co.Reference(pathlib.Path(repo)), co.Torch(torch.float64), 0)
-    assert len(rows) == 5
+    assert len(rows) == 7
     for row in rows:
         assert row.errs["y"] < 1e-4, (row.name, row.errs)

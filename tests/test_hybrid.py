@@ -9,7 +9,7 @@ from flax import nnx
 
 from mamba3_jax.baselines.attention import Attention, KVCache
 from mamba3_jax.config import ModelConfig
-from mamba3_jax.convert import ConversionError, official_config
+from mamba3_jax.convert import official_config
 from mamba3_jax.generate import generate, prefill
 from mamba3_jax.layers import Mamba3
 from mamba3_jax.model import Mamba3LM, count_params
@@ -71,11 +71,11 @@ def test_config_errors(bad, msg):
         CFG.replace(**bad)
 
 
-def test_uniform_pattern_may_scan_and_hybrids_are_not_converted():
+def test_uniform_pattern_may_scan_and_hybrids_convert():
     cfg = CFG.replace(layer_pattern="M", scan_layers=True)
     assert count_params(Mamba3LM(cfg, rngs=nnx.Rngs(0))) == cfg.num_params()
-    with pytest.raises(ConversionError, match="attention layers are not converted"):
-        official_config(CFG.replace(a_activation="heavy_tail", d_mlp=128))
+    oc = official_config(CFG.replace(a_activation="heavy_tail", d_mlp=128))
+    assert oc["attn_layer_idx"] == [1] and oc["attn_cfg"]["rotary_emb_dim"] == 0  # NoPE
 
 
 def test_paper_hybrid_config():
