@@ -72,6 +72,8 @@ def official_config(cfg: ModelConfig, *, force: bool = False) -> dict:
             problems.append(f"rotation={cfg.rotation!r} (official: data-dependent only)")
         if not cfg.bc_bias:
             problems.append("bc_bias=False (official layers always have B/C biases)")
+        if not getattr(cfg, "rotation_dt", True):  # a state-tracking option, if present
+            problems.append("rotation_dt=False (official angles are always scaled by dt)")
         if cfg.d_conv:
             problems.append(f"d_conv={cfg.d_conv} (the conv ablation has no official "
                             "counterpart)")
