@@ -150,14 +150,16 @@ def config_json(config) -> str:
 
 
 def diff_configs(saved: Mapping, current: Mapping, ignore=()) -> list[tuple[str, Any, Any]]:
-    """Keys whose values differ: [(key, saved, current)], skipping keys starting with `ignore`."""
+    """Keys whose values differ: [(key, saved, current)], skipping keys starting with `ignore`.
+    A key the saved config lacks counts as its default (a field added since that run)."""
     a, b = flatten(saved), flatten(current)
+    defaults = flatten(to_dict(base_config()))
     out = []
     for key in sorted(set(a) | set(b)):
         if any(key == p or (p.endswith(".") and key.startswith(p)) or key.startswith(p + ".")
                for p in ignore):
             continue
-        va, vb = a.get(key, "<missing>"), b.get(key, "<missing>")
+        va, vb = a.get(key, defaults.get(key, "<missing>")), b.get(key, "<missing>")
         if va != vb:
             out.append((key, va, vb))
     return out

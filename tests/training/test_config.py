@@ -79,6 +79,14 @@ def test_diff_configs_ignores_resume_safe_keys():
     assert keys == ["data.train_source", "model.n_layer"]
 
 
+def test_diff_configs_a_field_added_since_the_run_counts_as_its_default():
+    old, cur = tiny_config().to_dict(), tiny_config()
+    default = old["model"].pop("mixer")  # a run saved before the field existed
+    assert diff_configs(old, cur.to_dict()) == []
+    cur.model.mixer = "attention" if default != "attention" else "mamba3"
+    assert [k for k, _, _ in diff_configs(old, cur.to_dict())] == ["model.mixer"]
+
+
 def test_cli_overrides_and_print_config():
     r = cli(["--config", TINY_CONFIG, "--print_config", "--config.model.d_state=64",
              "--config.optim.schedule=wsd", "--config.model.chunk_size=8",
