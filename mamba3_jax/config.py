@@ -71,6 +71,9 @@ class ModelConfig:
     discretization: str = "trapezoid"  # learned lambda | fixed 1/2 | exponential Euler (lambda = 1)
     rotation: str = "data_dependent"  # data-dependent angles | standard fixed-frequency RoPE | none
     rope_theta: float = 10000.0  # base of the fixed-frequency ablation
+    # data-dependent angle per step: pi tanh(angles) dt (paper, True) or pi tanh(angles), not
+    # scaled by dt (False: a state-tracking option, see docs/tasks.md "Why parity failed")
+    rotation_dt: bool = True
     bc_bias: bool = True
     bc_bias_init: float = 1.0
     bc_bias_trainable: bool = True
@@ -173,6 +176,8 @@ class ModelConfig:
         need(self.d_mlp is None or self.d_mlp > 0, f"d_mlp must be None or > 0, got {self.d_mlp}")
         need(self.mlp_multiple_of > 0, f"mlp_multiple_of must be > 0, got {self.mlp_multiple_of}")
         need(self.rope_theta > 0, f"rope_theta must be > 0, got {self.rope_theta}")
+        need(isinstance(self.rotation_dt, bool),
+             f"rotation_dt must be True or False, got {self.rotation_dt!r}")
         need(isinstance(self.scan_layers, bool),
              f"scan_layers must be True or False, got {self.scan_layers!r}")
         if errors:

@@ -66,7 +66,9 @@ def angle_increments(parts: dict, dt: jax.Array, cfg: ModelConfig) -> jax.Array:
     S = cfg.num_rope_angles
     shape = dt.shape + (S,)
     if cfg.rotation == "data_dependent" and S > 0:
-        return data_dependent_increments(parts["angles"], dt)
+        # rotation_dt=False: pi tanh(angles) per step, the same for every head (not scaled by dt)
+        return data_dependent_increments(parts["angles"], dt if cfg.rotation_dt
+                                         else jnp.ones_like(dt))
     if cfg.rotation == "fixed":  # standard RoPE: theta_t = t * freq, independent of the data
         return jnp.broadcast_to(jnp.asarray(fixed_rope_frequencies(S, cfg.rope_theta)), shape)
     return jnp.zeros(shape, f32)
