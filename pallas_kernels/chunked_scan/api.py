@@ -2,7 +2,7 @@
 
 `chunked_scan(inp, state, *, z, D, ...)` has `mamba3_jax.backends.mixer_core`'s contract: the
 SSM inputs (q, k per B/C group plus per-head biases, or per head) and the state in, the gated
-per-head output (B, L, H, P) float32 and the final state out.
+per-head output (B, L, H, P) in the input dtype and the final state out.
 
 Split of the work:
   * XLA pre-pass (differentiable; elementwise plus two small dots): cumulative rotary angles per
@@ -119,6 +119,34 @@ def _rows(a, R: int):
     return jnp.repeat(a, R, axis=2) if R > 1 else a
 
 
+def _padder(L: int, Lp: int):
+    """Zero-pad axis 1 (time) from L to Lp."""
+    def padt(a):
+        return jnp.pad(a, [(0, 0), (0, Lp - L)] + [(0, 0)] * (a.ndim - 2)) if Lp > L else a
+    return padt
+
+
+def _scalars(inp: SSMInputs, state: SSMState, mimo_x, C: int, R: int, Lp: int):
+    """Everything per token the core needs besides q, k, v: chunk-local segment ids (B, Lp),
+    per-row (B, H, Lp R) cumulative log decay, trapezoid scale sc_t = gamma_t + eta_{t+1} (eta
+    cut at segment starts) and gamma, segment ids per row, and the augmented initial state
+    g0 = h0 + eta_0 kv_prev (B, H, P, N) in the model's channel order."""
+    B, L, H = inp.x.shape[:3]
+    padt = _padder(L, Lp)
+    reset = jnp.zeros((B, L), bool) if inp.reset is None else inp.reset
+    eta = jnp.where(reset[..., None], 0.0, inp.eta.astype(f32))
+    scale = inp.gamma.astype(f32) + jnp.concatenate([eta[:, 1:], jnp.zeros_like(eta[:, :1])], 1)
+    seg = jnp.cumsum(padt(reset).reshape(B, Lp // C, C).astype(jnp.int32), axis=2).reshape(B, Lp)
+    cs = jnp.cumsum(padt(inp.log_decay.astype(f32)).reshape(B, Lp // C, C, H), axis=2)
+    cs = _rows(cs.reshape(B, Lp, H), R)
+    sc, gm = _rows(padt(scale), R), _rows(padt(inp.gamma.astype(f32)), R)
+    seg_rows = jnp.repeat(seg, R, axis=1) if R > 1 else seg
+    kv0 = jnp.einsum("brhp,brhn->bhpn", lift(state.x_prev, mimo_x), state.k_prev.astype(f32),
+                     precision=jax.lax.Precision.HIGHEST)
+    g0 = state.h.astype(f32) + eta[:, 0, :, None, None] * kv0
+    return seg, cs, sc, gm, seg_rows, g0
+
+
 def prepare_rows(inp: SSMInputs, state: SSMState, mimo_x, C: int, cdt, *, interpret: bool,
                  rotary: str = "kernel", warps_rotary: int = 4, angle_mode: str = "tf32x3"):
     """The pre-pass: the core's operands, the angle at the last token, k rows, padded length and
@@ -128,15 +156,8 @@ def prepare_rows(inp: SSMInputs, state: SSMState, mimo_x, C: int, cdt, *, interp
     H = inp.x.shape[2]
     S = inp.angle_inc.shape[-1]
     Lp = -(-L // C) * C
-    pad = Lp - L
-
-    def padt(a):
-        return jnp.pad(a, [(0, 0), (0, pad)] + [(0, 0)] * (a.ndim - 2)) if pad else a
-
-    reset = jnp.zeros((B, L), bool) if inp.reset is None else inp.reset
-    eta = jnp.where(reset[..., None], 0.0, inp.eta.astype(f32))
-    scale = inp.gamma.astype(f32) + jnp.concatenate([eta[:, 1:], jnp.zeros_like(eta[:, :1])], 1)
-    seg = jnp.cumsum(padt(reset).reshape(B, Lp // C, C).astype(jnp.int32), axis=2).reshape(B, Lp)
+    padt = _padder(L, Lp)
+    seg, cs, sc, gm, seg_rows, g0 = _scalars(inp, state, mimo_x, C, R, Lp)
     permuted = False
     if S and rotary == "kernel":
         inc = padt(inp.angle_inc.astype(f32))
@@ -153,6 +174,7 @@ def prepare_rows(inp: SSMInputs, state: SSMState, mimo_x, C: int, cdt, *, interp
                          to_pair_blocks(padt(inp.k).astype(cdt), S),
                          bias(inp.q_bias), bias(inp.k_bias), inc, carry, seg)
         q, k = (u.reshape(B, Lp * R, H, N) for u in (q, k))
+        g0 = to_pair_blocks(g0, S)
     else:
         theta = chunk_angles(padt(inp.angle_inc.astype(f32)), seg, state.angle, C) if S else None
         theta_last = theta[:, L - 1] if S else None
@@ -160,31 +182,17 @@ def prepare_rows(inp: SSMInputs, state: SSMState, mimo_x, C: int, cdt, *, interp
         k = _per_head_rows(padt(inp.k), inp.k_bias, theta, H, cdt)
     v = inp.x.astype(cdt) if mimo_x is None else lift(inp.x, mimo_x).astype(cdt)  # SISO: x
     v = padt(v).reshape(B, Lp * R, H, -1)
-    cs = jnp.cumsum(padt(inp.log_decay.astype(f32)).reshape(B, Lp // C, C, H), axis=2)
-    cs = _rows(cs.reshape(B, Lp, H), R)
-    sc, gm = _rows(padt(scale), R), _rows(padt(inp.gamma.astype(f32)), R)
-    seg_rows = jnp.repeat(seg, R, axis=1) if R > 1 else seg
-
-    kv0 = jnp.einsum("brhp,brhn->bhpn", lift(state.x_prev, mimo_x), state.k_prev.astype(f32),
-                     precision=jax.lax.Precision.HIGHEST)
-    g0 = state.h.astype(f32) + eta[:, 0, :, None, None] * kv0
-    if permuted:
-        g0 = to_pair_blocks(g0, S)
     return (q, k, v, cs, sc, gm, seg_rows, g0), theta_last, k, Lp, permuted
 
 
 # ----------------------------------------------------------------------------- registry
 
 
-def _triton_core(shape: CoreShape, *ops):
-    return pallas_triton.ssd_core(shape, *ops)
-
-
-IMPLEMENTATIONS = {"pallas_triton": _triton_core}
+IMPLEMENTATIONS = {"pallas_triton": pallas_triton.ssd_core}  # (CoreShape, *operands) -> y, h
 
 
 def check_supported(inp: SSMInputs, C: int, interpret: bool):
-    B, L, R, G, N = inp.q.shape
+    R, G, N = inp.q.shape[2:]
     H, P = inp.x.shape[2], inp.x.shape[3]
     cdt = jnp.dtype(inp.x.dtype)
     _check(cdt in (jnp.dtype(f32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)),
@@ -242,20 +250,9 @@ def _fused_path(o: _Opts, inp, state, z, D):
     S = inp.angle_inc.shape[-1]
     C, cdt = o.C, jnp.dtype(inp.x.dtype)
     Lp = -(-L // C) * C
-
-    def padt(a):
-        return jnp.pad(a, [(0, 0), (0, Lp - L)] + [(0, 0)] * (a.ndim - 2)) if Lp > L else a
-
-    reset = jnp.zeros((B, L), bool) if inp.reset is None else inp.reset
-    eta = jnp.where(reset[..., None], 0.0, inp.eta.astype(f32))
-    scale = inp.gamma.astype(f32) + jnp.concatenate([eta[:, 1:], jnp.zeros_like(eta[:, :1])], 1)
-    seg = jnp.cumsum(padt(reset).reshape(B, Lp // C, C).astype(jnp.int32), axis=2).reshape(B, Lp)
-    cs = jnp.cumsum(padt(inp.log_decay.astype(f32)).reshape(B, Lp // C, C, H), axis=2)
-    cs, sc, gm = (jnp.swapaxes(a.reshape(B, Lp, H), 1, 2)
-                  for a in (cs, padt(scale), padt(inp.gamma.astype(f32))))
-    kv0 = jnp.einsum("bhp,bhn->bhpn", state.x_prev.astype(f32), state.k_prev[:, 0].astype(f32),
-                     precision=jax.lax.Precision.HIGHEST)
-    g0 = to_pair_blocks(state.h.astype(f32) + eta[:, 0, :, None, None] * kv0, S)
+    padt = _padder(L, Lp)
+    seg, cs, sc, gm, _, g0 = _scalars(inp, state, None, C, 1, Lp)
+    g0 = to_pair_blocks(g0, S)
 
     def bias(b):  # (H, 1, N) or None -> (H, N) f32, pair-block order
         return jnp.zeros((H, N), f32) if b is None else to_pair_blocks(b[:, 0].astype(f32), S)

@@ -1,6 +1,6 @@
 """The chunked SSM core as chunk-parallel Pallas Triton kernels, forward and backward.
 
-The core (see `reference.py` for its definition in XLA) takes per-head rotated rows q, k
+The core (the SSD part of `mamba3_jax.ops.ssm.ssm_chunked`, on rows) takes per-head rotated q, k
 (B, Lp R, H, N), lifted inputs v (B, Lp R, H, P), per-row scalars cs (chunk-local cumulative log
 decay), sc (trapezoid scale), gm (gamma) (B, H, Lp R), chunk-local segment ids (B, Lp R) and the
 augmented initial state g0 (B, H, P, N); it returns y (B, Lp R, H, P) in the input dtype and

@@ -24,7 +24,7 @@ from jax.experimental import pallas as pl
 from mamba3_jax.ops.rotary import TWO_PI
 from pallas_kernels._compat import SQ, compiler_params, dot, dot_precision
 from pallas_kernels.chunked_scan.pallas_triton import _chunk_decays, _weights
-from pallas_kernels.chunked_scan.pallas_triton_rotary import _theta
+from pallas_kernels.chunked_scan.pallas_triton_rotary import _biased, _theta
 
 f32 = jnp.float32
 
@@ -32,9 +32,8 @@ f32 = jnp.float32
 def _rotated(ref, bias_ref, cos, sin, S, N, cdt, rows=slice(None)):
     """Rows of a group ref (all, or the `rows` slice) plus the head's bias, rotated: tiles
     [pair 1, pair 2, plain] in the input dtype."""
-    def part(off, w):  # + bias, rounded like `per_head` does
-        u = ref[rows, pl.ds(off, w)].astype(f32) + bias_ref[pl.ds(off, w)][None, :]
-        return u.astype(cdt).astype(f32)
+    def part(off, w):
+        return _biased(ref, bias_ref[pl.ds(off, w)], off, w, cdt, rows)
 
     a, b = part(0, S), part(S, S)
     out = [(a * cos - b * sin).astype(cdt), (a * sin + b * cos).astype(cdt)]

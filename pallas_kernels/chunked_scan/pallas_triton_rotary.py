@@ -87,9 +87,10 @@ def _theta(inc, a_in, seg, prec):
     return th + jnp.where(seg == 0, 1.0, 0.0)[:, None] * a_in[None, :], tri
 
 
-def _biased(ref, bias, off, w, cdt):
-    """Columns [off, off + w) of a (C, N) ref plus the bias, rounded like `per_head` does."""
-    return (ref[:, pl.ds(off, w)].astype(f32) + bias[None, :]).astype(cdt).astype(f32)
+def _biased(ref, bias, off, w, cdt, rows=slice(None)):
+    """Columns [off, off + w) of a (C, N) ref (or its `rows`) plus the bias, rounded like
+    `per_head` does."""
+    return (ref[rows, pl.ds(off, w)].astype(f32) + bias[None, :]).astype(cdt).astype(f32)
 
 
 def _fwd_kernel(q_ref, k_ref, qb_ref, kb_ref, inc_ref, a_ref, sg_ref, qr_ref, kr_ref, *,
