@@ -3,6 +3,7 @@ aliased 'copy' is refused), and floors are bytes / copy rate vs FLOPs / matmul r
 
 import math
 
+import jax
 import pytest
 
 from mamba3_jax import benchmark
@@ -16,7 +17,12 @@ def test_ceilings_take_the_fastest_real_copy_and_matmul():
     assert c.copy == max(rates.values())
     # XLA aliases a donated identity: no bytes move, so it must not count as a copy
     assert c.copies["jax donated identity"].startswith("no copy made")
-    assert c.copies["torch"].startswith("skipped") and c.copies["cupy"].startswith("skipped")
+    for lib in ("torch", "cupy"):  # on the CPU the GPU libraries are not asked; on a GPU
+        # each one times its own copy or says in one line why it could not
+        if jax.default_backend() == "cpu":
+            assert c.copies[lib].startswith("skipped"), c.copies
+        else:
+            assert any(k.startswith(lib) for k in c.copies), c.copies
     assert c.matmul == max(v for v in c.matmuls.values() if isinstance(v, float)) > 0
     assert "jax jit(jnp.copy)" in c.detail() and "TB/s" in c.summary()
 

@@ -260,12 +260,15 @@ def _fused_path(o: _Opts, inp, state, z, D):
     def group(v):  # (B, L, 1, G, N) -> (B, Lp, G, N), pair-block order
         return to_pair_blocks(padt(v[:, :, 0]).astype(cdt), S)
 
-    out, g_last, a_last = fused_forward(
-        group(inp.q), group(inp.k), bias(inp.q_bias), bias(inp.k_bias),
-        padt(inp.angle_inc.astype(f32)), state.angle.astype(f32), padt(inp.x.astype(cdt)),
-        padt(z.astype(cdt)), D, cs, sc, gm, seg, g0, C=C, interpret=o.interpret,
-        warps_state=o.blocks.warps_state, warps_output=o.blocks.warps_output,
-        angle_mode=o.blocks.angle_mode, f32_mode=o.blocks.f32_mode)
+    inc = padt(inp.angle_inc.astype(f32))
+    carry = chunk_carry(inc, seg, state.angle, C)
+    a_last = jnp.mod(theta_at(inc, seg, carry, L - 1, C), TWO_PI)
+    out, g_last = fused_forward(
+        group(inp.q), group(inp.k), bias(inp.q_bias), bias(inp.k_bias), inc, carry,
+        padt(inp.x.astype(cdt)), padt(z.astype(cdt)), D, cs, sc, gm, seg, g0, C=C,
+        interpret=o.interpret, bp=o.blocks.bp, warps_state=o.blocks.warps_state,
+        warps_output=o.blocks.warps_output, angle_mode=o.blocks.angle_mode,
+        f32_mode=o.blocks.f32_mode)
     k_last = per_head(inp._replace(q=inp.q[:, -1:], k=inp.k[:, -1:])).k[:, 0]  # (B, 1, H, N)
     final = SSMState(angle=a_last, h=from_pair_blocks(g_last, S).astype(state.h.dtype),
                      k_prev=rotate(k_last, a_last[:, None]).astype(cdt).astype(

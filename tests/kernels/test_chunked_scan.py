@@ -62,6 +62,12 @@ def test_forward_p_blocks_norm_and_no_rotation_and_xla_rotary():
     got, got_state = kernel(inp, state, 16, TritonBlocks(fused_inference=1), **p)
     assert rel(got, got_rows) < 1e-6
     check_state(got_state, rows_state, 1e-6)
+    # ... also with resets, a padded length and P blocks in its state pass
+    inp, state, p = make_problem(3, B, 40, 1, H, N, 32, S, jnp.float32, True)
+    want, want_state = reference(inp, state, **p)
+    got, got_state = kernel(inp, state, 16, TritonBlocks(fused_inference=1, bp=16), **p)
+    assert rel(got, want) < TOL["float32"], rel(got, want)
+    check_state(got_state, want_state, TOL["float32"])
     inp, state, p = make_problem(2, B, 24, 2, H, N, P, 0, jnp.float32, True, norm=True)
     want, want_state = reference(inp, state, **p)
     got, got_state = kernel(inp, state, 8, **p)
