@@ -2,7 +2,7 @@
 PY ?= python3
 WORKDIR ?= runs/tiny
 
-.PHONY: help install test test-gpu test-fast lint train bench bench-forms bench-kernels bench-decode bench-generate bench-train clean
+.PHONY: help install test test-gpu test-fast lint train bench bench-forms bench-kernels bench-decode bench-decode-step bench-generate bench-train clean
 
 help:
 	@echo "install      pip-install the package with its test/plot/data extras"
@@ -53,6 +53,10 @@ bench-kernels:
 
 bench-decode:
 	$(PY) experiments/bench_decode.py
+
+# the SSM decode step alone: XLA step and every kernel variant vs the copy bandwidth
+bench-decode-step:
+	$(PY) experiments/bench_decode_step.py
 
 bench-generate:
 	$(PY) experiments/bench_generate.py

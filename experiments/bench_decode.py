@@ -45,10 +45,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from mamba3_jax.benchmark import (  # noqa: E402
     H100_COPY_BYTES_PER_S,
+    announce_ceilings,
     device_name,
     git_commit,
     markdown_table,
-    measure_ceilings,
     percent_of_floor,
     publish,
     time_fn,
@@ -204,10 +204,7 @@ def main(argv=None):
         sys.exit("the benchmark needs a GPU (use --smoke on the CPU)")
     kernel_backend = "pallas_interpret" if args.smoke else "pallas"
     t_start = time.perf_counter()
-    ceil = measure_ceilings((1 << 22) if args.smoke else (1 << 30), 256 if args.smoke else 8192,
-                            reps=3 if args.smoke else 10)
-    print(f"{device_name()}, jax {jax.__version__}, commit {git_commit()}; ceilings: "
-          f"{ceil.summary()}\n{ceil.detail()}", flush=True)
+    ceil = announce_ceilings(args.smoke)
 
     rows = []
     for model in args.models.split(","):

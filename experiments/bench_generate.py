@@ -41,10 +41,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from mamba3_jax.benchmark import (  # noqa: E402
     H100_COPY_BYTES_PER_S,
     H100_MATMUL_FLOPS,
+    announce_ceilings,
     device_name,
     git_commit,
     markdown_table,
-    measure_ceilings,
     percent_of_floor,
     publish,
     roofline_s,
@@ -182,10 +182,7 @@ def main(argv=None):
     elif jax.default_backend() not in ("gpu", "cuda"):
         sys.exit("the benchmark needs a GPU (use --smoke on the CPU)")
     t_start = time.perf_counter()
-    ceil = measure_ceilings((1 << 22) if args.smoke else (1 << 30), 256 if args.smoke else 8192,
-                            reps=3 if args.smoke else 10)
-    print(f"{device_name()}, jax {jax.__version__}, commit {git_commit()}; ceilings: "
-          f"{ceil.summary()}\n{ceil.detail()}", flush=True)
+    ceil = announce_ceilings(args.smoke)
     rows = []
     for name in args.models.split(","):
         if name not in MODELS:

@@ -240,6 +240,16 @@ def measure_ceilings(copy_bytes: int = 1 << 30, matmul_n: int = 8192, reps: int 
     return Ceilings(copy=best(copies), matmul=best(matmuls), copies=copies, matmuls=matmuls)
 
 
+def announce_ceilings(smoke: bool = False) -> Ceilings:
+    """The benchmarks' preamble: measure the ceilings (tiny under `smoke`) and print them with
+    the device, jax version and commit."""
+    ceil = measure_ceilings((1 << 22) if smoke else (1 << 30), 256 if smoke else 8192,
+                            reps=3 if smoke else 10)
+    print(f"{device_name()}, jax {jax.__version__}, commit {git_commit()}; ceilings: "
+          f"{ceil.summary()}\n{ceil.detail()}", flush=True)
+    return ceil
+
+
 def measure_copy_bandwidth(nbytes: int = 1 << 30) -> float:
     """The fastest device copy's bytes/s (read + written); see measure_copy_rates."""
     return max(v for v in measure_copy_rates(nbytes).values() if isinstance(v, float))

@@ -13,8 +13,9 @@ pallas_kernels -> mamba3_jax.ops). Shapes a kernel cannot run raise `KernelUnsup
 `mamba3_jax.errors.Unsupported`, so 'auto' falls back to XLA.
 
 GPU backends: "pallas_gpu" (compiled; refuses off a CUDA device), "pallas_gpu_step" (decode
-kernel for L == 1, the reference form otherwise) and their interpret-mode twins
-"pallas_gpu_interpret", "pallas_gpu_interpret_step" (CPU; slow, for tests).
+kernel for L == 1, the reference form otherwise; both take group-level q/k plus biases) and
+their interpret-mode twins "pallas_gpu_interpret", "pallas_gpu_interpret_step" (CPU; slow, for
+tests).
 """
 
 from __future__ import annotations
@@ -25,10 +26,10 @@ from pallas_kernels._compat import KernelUnsupported
 from pallas_kernels.chunked_scan.api import chunked_scan
 from pallas_kernels.chunked_scan.pallas_triton import TritonBlocks
 from pallas_kernels.chunked_scan.reference import reference as reference_core
-from pallas_kernels.decode_step.pallas_triton import decode_step
+from pallas_kernels.decode_step.pallas_triton import DecodeBlocks, decode_step
 
-__all__ = ["KernelUnsupported", "TritonBlocks", "backend_table", "chunked_scan", "decode_step",
-           "on_gpu"]
+__all__ = ["DecodeBlocks", "KernelUnsupported", "TritonBlocks", "backend_table", "chunked_scan",
+           "decode_step", "on_gpu"]
 
 
 def on_gpu() -> bool:
@@ -59,11 +60,12 @@ def _step_backend(interpret: bool):
             if not interpret and not on_gpu():
                 raise KernelUnsupported("pallas_gpu_step needs a CUDA GPU")
             reset = None if inp.reset is None else inp.reset[:, 0]
+            # group-level q, k and their per-head biases go in as they are (the kernel adds them)
             out, final = decode_step(state, inp.q[:, 0], inp.k[:, 0], inp.x[:, 0], z[:, 0],
                                      inp.angle_inc[:, 0], inp.log_decay[:, 0], inp.gamma[:, 0],
                                      inp.eta[:, 0], reset, D=D, mimo_x=mimo_x, mimo_z=mimo_z,
                                      mimo_o=mimo_o, norm_weight=norm_weight, norm_eps=norm_eps,
-                                     interpret=interpret)
+                                     q_bias=inp.q_bias, k_bias=inp.k_bias, interpret=interpret)
             return out[:, None], final
         except KernelUnsupported:
             return reference_core(inp, state, **kw)
@@ -76,8 +78,8 @@ def backend_table() -> dict:
     table = {
         "pallas_gpu": (_chunked_backend(interpret=False), True),
         "pallas_gpu_interpret": (_chunked_backend(interpret=True), True),
-        "pallas_gpu_step": (_step_backend(interpret=False), False),
-        "pallas_gpu_interpret_step": (_step_backend(interpret=True), False),
+        "pallas_gpu_step": (_step_backend(interpret=False), True),
+        "pallas_gpu_interpret_step": (_step_backend(interpret=True), True),
     }
     from pallas_kernels.tpu import backend_table as tpu_table
 

@@ -1,17 +1,32 @@
 """Single-token Mamba-3 decode step as one Pallas Triton kernel.
 
-Per (batch, head) program: angle update (mod 2 pi) and rotation of q, k in registers, the
-exponential-trapezoidal rank-R state update, readout, + D x, optional per-head RMSNorm, the gate
-silu(z * mimo_z) and the rank sum with mimo_o. The state (angle, h, k_prev, x_prev) is updated in
-place (`input_output_aliases`; donate the cache under jit to avoid XLA's defensive copy). The SSM
-state h may be stored in float32 or bfloat16; the arithmetic is float32.
+Per program (batch b, head h, block of `block_p` rows of P): angle update (mod 2 pi) and
+rotation of q, k in registers, the exponential-trapezoidal rank-R update of those rows of the
+state, readout, + D x, optional per-head RMSNorm, the gate silu(z * mimo_z) and the rank sum
+with mimo_o. Semantics: `mamba3_jax.ops.ssm.ssm_step` then `mamba3_jax.ops.mixer.gate_output`.
 
-Semantics: `mamba3_jax.ops.ssm.ssm_step` followed by `mamba3_jax.ops.mixer.gate_output`.
+A step is a stream over the state h (B, H, P, N): everything else is ~1% of the bytes. So:
+
+  * nothing runs in XLA around the kernel: scalars, the reset flags, the epilogue parameters and
+    group-level q, k with their per-head biases are read as they come (no stacking, casting or
+    broadcasting pass, each of which would be a separate launch);
+  * h is updated in place (`input_output_aliases`; donate the cache under jit, or XLA copies it
+    first), loaded and stored whole rows (contiguous along N: 16-byte vector accesses), with an
+    evict-first hint (each byte is touched once, it should not push q, k, params out of L2);
+  * the grid runs in memory order (P blocks fastest, then heads, then batch) and `block_p`
+    (rows per program) with `num_warps` set the work per program: `DecodeBlocks`.
+
+The small state (angle, k_prev, x_prev) is written to fresh arrays, not in place: with several
+P blocks per head, one program would overwrite k_prev or the angle while another still reads
+them. The P block 0 program writes angle and k_prev. The state h may be float32 or bfloat16;
+the arithmetic is float32.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -31,140 +46,199 @@ from pallas_kernels._compat import (
 f32 = jnp.float32
 
 
-def epilogue_params(D, mimo_x, mimo_z, mimo_o, norm_weight, H, R, P):
-    """The gate epilogue's per-head parameters packed as one (H, 2 + 3R, P) float32 array:
-    rows [D, mimo_x (R), mimo_z (R), mimo_o (R), norm weight]; absent ones are ones."""
-    ones = jnp.ones((H, R, P), f32)
-    mx = ones if mimo_x is None else mimo_x.astype(f32)
-    mz = ones if mimo_z is None else mimo_z.astype(f32)
-    mo = ones if mimo_o is None else mimo_o.astype(f32)
-    nw = jnp.ones((H, P), f32) if norm_weight is None else norm_weight.astype(f32)
-    return jnp.concatenate([jnp.broadcast_to(D.astype(f32)[:, None, None], (H, 1, P)), mx, mz,
-                            mo, nw[:, None, :]], axis=1)
+@dataclasses.dataclass(frozen=True)
+class DecodeBlocks:
+    """Launch shape of the decode kernel. block_p: rows of the state per program (None: all P;
+    a per-head RMSNorm needs all P). evict_first: streaming hint on the state's loads/stores."""
+
+    block_p: Optional[int] = None
+    num_warps: int = 4
+    evict_first: bool = True
+
+    def label(self) -> str:
+        return (f"bp={self.block_p or 'P'} w={self.num_warps}"
+                + ("" if self.evict_first else " no-evict"))
 
 
+def _load(ref, evict_first: bool):
+    if evict_first and plgpu is not None and hasattr(plgpu, "load"):
+        return plgpu.load(ref, eviction_policy="evict_first")
+    return ref[...]
 
-def _pick(v, i):
-    idx = jnp.arange(v.shape[0])
-    return jnp.sum(jnp.where(idx == i, v, jnp.zeros_like(v)))
+
+def _store(ref, value, evict_first: bool):
+    if evict_first and plgpu is not None and hasattr(plgpu, "store"):
+        plgpu.store(ref, value, eviction_policy="evict_first")
+    else:
+        ref[...] = value
 
 
-def _decode_kernel(q_ref, k_ref, x_ref, z_ref, inc_ref, sc_ref, prm_ref,
-                   h_ref, ang_ref, kp_ref, xp_ref,
-                   o_ref, h_out, ang_out, kp_out, xp_out, *, R, N, S, has_norm, eps, interpret):
-    parts = []
-    if S:
-        parts.append((0, 2 * S, True))
-    if N - 2 * S:
-        parts.append((2 * S, N - 2 * S, False))
-    # read all of the old state first: its buffers are aliased to the outputs
-    sc = sc_ref[...].astype(f32)  # (4,): log_decay, gamma, eta, keep (0 where a segment starts)
-    ld, gm, eta, keep = _pick(sc, 0), _pick(sc, 1), _pick(sc, 2), _pick(sc, 3)
-    xp = xp_ref[...].astype(f32) * keep
-    h_old = [h_ref[:, pl.ds(off, w)].astype(f32) for off, w, _ in parts]
-    kp_old = [[kp_ref[r, pl.ds(off, w)].astype(f32) * keep for r in range(R)]
-              for off, w, _ in parts]
-    ang = ang_ref[...].astype(f32) * keep if S else None
+def _decode_kernel(*refs, in_names, out_names, R, N, S, has_norm, eps, interpret, evict_first):
+    ref = dict(zip(in_names + out_names, refs, strict=True))
+    get = lambda name: ref[name][...].astype(f32)  # noqa: E731
+
+    # the state rows first: h's buffer is the output's (in place)
+    h = _load(ref["h"], evict_first).astype(f32)  # (bp, N)
     if not interpret and plgpu is not None:
         plgpu.debug_barrier()
 
-    alpha = jnp.exp(ld)
-    D = prm_ref[0, :].astype(f32)
-    x = x_ref[...].astype(f32)  # (P,)
+    keep = 1.0 - ref["reset"][...].astype(jnp.int32).astype(f32) if "reset" in ref else 1.0
+    alpha = jnp.exp(get("log_decay"))
+    decay = alpha * keep  # of the old state; 0 where a segment starts
+    beta = get("eta") * alpha * keep  # of the previous token's outer product
+    gamma = get("gamma")
+    first_block = pl.program_id(0) == 0
+
+    n = jax.lax.broadcasted_iota(jnp.int32, (N,), 0)
     if S:
-        ang = jnp.mod(ang + inc_ref[...].astype(f32), TWO_PI)
-        ang_out[...] = ang
-        sgn = jnp.where(jnp.arange(2) == 0, -1.0, 1.0).astype(f32)
-        cz = jnp.broadcast_to(jnp.cos(ang)[:, None], (S, 2)).reshape(2 * S)
-        sn = (jnp.sin(ang)[:, None] * sgn[None, :]).reshape(2 * S)
+        # per channel n the angle of its pair n // 2 (identity beyond the 2S rotated channels)
+        pair = jnp.minimum(n // 2, S - 1)
+        theta = jnp.mod(ref["angle"][pair].astype(f32) * keep
+                        + ref["angle_inc"][pair].astype(f32), TWO_PI)
+        theta = jnp.where(n < 2 * S, theta, 0.0)
+        cos = jnp.cos(theta)
+        sin = jnp.sin(theta) * jnp.where(n % 2 == 0, -1.0, 1.0)  # (a, b) -> (a c - b s, b c + a s)
 
-    # h' = alpha h + eta alpha sum_r x_prev^(r) k_prev_r^T + gamma sum_r x^(r) k~_r^T; y_r = h' q~_r
-    ys = [None] * R
-    for j, (off, w, rotated) in enumerate(parts):
-        h = h_old[j] * (alpha * keep)
-        qs = []
-        for r in range(R):
-            mx = prm_ref[1 + r, :].astype(f32)
-            k = k_ref[r, pl.ds(off, w)].astype(f32)
-            q = q_ref[r, pl.ds(off, w)].astype(f32)
-            if rotated:
-                k = k * cz + swap_pairs(k) * sn
-                q = q * cz + swap_pairs(q) * sn
-            k = k.astype(kp_out.dtype)
-            kp_out[r, pl.ds(off, w)] = k
-            h = h + ((eta * alpha) * (xp * mx))[:, None] * kp_old[j][r][None, :]
-            h = h + (gm * (x * mx))[:, None] * k.astype(f32)[None, :]
-            qs.append(q)
-        h_out[:, pl.ds(off, w)] = h.astype(h_out.dtype)
-        for r in range(R):
-            yr = jnp.sum(h * qs[r][None, :], axis=1)
-            ys[r] = yr if ys[r] is None else ys[r] + yr
-    xp_out[...] = x_ref[...].astype(xp_out.dtype)
+        @pl.when(first_block)
+        def _():
+            ref["angle_out"][...] = jnp.mod(get("angle") * keep + get("angle_inc"), TWO_PI)
 
-    nw = prm_ref[1 + 3 * R, :].astype(f32)
-    z = z_ref[...].astype(f32)
-    out = jnp.zeros_like(x)
+    def rows(name):  # per-rank rows of a (R, M) block, float32 (Triton cannot index values)
+        return [ref[name][r, :].astype(f32) for r in range(R)] if name in ref else None
+
+    def rotated(name):  # (N,) per rank: + the per-head bias (rounded to the input's dtype)
+        vs = []
+        for r in range(R):
+            v = ref[name][r, :]
+            if name + "_bias" in ref:
+                v = (v.astype(f32) + ref[name + "_bias"][r, :].astype(f32)).astype(v.dtype)
+            v = v.astype(f32)
+            vs.append(v * cos + swap_pairs(v) * sin if S else v)
+        return vs
+
+    q = rotated("q")
+    k = [v.astype(ref["k_prev_out"].dtype) for v in rotated("k")]  # kept at input precision
+
+    @pl.when(first_block)
+    def _():
+        for r in range(R):
+            ref["k_prev_out"][r, :] = k[r]
+
+    k = [v.astype(f32) for v in k]
+    k_prev = rows("k_prev")
+    x = get("x")  # (bp,)
+    x_prev = get("x_prev")
+    ref["x_prev_out"][...] = ref["x"][...].astype(ref["x_prev_out"].dtype)
+    mimo_x = rows("mimo_x") or [1.0] * R
+
+    # h' = decay h + beta sum_r x_prev^(r) k_prev_r^T + gamma sum_r x^(r) k_r^T
+    h = h * decay
     for r in range(R):
-        mx = prm_ref[1 + r, :].astype(f32)
-        mz = prm_ref[1 + R + r, :].astype(f32)
-        mo = prm_ref[1 + 2 * R + r, :].astype(f32)
-        u = ys[r] + D * x * mx
+        h = h + (beta * x_prev * mimo_x[r])[:, None] * k_prev[r][None, :]
+        h = h + (gamma * x * mimo_x[r])[:, None] * k[r][None, :]
+    _store(ref["h_out"], h.astype(ref["h_out"].dtype), evict_first)
+
+    # y^(r) = h' q_r + D x^(r) -> [RMSNorm] -> * silu(z mimo_z[r]) -> sum_r mimo_o[r] (.)
+    D = get("D")
+    z = get("z")
+    mimo_z = rows("mimo_z") or [1.0] * R
+    mimo_o = rows("mimo_o")
+    out = jnp.zeros_like(x)
+    for r in range(R if mimo_o else 1):  # without mimo_o only rank 0 is read out (gate_output)
+        u = jnp.sum(h * q[r][None, :], axis=1) + D * x * mimo_x[r]
         if has_norm:
-            u = u * jax.lax.rsqrt(jnp.mean(u * u) + eps) * nw
-        zr = z * mz
+            u = u * jax.lax.rsqrt(jnp.mean(u * u) + eps) * get("norm_weight")
+        zr = z * mimo_z[r]
         u = u * zr / (1.0 + jnp.exp(-zr))
-        out = out + (u if R == 1 else mo * u)
-    o_ref[...] = out
+        out = out + (u * mimo_o[r] if mimo_o else u)
+    ref["out"][...] = out
 
 
 def decode_step(state: SSMState, q, k, x, z, angle_inc, log_decay, gamma, eta, reset=None, *,
                 D, mimo_x=None, mimo_z=None, mimo_o=None, norm_weight=None, norm_eps=1e-5,
-                interpret: bool = False, num_warps: int = 4):
-    """One token: q, k (B, R, H, N) biased, unrotated; x, z (B, H, P); angle_inc (B, H, S);
-    log_decay, gamma, eta (B, H); reset (B,) bool or None. Returns (out (B, H, P) f32, state)."""
-    B, R, H, N = q.shape
-    P = x.shape[-1]
+                q_bias=None, k_bias=None, blocks: DecodeBlocks = DecodeBlocks(),
+                interpret: bool = False):
+    """One token. q, k (B, R, Hq, N) unrotated: per head (Hq = H, biased) or per B/C group
+    (Hq = G dividing H) with per-head biases q_bias, k_bias (H, R, N); x, z (B, H, P);
+    angle_inc (B, H, S); log_decay, gamma, eta (B, H); reset (B,) bool or None.
+    Returns (out (B, H, P) float32, new state); h is updated in place."""
+    B, R, Hq, N = q.shape
+    H, P = x.shape[1:]
     S = angle_inc.shape[-1]
+    bp = blocks.block_p or P
     if not (is_pow2(N) and N >= 16 and is_pow2(P) and P >= 16 and is_pow2(R)):
         raise KernelUnsupported(
             f"decode needs power-of-two N ({N}) >= 16, P ({P}) >= 16 and R ({R})")
-    for w in (2 * S, N - 2 * S):
-        if w and not (is_pow2(w) and w >= 2):
-            raise KernelUnsupported(f"rotated/plain channel counts {2 * S}/{N - 2 * S} must be "
-                                    f"powers of two")
-    keep = jnp.ones((B,), f32) if reset is None else 1.0 - reset.astype(f32)
-    sc = jnp.stack([log_decay.astype(f32), gamma.astype(f32), eta.astype(f32),
-                    jnp.broadcast_to(keep[:, None], (B, H))], axis=-1)  # (B, H, 4)
-    prm = epilogue_params(D, mimo_x, mimo_z, mimo_o, norm_weight, H, R, P)
-    K = prm.shape[1]
-    Sk = max(S, 1)
-    ang = state.angle if S else jnp.zeros((B, H, 1), f32)
-    inc = angle_inc.astype(f32) if S else jnp.zeros((B, H, 1), f32)
+    if not (is_pow2(bp) and bp <= P):
+        raise KernelUnsupported(f"block_p {bp} must be a power of two <= P ({P})")
+    if norm_weight is not None and bp != P:
+        raise KernelUnsupported("the per-head RMSNorm needs block_p == P")
+    if H % Hq:
+        raise KernelUnsupported(f"{Hq} B/C groups do not divide {H} heads")
+    if R > 1 and mimo_x is None:
+        raise KernelUnsupported("MIMO (R > 1) needs mimo_x")
+    heads_per_group = H // Hq
 
-    rk = pl.BlockSpec((SQ, R, SQ, N), lambda b, h: (b, 0, h, 0))
-    hp = pl.BlockSpec((SQ, SQ, P), lambda b, h: (b, h, 0))
-    hs = pl.BlockSpec((SQ, SQ, Sk), lambda b, h: (b, h, 0))
-    hn = pl.BlockSpec((SQ, SQ, P, N), lambda b, h: (b, h, 0, 0))
-    in_specs = [rk, rk, hp, hp, hs, pl.BlockSpec((SQ, SQ, 4), lambda b, h: (b, h, 0)),
-                pl.BlockSpec((SQ, K, P), lambda b, h: (h, 0, 0)), hn, hs, rk, hp]
-    out_specs = [hp, hn, hs, rk, hp]
-    out_shape = [jax.ShapeDtypeStruct((B, H, P), f32),
-                 jax.ShapeDtypeStruct(state.h.shape, state.h.dtype),
-                 jax.ShapeDtypeStruct(ang.shape, f32),
-                 jax.ShapeDtypeStruct(state.k_prev.shape, state.k_prev.dtype),
-                 jax.ShapeDtypeStruct(state.x_prev.shape, state.x_prev.dtype)]
-    kernel = functools.partial(_decode_kernel, R=R, N=N, S=S, has_norm=norm_weight is not None,
-                               eps=float(norm_eps), interpret=bool(interpret))
-    out, h, ang_new, k_prev, x_prev = pl.pallas_call(
+    # grid (P blocks, heads, batch): the first axis is the fastest, so programs run in memory
+    # order of h (B, H, P, N)
+    def spec(block, index):
+        return pl.BlockSpec(block, index)
+
+    ins = {  # name -> (array, BlockSpec); optional ones only when present
+        "q": (q, spec((SQ, R, SQ, N), lambda p, h, b: (b, 0, h // heads_per_group, 0))),
+        "k": (k, spec((SQ, R, SQ, N), lambda p, h, b: (b, 0, h // heads_per_group, 0))),
+        "x": (x, spec((SQ, SQ, bp), lambda p, h, b: (b, h, p))),
+        "z": (z, spec((SQ, SQ, bp), lambda p, h, b: (b, h, p))),
+        "log_decay": (log_decay, spec((SQ, SQ), lambda p, h, b: (b, h))),
+        "gamma": (gamma, spec((SQ, SQ), lambda p, h, b: (b, h))),
+        "eta": (eta, spec((SQ, SQ), lambda p, h, b: (b, h))),
+        "D": (D, spec((SQ,), lambda p, h, b: (h,))),
+        "k_prev": (state.k_prev, spec((SQ, R, SQ, N), lambda p, h, b: (b, 0, h, 0))),
+        "x_prev": (state.x_prev, spec((SQ, SQ, bp), lambda p, h, b: (b, h, p))),
+        "h": (state.h, spec((SQ, SQ, bp, N), lambda p, h, b: (b, h, p, 0))),
+    }
+    if S:
+        ins["angle_inc"] = (angle_inc, spec((SQ, SQ, S), lambda p, h, b: (b, h, 0)))
+        ins["angle"] = (state.angle, spec((SQ, SQ, S), lambda p, h, b: (b, h, 0)))
+    if reset is not None:
+        ins["reset"] = (reset, spec((SQ,), lambda p, h, b: (b,)))
+    for name, bias in (("q_bias", q_bias), ("k_bias", k_bias)):
+        if bias is not None:
+            ins[name] = (bias, spec((SQ, R, N), lambda p, h, b: (h, 0, 0)))
+    for name, w in (("mimo_x", mimo_x), ("mimo_z", mimo_z), ("mimo_o", mimo_o)):
+        if w is not None:
+            ins[name] = (w, spec((SQ, R, bp), lambda p, h, b: (h, 0, p)))
+    if norm_weight is not None:
+        ins["norm_weight"] = (norm_weight, spec((SQ, bp), lambda p, h, b: (h, p)))
+
+    outs = {  # name -> (ShapeDtypeStruct, BlockSpec)
+        "out": (jax.ShapeDtypeStruct((B, H, P), f32), ins["x"][1]),
+        "h_out": (jax.ShapeDtypeStruct(state.h.shape, state.h.dtype), ins["h"][1]),
+        "k_prev_out": (jax.ShapeDtypeStruct(state.k_prev.shape, state.k_prev.dtype),
+                       ins["k_prev"][1]),
+        "x_prev_out": (jax.ShapeDtypeStruct(state.x_prev.shape, state.x_prev.dtype),
+                       ins["x_prev"][1]),
+    }
+    if S:
+        outs["angle_out"] = (jax.ShapeDtypeStruct(state.angle.shape, f32), ins["angle"][1])
+
+    in_names, out_names = tuple(ins), tuple(outs)
+    kernel = functools.partial(
+        _decode_kernel, in_names=in_names, out_names=out_names, R=R, N=N, S=S,
+        has_norm=norm_weight is not None, eps=float(norm_eps), interpret=bool(interpret),
+        evict_first=blocks.evict_first and not interpret)
+    results = pl.pallas_call(
         kernel,
-        grid=(B, H),
-        in_specs=in_specs,
-        out_specs=out_specs,
-        out_shape=out_shape,
-        input_output_aliases={7: 1, 8: 2, 9: 3, 10: 4},
+        grid=(P // bp, H, B),
+        in_specs=[s for _, s in ins.values()],
+        out_specs=[s for _, s in outs.values()],
+        out_shape=[a for a, _ in outs.values()],
+        input_output_aliases={in_names.index("h"): out_names.index("h_out")},
         interpret=interpret,
-        compiler_params=None if interpret else compiler_params(num_warps, 1),
+        compiler_params=None if interpret else compiler_params(blocks.num_warps, 1),
         name="mamba3_decode",
-    )(q, k, x, z, inc, sc, prm, state.h, ang, state.k_prev, state.x_prev)
-    new = SSMState(angle=ang_new if S else state.angle, h=h, k_prev=k_prev, x_prev=x_prev)
-    return out, new
+    )(*(a for a, _ in ins.values()))
+    res = dict(zip(out_names, results, strict=True))
+    new = SSMState(angle=res["angle_out"] if S else state.angle, h=res["h_out"],
+                   k_prev=res["k_prev_out"], x_prev=res["x_prev_out"])
+    return res["out"], new

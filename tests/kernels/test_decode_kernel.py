@@ -1,4 +1,5 @@
-"""Decode-step Pallas kernel against `ssm_step` + `gate_output`, prefill -> decode hand-over, and
+"""Decode-step Pallas kernel against `ssm_step` + `gate_output` (launch variants, group-level
+q/k with biases, no rotation, resets), its Triton lowering, prefill -> decode hand-over, and
 `Mamba3.step` wired to the kernel."""
 
 from __future__ import annotations
@@ -12,8 +13,8 @@ import pytest
 from kernel_cases import INTERPRET, TOL, make_problem, rel
 
 from mamba3_jax.ops.mixer import gate_output
-from mamba3_jax.ops.ssm import ssm_reference, ssm_step
-from pallas_kernels import chunked_scan, decode_step
+from mamba3_jax.ops.ssm import per_head, ssm_reference, ssm_step
+from pallas_kernels import DecodeBlocks, KernelUnsupported, chunked_scan, decode_step
 
 B, H, N, P, S = 3, 2, 64, 16, 16
 STATE_TOL = {"float32": 1e-5, "bfloat16": 1e-2}
@@ -58,6 +59,61 @@ def test_decode_step(R, state_dtype):
     for name, a, b in zip(want_state._fields, got_state, want_state, strict=True):
         assert a.dtype == b.dtype and a.shape == b.shape, name
         assert rel(a, b) < STATE_TOL[state_dtype], (name, rel(a, b))
+
+
+def _group_step(inp, state, p, blocks, interpret=INTERPRET):
+    """One kernel step on group-level q, k (B, R, G, N) with per-head biases."""
+    return decode_step(state, inp.q[:, 0], inp.k[:, 0], inp.x[:, 0], p["z"][:, 0],
+                       inp.angle_inc[:, 0], inp.log_decay[:, 0], inp.gamma[:, 0], inp.eta[:, 0],
+                       inp.reset[:, 0], D=p["D"], mimo_x=p.get("mimo_x"),
+                       mimo_z=p.get("mimo_z"), mimo_o=p.get("mimo_o"),
+                       norm_weight=p.get("norm_weight"), q_bias=inp.q_bias, k_bias=inp.k_bias,
+                       blocks=blocks, interpret=interpret)
+
+
+# (R, state dtype, DecodeBlocks, S): the bench's variants in miniature (P = 32: blocks of 8, 16)
+VARIANTS = [(1, "float32", DecodeBlocks(), 8), (1, "bfloat16", DecodeBlocks(8, 2), 8),
+            (4, "float32", DecodeBlocks(16, 4, evict_first=False), 8),
+            (4, "bfloat16", DecodeBlocks(8, 1), 16), (2, "float32", DecodeBlocks(16, 2), 0)]
+
+
+@pytest.mark.parametrize("R,state_dtype,blocks,S", VARIANTS)
+def test_decode_variants(R, state_dtype, blocks, S):
+    """Every launch shape == the XLA step, group-level q/k + biases, a reset, with and without
+    rotation (S = 0), SISO and MIMO, float32 and bfloat16 state."""
+    inp, state, p = make_problem(12, 3, 1, R, 4, 32, 32, S, jnp.float32, groups=1,
+                                 state_dtype=jnp.dtype(state_dtype))
+    inp = inp._replace(reset=jnp.array([[False], [True], [False]]))
+    want, want_state = ref_step(state, *_token(per_head(inp), p, 0)[0], dict(p, z=p["z"][:, 0]))
+    got, got_state = jax.jit(functools.partial(_group_step, blocks=blocks))(inp, state, p)
+    assert rel(got, want) < TOL["float32"], rel(got, want)
+    for name, a, b in zip(want_state._fields, got_state, want_state, strict=True):
+        assert a.dtype == b.dtype and a.shape == b.shape, name
+        assert rel(a, b) < STATE_TOL[state_dtype], (name, rel(a, b))
+
+
+def _shapes(*args, **kw):
+    """make_problem's shapes and dtypes only (nothing computed)."""
+    return jax.eval_shape(lambda: make_problem(*args, **kw))
+
+
+def test_decode_norm_needs_whole_rows():
+    inp, state, p = _shapes(13, 2, 1, 1, 2, 32, 32, 8, norm=True, groups=1, resets=True)
+    with pytest.raises(KernelUnsupported, match="block_p == P"):
+        jax.eval_shape(functools.partial(_group_step, blocks=DecodeBlocks(block_p=16)),
+                       inp, state, p)
+
+
+@pytest.mark.parametrize("R,state_dtype,blocks,norm", [(1, "float32", DecodeBlocks(), True),
+                                                       (4, "bfloat16", DecodeBlocks(16, 2), False)])
+def test_decode_lowers_to_triton(R, state_dtype, blocks, norm):
+    """The compiled (not interpreted) kernel lowers to Triton IR on any host, with h aliased."""
+    inp, state, p = _shapes(14, 2, 1, R, 2, 64, 32, 16, jnp.bfloat16, groups=1, resets=True,
+                            norm=norm, state_dtype=jnp.dtype(state_dtype))
+    fn = jax.jit(functools.partial(_group_step, blocks=blocks, interpret=False),
+                 donate_argnums=1)
+    text = fn.trace(inp, state, p).lower(lowering_platforms=("cuda",)).as_text()
+    assert text.count("xla.gpu.triton") == 1 and "tf.aliasing_output" in text
 
 
 @pytest.mark.parametrize("R,dtype", [(1, "float32"), (2, "bfloat16")])

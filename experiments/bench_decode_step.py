@@ -1,0 +1,310 @@
+"""The SSM decode step alone (issue 10, item 2): the XLA step and each variant of the Pallas
+decode kernel side by side in one process, against the device's copy bandwidth.
+
+    PYTHONPATH=. python experiments/bench_decode_step.py          # GPU, ~2 min; JSON to $OUT
+    PYTHONPATH=. python experiments/bench_decode_step.py --official .official   # + official step
+    PYTHONPATH=. python experiments/bench_decode_step.py --smoke  # CPU: tiny, interpreted
+
+Shapes: B=128 H=64 P=64, N in {128, 64}, state (and activations) float32 or bfloat16, SISO and
+MIMO R=4, one B/C group with per-head biases (as the layer passes them). One step is what
+`Mamba3.step` runs between in_proj and out_proj: the SSM step and the gate epilogue.
+
+Timing: `--steps` steps chained in one jitted call (state donated, so it is updated in place; a
+different input set per step; every step's output returned so nothing is dead code), `--calls`
+such calls dispatched back to back, median over `--reps`, divided by the steps: device time per
+step, as a CUDA-graph timing sees it. Each variant's outputs and final state after its first
+call are compared with the XLA step's (max relative error, over all chained steps), and the
+compiled chain is searched for copies of a state-sized buffer (0 = the in-place update worked).
+
+Floor: the bytes one step must move (the state read and written, inputs, output, parameters)
+over the fastest device copy measured in this run (`mamba3_jax.benchmark.measure_ceilings`);
+"% copy bw" is that floor over the time. `--official DIR` (a tree made by
+`../shared/bench/official/setup_tree.sh`) also times the official Triton step
+(`mamba3_siso_step`, SISO, float32 state) at the same shapes under a torch CUDA graph.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from mamba3_jax.benchmark import (  # noqa: E402
+    announce_ceilings,
+    device_name,
+    git_commit,
+    markdown_table,
+    percent_of_floor,
+    tree_nbytes,
+)
+from mamba3_jax.ops.mixer import gate_output  # noqa: E402
+from mamba3_jax.ops.ssm import (  # noqa: E402
+    SSMInputs,  # noqa: E402
+    SSMState,
+    per_head,
+    ssm_step,
+)
+from pallas_kernels import DecodeBlocks, decode_step  # noqa: E402
+
+f32 = jnp.float32
+# block_p:num_warps[:noevict]; "P" = all rows of the state per program
+DEFAULT_VARIANTS = "P:4,P:8,32:4,32:2,16:2,P:4:noevict"
+
+
+def parse_variants(spec: str) -> list[DecodeBlocks]:
+    out = []
+    for item in spec.split(","):
+        bp, warps, *flags = item.split(":")
+        out.append(DecodeBlocks(block_p=None if bp == "P" else int(bp), num_warps=int(warps),
+                                evict_first="noevict" not in flags))
+    return out
+
+
+def make_step(key, B, H, P, N, R, dtype, state_dtype):
+    """(state, inputs dict, params dict) of one decode step, random, layer-like magnitudes."""
+    S = N // 4
+    ks = jax.random.split(key, 16)
+    nrm = lambda k, s, sc=1.0: sc * jax.random.normal(k, s, f32)  # noqa: E731
+    dt = jax.nn.softplus(nrm(ks[0], (B, H)) - 2.0)
+    lam = jax.nn.sigmoid(nrm(ks[1], (B, H)))
+    inp = dict(q=nrm(ks[2], (B, R, 1, N)).astype(dtype), k=nrm(ks[3], (B, R, 1, N)).astype(dtype),
+               x=nrm(ks[4], (B, H, P)).astype(dtype), z=nrm(ks[5], (B, H, P)).astype(dtype),
+               angle_inc=jnp.pi * jnp.tanh(nrm(ks[6], (B, H, S))) * dt[..., None],
+               log_decay=-jnp.exp(nrm(ks[7], (B, H), 0.5)) * dt, gamma=lam * dt,
+               eta=(1 - lam) * dt)
+    prm = dict(D=nrm(ks[8], (H,)), q_bias=1.0 + nrm(ks[9], (H, R, N), 0.1),
+               k_bias=1.0 + nrm(ks[10], (H, R, N), 0.1))
+    if R > 1:
+        prm.update(mimo_x=1.0 / R + nrm(ks[11], (H, R, P), 0.1),
+                   mimo_z=1.0 + nrm(ks[12], (H, R, P), 0.1),
+                   mimo_o=1.0 / R + nrm(ks[13], (H, R, P), 0.1))
+    state = SSMState(angle=jax.random.uniform(ks[14], (B, H, S), f32, 0, 6.0),
+                     h=nrm(ks[15], (B, H, P, N), 0.3).astype(state_dtype),
+                     k_prev=nrm(ks[3], (B, R, H, N), 0.5).astype(dtype),
+                     x_prev=nrm(ks[4], (B, H, P)).astype(dtype))
+    return state, inp, prm
+
+
+def xla_step(state, inp, prm):
+    """The XLA decode step (the 'reference' backend at L = 1): per_head, ssm_step, gate."""
+    one = SSMInputs(inp["q"][:, None], inp["k"][:, None], inp["x"][:, None],
+                    inp["angle_inc"][:, None], inp["log_decay"][:, None], inp["gamma"][:, None],
+                    inp["eta"][:, None], None, prm["q_bias"], prm["k_bias"])
+    one = per_head(one)
+    y, new = ssm_step(state, one.q[:, 0], one.k[:, 0], inp["x"], inp["angle_inc"],
+                      inp["log_decay"], inp["gamma"], inp["eta"], None, prm.get("mimo_x"))
+    out = gate_output(y[:, None], inp["x"][:, None], inp["z"][:, None], prm["D"],
+                      prm.get("mimo_x"), prm.get("mimo_z"), prm.get("mimo_o"))
+    return out[:, 0], new
+
+
+def kernel_step(blocks: DecodeBlocks, interpret: bool):
+    def step(state, inp, prm):
+        return decode_step(state, inp["q"], inp["k"], inp["x"], inp["z"], inp["angle_inc"],
+                           inp["log_decay"], inp["gamma"], inp["eta"], None, D=prm["D"],
+                           mimo_x=prm.get("mimo_x"), mimo_z=prm.get("mimo_z"),
+                           mimo_o=prm.get("mimo_o"), q_bias=prm["q_bias"], k_bias=prm["k_bias"],
+                           blocks=blocks, interpret=interpret)
+
+    return step
+
+
+def chained(step):
+    """jit of len(inps) steps in a row, state donated; returns (state, every step's output)."""
+
+    def run(state, inps, prm):
+        outs = []
+        for inp in inps:
+            out, state = step(state, inp, prm)
+            outs.append(out)
+        return state, outs
+
+    return jax.jit(run, donate_argnums=0)
+
+
+def state_copies(hlo: str, h) -> int:
+    """Instructions of compiled HLO text that copy a buffer shaped like the state h (a copy
+    op, or a fusion named for one)."""
+    dt = {"float32": "f32", "bfloat16": "bf16"}[jnp.dtype(h.dtype).name]
+    shape = f"{dt}[{','.join(str(d) for d in h.shape)}]"
+    count = 0
+    for line in hlo.splitlines():
+        name, _, rhs = line.partition(" = ")
+        if rhs.startswith(shape) and (" copy(" in rhs or "copy" in name):
+            count += 1
+    return count
+
+
+def rel_err(a, b) -> float:
+    a, b = (np.asarray(jnp.asarray(v, f32), np.float64) for v in (a, b))
+    return float(np.max(np.abs(a - b)) / (np.max(np.abs(b)) + 1e-30))
+
+
+def time_variant(step, state0, inps, prm, calls: int, reps: int):
+    """(us per step, state-sized copies in the compiled chain, (outputs, state) of its first
+    call from state0)."""
+    run = chained(step)
+    state = jax.tree.map(jnp.copy, state0)
+    compiled = run.lower(state, inps, prm).compile()
+    copies = state_copies(compiled.as_text(), state0.h)
+    state, outs = compiled(state, inps, prm)
+    first = (jnp.stack(outs), jnp.copy(state.h).astype(f32))  # the next call donates state
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            state, outs = compiled(state, inps, prm)
+        jax.block_until_ready((state, outs))
+        times.append((time.perf_counter() - t0) / calls)
+    return 1e6 * float(np.median(times)) / len(inps), copies, first
+
+
+def time_official(official_dir: str, B, H, P, N) -> float:
+    """us of the official `mamba3_siso_step` (bf16 inputs, float32 state) under a CUDA graph."""
+    import torch
+    import triton.testing
+
+    sys.path.insert(0, os.path.abspath(official_dir))
+    from mamba_ssm.ops.triton.mamba3.mamba3_siso_step import mamba3_siso_step
+
+    S = N // 4
+    g = torch.Generator(device="cuda").manual_seed(0)
+    rn = lambda *s, dtype=torch.bfloat16: torch.randn(  # noqa: E731
+        *s, device="cuda", generator=g).to(dtype)
+    dt = 0.01 + 0.09 * torch.rand(B, H, device="cuda", generator=g)
+    args = dict(Q=rn(B, 1, N), K=rn(B, 1, N), V=rn(B, H, P), ADT=-dt, DT=dt,
+                Trap=rn(B, H), Q_bias=rn(H, N, dtype=torch.float32),
+                K_bias=rn(H, N, dtype=torch.float32), Angles=rn(B, H, S, dtype=torch.float32),
+                D=rn(H, dtype=torch.float32), Z=rn(B, H, P))
+    states = (rn(B, H, S, dtype=torch.float32), rn(B, H, P, N, dtype=torch.float32),
+              rn(B, H, N, dtype=torch.float32), rn(B, H, P, dtype=torch.float32))
+    fn = lambda: mamba3_siso_step(**args, Input_States=states)  # noqa: E731
+    fn()  # autotunes
+    torch.cuda.synchronize()
+    try:
+        ms = triton.testing.do_bench_cudagraph(fn, rep=200, return_mode="median")
+    except TypeError:  # older triton
+        ms = triton.testing.do_bench_cudagraph(fn, rep=200, quantiles=[0.5])
+    return 1e3 * float(ms)
+
+
+COLUMNS = ["N", "state", "R", "implementation", "us / step", "% copy bw", "floor us (MB)",
+           "state-only floor us", "copies", "max rel err vs xla (outs, h)"]
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--batch", type=int, default=128)
+    ap.add_argument("--heads", type=int, default=64)
+    ap.add_argument("--headdim", type=int, default=64)
+    ap.add_argument("--d_states", default="128,64")
+    ap.add_argument("--dtypes", default="float32,bfloat16", help="state (and activation) dtypes")
+    ap.add_argument("--ranks", default="1,4")
+    ap.add_argument("--variants", default=DEFAULT_VARIANTS,
+                    help="kernel variants, comma-separated block_p:num_warps[:noevict]")
+    ap.add_argument("--steps", type=int, default=8, help="chained steps per call")
+    ap.add_argument("--calls", type=int, default=8, help="calls dispatched back to back")
+    ap.add_argument("--reps", type=int, default=10)
+    ap.add_argument("--official", default="", help="official tree: also time mamba3_siso_step")
+    ap.add_argument("--smoke", action="store_true", help="tiny shapes, interpreted (CPU)")
+    args = ap.parse_args(argv)
+    B, H, P = args.batch, args.heads, args.headdim
+    if args.smoke:
+        B, H, P, args.steps, args.calls, args.reps = 2, 2, 16, 2, 1, 1
+        args.d_states = "32" if args.d_states == ap.get_default("d_states") else args.d_states
+        if args.variants == DEFAULT_VARIANTS:
+            args.variants = "P:4,8:2"
+    elif jax.default_backend() not in ("gpu", "cuda"):
+        sys.exit("the benchmark needs a GPU (use --smoke on the CPU)")
+    variants = parse_variants(args.variants)
+    t_start = time.perf_counter()
+    ceil = announce_ceilings(args.smoke)
+
+    rows = []
+    for n in (int(s) for s in args.d_states.split(",")):
+        for dtype in args.dtypes.split(","):
+            for R in (int(s) for s in args.ranks.split(",")):
+                dt = jnp.dtype(dtype)
+                keys = jax.random.split(jax.random.PRNGKey(n * 10 + R), args.steps + 1)
+                state0, _, prm = make_step(keys[0], B, H, P, n, R, dt, dt)
+                inps = [make_step(k, B, H, P, n, R, dt, dt)[1] for k in keys[1:]]
+                step_bytes = (2 * tree_nbytes(state0) + tree_nbytes(inps[0]) + tree_nbytes(prm)
+                              + B * H * P * 4)
+                floor_us = 1e6 * ceil.floor_s(step_bytes)
+                state_floor_us = 1e6 * ceil.floor_s(2 * tree_nbytes(state0.h))
+                impls = [("xla step", xla_step)] + [
+                    (f"kernel {v.label()}", kernel_step(v, args.smoke)) for v in variants]
+                if args.official and R == 1 and dtype == "float32":
+                    impls.append(("official triton step", None))
+                want = None  # the XLA chain's outputs and final state: the reference
+                for label, step in impls:
+                    r = dict(N=n, state=dtype, R=R, impl=label, us=None, pct=None,
+                             floor_us=floor_us, bytes=step_bytes, state_floor_us=state_floor_us,
+                             copies=None, err="-")
+                    try:
+                        if step is None:
+                            r["us"] = time_official(args.official, B, H, P, n)
+                        else:
+                            us, r["copies"], got = time_variant(step, state0, inps, prm,
+                                                                args.calls, args.reps)
+                            want = want or got
+                            r["err"] = ", ".join(f"{rel_err(g, w):.1e}"
+                                                 for g, w in zip(got, want, strict=True))
+                            r["us"] = us
+                        r["pct"] = percent_of_floor(r["us"], floor_us)
+                    except Exception as e:  # report and go on with the other variants
+                        r["err"] = f"FAILED {type(e).__name__}: {str(e)[:200]}"
+                    rows.append(r)
+                    print(f"[{time.perf_counter() - t_start:.0f}s] " + " | ".join(
+                        str(c) for c in table_row(r)), flush=True)
+
+    table = markdown_table(COLUMNS, [table_row(r) for r in rows])
+    intro = (f"Device: {device_name()}; jax {jax.__version__}; commit {git_commit()}; "
+             f"B={B} H={H} P={P}; {args.steps} chained steps per call, {args.calls} calls, "
+             f"median of {args.reps}; ceilings: {ceil.summary()}; "
+             f"{time.perf_counter() - t_start:.0f} s in all.")
+    print("\n" + intro + "\n\n" + table + "\n" + best_summary(rows), flush=True)
+    out_dir = os.environ.get("OUT")
+    if out_dir:
+        with open(os.path.join(out_dir, "bench_decode_step.json"), "w") as f:
+            json.dump(dict(device=device_name(), jax=jax.__version__, commit=git_commit(),
+                           args=vars(args), ceilings=dict(copy=ceil.copy, matmul=ceil.matmul,
+                                                          copies=ceil.copies),
+                           rows=rows), f, indent=1, default=str)
+    return rows
+
+
+def table_row(r: dict) -> list:
+    fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
+    return [r["N"], r["state"], r["R"], r["impl"], fmt(r["us"], ".1f"), fmt(r["pct"], ".1f"),
+            f"{r['floor_us']:.1f} ({r['bytes'] / 1e6:.0f})", f"{r['state_floor_us']:.1f}",
+            fmt(r["copies"], "d"), r["err"]]
+
+
+def best_summary(rows: list[dict]) -> str:
+    """Per shape: the fastest kernel variant, its % of copy bandwidth, vs the XLA step."""
+    lines = []
+    shapes = sorted({(r["N"], r["state"], r["R"]) for r in rows}, key=str)
+    for shape in shapes:
+        rs = [r for r in rows if (r["N"], r["state"], r["R"]) == shape and r["pct"]]
+        kern = [r for r in rs if r["impl"].startswith("kernel")]
+        if not kern:
+            continue
+        best = min(kern, key=lambda r: r["us"])
+        others = ", ".join(f"{r['impl']} {r['us']:.1f} us" for r in rs
+                           if not r["impl"].startswith("kernel"))
+        lines.append(f"N={shape[0]} {shape[1]} R={shape[2]}: best {best['impl']} "
+                     f"{best['us']:.1f} us ({best['pct']:.1f}% of copy bw); {others}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

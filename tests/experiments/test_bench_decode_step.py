@@ -1,0 +1,28 @@
+"""The SSM decode-step benchmark runs end to end on CPU (interpreted kernel variants, the shared
+ceiling measurement included): every variant agrees with the XLA step and gets a % of the
+copy-bandwidth floor."""
+
+import os
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "experiments"))
+
+import bench_decode_step  # noqa: E402
+
+
+def test_bench_decode_step_smoke():
+    rows = bench_decode_step.main(["--smoke", "--dtypes", "float32", "--ranks", "4",
+                                   "--variants", "P:4,8:2:noevict"])
+    assert [r["impl"] for r in rows] == ["xla step", "kernel bp=P w=4",
+                                         "kernel bp=8 w=2 no-evict"]
+    for r in rows:
+        assert r["us"] > 0 and r["pct"] == pytest.approx(100 * r["floor_us"] / r["us"])
+        assert all(float(e) < 1e-5 for e in r["err"].split(", "))  # outputs, final h vs XLA
+
+
+def test_parse_variants():
+    a, b = bench_decode_step.parse_variants("P:8,16:2:noevict")
+    assert (a.block_p, a.num_warps, a.evict_first) == (None, 8, True)
+    assert (b.block_p, b.num_warps, b.evict_first) == (16, 2, False)
