@@ -22,7 +22,9 @@ test:
 
 # On the GPU machine (no internet): wheels it lacks, copied into the git-ignored .whl/ (see
 # ../shared/wheels/README.md), are installed into GPU_SITE first. No preallocation: pytest
-# workers and the training subprocesses share the GPU.
+# workers and the training subprocesses share the GPU. The determinism flag: the in-process
+# training tests (test_scan_train) assert bit-identical resumes, which on a GPU needs it set
+# before jax starts (`python -m mamba3_jax.train` sets it itself: train.deterministic).
 GPU_SITE ?= /tmp/site
 GPU_WORKERS ?= 4
 GPU_TESTS ?= tests
@@ -31,6 +33,7 @@ test-gpu:
 	  $(PY) -m pip install -q --no-index --no-deps --upgrade --target $(GPU_SITE) .whl/*.whl \
 	  || echo "warning: could not install .whl/*.whl; using the packages already installed"; fi
 	PYTHONPATH=$(GPU_SITE)$${PYTHONPATH:+:$$PYTHONPATH} XLA_PYTHON_CLIENT_PREALLOCATE=false \
+	  XLA_FLAGS="--xla_gpu_deterministic_ops=true $${XLA_FLAGS:-}" \
 	  $(PY) -m pytest -q -rs --durations=15 \
 	  $$($(PY) -c "import xdist" 2>/dev/null && echo "-n $(GPU_WORKERS) --dist loadgroup") $(GPU_TESTS)
 

@@ -27,7 +27,7 @@ def test_smoke_run_reports_a_timed_row_and_writes_json(tmp_path, monkeypatch):
     if jax.default_backend() == "cpu":
         assert r["mfu"] is None  # no peak FLOP/s for a CPU
     else:
-        assert 0 < r["mfu"] < 1
+        assert isinstance(r["mfu"], float) and 0 <= r["mfu"] < 1  # ~0 for this tiny model
     assert math.isfinite(r["loss"]) and 0 < r["loss"] < 1.1 * math.log(257)
     assert r["scaling"] == 1.0
     assert json.loads((tmp_path / "bench_train.json").read_text()) == rows
