@@ -56,7 +56,7 @@ from pallas_kernels import DecodeBlocks, decode_step  # noqa: E402
 
 f32 = jnp.float32
 # block_p:num_warps[:noevict]; "P" = all rows of the state per program
-DEFAULT_VARIANTS = "P:4,P:8,32:4,32:2,16:2,P:4:noevict"
+DEFAULT_VARIANTS = "P:4,P:8,32:4,16:2,16:4,8:2,P:4:noevict"
 
 
 def parse_variants(spec: str) -> list[DecodeBlocks]:

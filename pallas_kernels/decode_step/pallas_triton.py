@@ -40,7 +40,6 @@ from pallas_kernels._compat import (
     compiler_params,
     is_pow2,
     plgpu,
-    swap_pairs,
 )
 
 f32 = jnp.float32
@@ -106,15 +105,20 @@ def _decode_kernel(*refs, in_names, out_names, R, N, S, has_norm, eps, interpret
     def rows(name):  # per-rank rows of a (R, M) block, float32 (Triton cannot index values)
         return [ref[name][r, :].astype(f32) for r in range(R)] if name in ref else None
 
+    # each channel's pair partner is loaded (gather from L1) rather than shuffled in registers:
+    # a register shuffle (reshape/split/join) costs layout conversions through shared memory
+    partner = n + 1 - 2 * (n % 2)
+
     def rotated(name):  # (N,) per rank: + the per-head bias (rounded to the input's dtype)
-        vs = []
-        for r in range(R):
-            v = ref[name][r, :]
+        def biased(r, idx):
+            v = ref[name][r, idx]
             if name + "_bias" in ref:
-                v = (v.astype(f32) + ref[name + "_bias"][r, :].astype(f32)).astype(v.dtype)
-            v = v.astype(f32)
-            vs.append(v * cos + swap_pairs(v) * sin if S else v)
-        return vs
+                v = (v.astype(f32) + ref[name + "_bias"][r, idx].astype(f32)).astype(v.dtype)
+            return v.astype(f32)
+
+        if not S:
+            return [biased(r, n) for r in range(R)]
+        return [biased(r, n) * cos + biased(r, partner) * sin for r in range(R)]
 
     q = rotated("q")
     k = [v.astype(ref["k_prev_out"].dtype) for v in rotated("k")]  # kept at input precision
