@@ -189,6 +189,8 @@ def prepare_rows(inp: SSMInputs, state: SSMState, mimo_x, C: int, cdt, *, interp
 
 
 IMPLEMENTATIONS = {"pallas_triton": pallas_triton.ssd_core}  # (CoreShape, *operands) -> y, h
+# forward only, D and the gate in the output kernel: (CoreShape, *operands, z, D) -> out, _, h
+GATED_FORWARD = {"pallas_triton": pallas_triton.forward}
 
 
 def check_supported(inp: SSMInputs, C: int, interpret: bool):
@@ -217,9 +219,10 @@ class _Opts:
 
 
 def _rows_path(o: _Opts, inp, state, z, D, mimo_x=None, mimo_z=None, mimo_o=None,
-               norm_weight=None):
+               norm_weight=None, gate_in_kernel: bool = False):
     """Rotated q, k rows per head (`rotate_qk`), the SSD core, the gate in XLA: the training
-    path (every piece has its backward)."""
+    path (every piece has its backward). gate_in_kernel (SISO without RMSNorm, outside
+    autodiff): the core's forward kernels with D and the gate in the output kernel instead."""
     B, L, R, G, N = inp.q.shape
     H, P = inp.x.shape[2], inp.x.shape[3]
     S = inp.angle_inc.shape[-1]
@@ -229,9 +232,16 @@ def _rows_path(o: _Opts, inp, state, z, D, mimo_x=None, mimo_z=None, mimo_o=None
         warps_rotary=o.blocks.warps_rotary, angle_mode=o.blocks.angle_mode)
     shape = CoreShape(B=B, H=H, nc=Lp // o.C, C=o.C, R=R, N=N, P=P, cdt=cdt.name,
                       interpret=o.interpret, blocks=o.blocks)
-    y, g_last = IMPLEMENTATIONS[o.impl](shape, *ops)
-    y = y.reshape(B, Lp, R, H, P)[:, :L]
-    out = gate_output(y, inp.x, z, D, mimo_x, mimo_z, mimo_o, norm_weight, o.norm_eps)
+    if gate_in_kernel:
+        zr = _padder(L, Lp)(z.astype(cdt))
+        Dp = jnp.broadcast_to(D.astype(f32)[:, None], (H, P))
+        out, _, g_last = GATED_FORWARD[o.impl](dataclasses.replace(shape, gate=True), *ops,
+                                               z=zr, D=Dp)
+        out = out[:, :L]
+    else:
+        y, g_last = IMPLEMENTATIONS[o.impl](shape, *ops)
+        y = y.reshape(B, Lp, R, H, P)[:, :L]
+        out = gate_output(y, inp.x, z, D, mimo_x, mimo_z, mimo_o, norm_weight, o.norm_eps)
     last = k_rows.reshape(B, Lp, R, H, N)[:, L - 1]
     if permuted:  # back to the model's channel order
         last, g_last = from_pair_blocks(last, S), from_pair_blocks(g_last, S)
@@ -278,10 +288,14 @@ def _fused_path(o: _Opts, inp, state, z, D):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _fused_inference(o: _Opts, inp, state, z, D):
-    """The fused kernels when not differentiated; under autodiff the training path runs and
-    its VJP is used (custom_vjp: the primal only runs outside differentiation)."""
-    return _fused_path(o, inp, state, z, D)
+def _inference(o: _Opts, inp, state, z, D):
+    """SISO without RMSNorm: the inference forward (`TritonBlocks.fused_inference`: the
+    two-kernel path; else the gate in the output kernel) when not differentiated; under
+    autodiff the training path runs and its VJP is used (custom_vjp: the primal only runs
+    outside differentiation)."""
+    if o.blocks.fused_inference and o.rotary == "kernel" and inp.angle_inc.shape[-1]:
+        return _fused_path(o, inp, state, z, D)
+    return _rows_path(o, inp, state, z, D, gate_in_kernel=True)
 
 
 def _fi_fwd(o, inp, state, z, D):
@@ -292,7 +306,7 @@ def _fi_bwd(o, vjp, ct):
     return vjp(ct)
 
 
-_fused_inference.defvjp(_fi_fwd, _fi_bwd)
+_inference.defvjp(_fi_fwd, _fi_bwd)
 
 
 def chunked_scan(inp: SSMInputs, state: SSMState, *, z, D, mimo_x=None, mimo_z=None,
@@ -301,7 +315,8 @@ def chunked_scan(inp: SSMInputs, state: SSMState, *, z, D, mimo_x=None, mimo_z=N
                  impl: str = "pallas_triton", rotary: str = "kernel"):
     """`backends.mixer_core`'s contract on the chunk-parallel kernels: (out (B, L, H, P) in the
     input dtype, final state). chunk_size is in tokens (rows per chunk: chunk_size * R).
-    Outside autodiff, SISO without the RMSNorm runs the fused inference kernels."""
+    Outside autodiff, SISO without the RMSNorm applies D and the gate in the output kernel
+    (`TritonBlocks.inference_gate`) or runs the two fused kernels (`fused_inference`)."""
     blocks = blocks or TritonBlocks()
     C = int(chunk_size)
     check_supported(inp, C, interpret)
@@ -320,7 +335,8 @@ def chunked_scan(inp: SSMInputs, state: SSMState, *, z, D, mimo_x=None, mimo_z=N
         raise ValueError(f"unknown implementation {impl!r}; have {sorted(IMPLEMENTATIONS)}")
     o = _Opts(C=C, interpret=bool(interpret), blocks=blocks, impl=impl, rotary=rotary,
               norm_eps=float(norm_eps))
-    if (blocks.fused_inference and rotary == "kernel" and S and R == 1 and mimo_x is None
-            and norm_weight is None):
-        return _fused_inference(o, inp, state, z, D)
+    siso_plain = R == 1 and mimo_x is None and norm_weight is None
+    if siso_plain and ((blocks.fused_inference and rotary == "kernel" and S)
+                       or blocks.inference_gate):
+        return _inference(o, inp, state, z, D)
     return _rows_path(o, inp, state, z, D, mimo_x, mimo_z, mimo_o, norm_weight)

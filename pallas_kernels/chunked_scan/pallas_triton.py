@@ -54,6 +54,9 @@ class TritonBlocks:
     split_grad: int = 1  # per-chunk gradient kernels: 0 one, 1 dq | dk dv, 2 dq | dk | dv
     warps_grad_dq: int = 4
     warps_rotary: int = 4
+    # 1: outside autodiff, SISO without RMSNorm: D and the gate in the output kernel's epilogue
+    # (the output is written once, gated, instead of y then an XLA pass over y, x and z).
+    inference_gate: int = 1
     # 1: outside autodiff, SISO without RMSNorm, the two-kernel `pallas_triton_fused` path.
     # Off: 2x slower on an H200 as written (its sequential pass rotates k in the chunk loop
     # on only B*H programs); kept, tested, for the next round (docs/kernels.md).
@@ -76,6 +79,7 @@ class CoreShape:
     cdt: str
     interpret: bool
     blocks: TritonBlocks
+    gate: bool = False  # forward only: the output kernel applies D and silu(z) (SISO)
 
     @property
     def CR(self) -> int:
@@ -141,16 +145,26 @@ def _state_kernel(k_ref, v_ref, cs_ref, sc_ref, sg_ref, g0_ref, st_ref, gl_ref, 
     gl_ref[...] = jax.lax.fori_loop(0, cs_.nc, body, g0_ref[...].astype(f32))
 
 
-def _output_kernel(q_ref, k_ref, v_ref, cs_ref, sc_ref, gm_ref, sg_ref, st_ref, y_ref, *,
+def _output_kernel(q_ref, k_ref, v_ref, cs_ref, sc_ref, gm_ref, sg_ref, st_ref, *refs,
                    cs_: CoreShape):
+    """refs: (y,) or, with `cs_.gate`, (z, D, out): out = (y + D v) silu(z) (SISO: v is x)."""
     cdt, prec = jnp.dtype(cs_.cdt), cs_.prec
     q = q_ref[...]
     cs, seg = cs_ref[...], sg_ref[...]
     W, _, _ = _weights(cs, sc_ref[...], gm_ref[...], seg, cs_.R)
     s = dot(q, k_ref[...], tb=True, precision=prec)
-    y = dot((s * W).astype(cdt), v_ref[...], precision=prec)
+    v = v_ref[...]
+    y = dot((s * W).astype(cdt), v, precision=prec)
     e = jnp.where(seg == 0, jnp.exp(cs), 0.0)
     y = y + e[:, None] * dot(q, st_ref[...], tb=True, precision=prec)
+    if cs_.gate:
+        z_ref, d_ref, y_ref = refs
+        # y rounded to the input dtype first, as the unfused path stores it
+        y = y.astype(cdt).astype(f32) + d_ref[...][None, :] * v.astype(f32)
+        zf = z_ref[...].astype(f32)
+        y = y * zf / (1.0 + jnp.exp(-zf))
+    else:
+        (y_ref,) = refs
     y_ref[...] = y.astype(y_ref.dtype)
 
 
@@ -172,7 +186,9 @@ def _pass_out_shapes(cs_: CoreShape):
             jax.ShapeDtypeStruct((B, H, P, N), f32)]
 
 
-def forward(cs_: CoreShape, q, k, v, cs, sc, gm, seg, g0):
+def forward(cs_: CoreShape, q, k, v, cs, sc, gm, seg, g0, z=None, D=None):
+    """y (or with `cs_.gate`, the gated output from z (B, Lr, H, P) and D (H, P) float32), the
+    per-chunk states and the final state."""
     B, H, nc, CR, N, P, bp = cs_.B, cs_.H, cs_.nc, cs_.CR, cs_.N, cs_.P, cs_.bp
     Lr = nc * CR
     cdt = jnp.dtype(cs_.cdt)
@@ -193,18 +209,23 @@ def forward(cs_: CoreShape, q, k, v, cs, sc, gm, seg, g0):
     )(k, v, cs, sc, seg, g0)
 
     rows = pl.BlockSpec((SQ, SQ, CR), lambda b, h, c: (b, h, c))
+    gate_specs, gate_args = [], ()
+    if cs_.gate:
+        gate_specs = [_row_spec(cs_, P), pl.BlockSpec((SQ, P), lambda b, h, c: (h, 0))]
+        gate_args = (z, D)
     y = pl.pallas_call(
         functools.partial(_output_kernel, cs_=cs_),
         grid=(B, H, nc),
         in_specs=[_row_spec(cs_, N), _row_spec(cs_, N), _row_spec(cs_, P), rows, rows, rows,
                   pl.BlockSpec((SQ, CR), lambda b, h, c: (b, c)),
-                  pl.BlockSpec((SQ, SQ, SQ, P, N), lambda b, h, c: (b, h, c, 0, 0))],
+                  pl.BlockSpec((SQ, SQ, SQ, P, N), lambda b, h, c: (b, h, c, 0, 0))]
+        + gate_specs,
         out_specs=_row_spec(cs_, P),
         out_shape=jax.ShapeDtypeStruct((B, Lr, H, P), cdt),  # bf16 y: half the bytes
         interpret=cs_.interpret,
         compiler_params=cs_.params(cs_.blocks.warps_output, cs_.blocks.stages_output),
         name="mamba3_ssd_output",
-    )(q, k, v, cs, sc, gm, seg, states)
+    )(q, k, v, cs, sc, gm, seg, states, *gate_args)
     return y, states, g_last
 
 

@@ -58,8 +58,12 @@ def test_forward_p_blocks_norm_and_no_rotation_and_xla_rotary():
     got_xla, _ = kernel(inp, state, 16, rotary="xla", **p)
     assert rel(got_xla, got) < 1e-6
     # the fused inference kernels (opt-in outside autodiff) == the training path's kernels
-    got_rows, rows_state = kernel(inp, state, 16, **p)
+    got_rows, rows_state = kernel(inp, state, 16, TritonBlocks(inference_gate=0), **p)
     got, got_state = kernel(inp, state, 16, TritonBlocks(fused_inference=1), **p)
+    assert rel(got, got_rows) < 1e-6
+    check_state(got_state, rows_state, 1e-6)
+    # ... and so does the default inference forward (D and the gate in the output kernel)
+    got, got_state = kernel(inp, state, 16, **p)
     assert rel(got, got_rows) < 1e-6
     check_state(got_state, rows_state, 1e-6)
     # ... also with resets, a padded length and P blocks in its state pass
