@@ -84,11 +84,17 @@ def resolve(backend: str) -> list[str]:
 
 def step_backend(backend: str) -> str:
     """Backend for one-token decode steps: the configured backend's fused step kernel
-    ('<name>_step', registered by `pallas_kernels`) when there is one, else 'reference'."""
+    ('<name>_step', registered by `pallas_kernels`) when there is one, else 'reference'.
+    'auto' takes '<name>_auto_step' where registered ('pallas_gpu_auto_step': per call the
+    kernel or the XLA step, whichever measured faster for that state dtype and rank; see
+    `pallas_kernels.decode_step.pallas_triton.MEASURED`); a named Pallas backend always gets
+    its kernel."""
     try:
         first = resolve(backend)[0]
     except (Unsupported, ValueError):
         return "reference"
+    if backend == "auto" and first + "_auto_step" in BACKENDS:
+        return first + "_auto_step"
     return first + "_step" if first + "_step" in BACKENDS else "reference"
 
 

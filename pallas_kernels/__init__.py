@@ -15,7 +15,8 @@ pallas_kernels -> mamba3_jax.ops). Shapes a kernel cannot run raise `KernelUnsup
 GPU backends: "pallas_gpu" (compiled; refuses off a CUDA device), "pallas_gpu_step" (decode
 kernel for L == 1, the reference form otherwise; both take group-level q/k plus biases) and
 their interpret-mode twins "pallas_gpu_interpret", "pallas_gpu_interpret_step" (CPU; slow, for
-tests).
+tests). "pallas_gpu_auto_step" is the step of `auto` on a GPU: the decode kernel, or the XLA step
+where that measured faster (SISO with a float32 state; `decode_step.pallas_triton.MEASURED`).
 """
 
 from __future__ import annotations
@@ -26,10 +27,15 @@ from pallas_kernels._compat import KernelUnsupported
 from pallas_kernels.chunked_scan.api import chunked_scan
 from pallas_kernels.chunked_scan.pallas_triton import TritonBlocks
 from pallas_kernels.chunked_scan.reference import reference as reference_core
-from pallas_kernels.decode_step.pallas_triton import DecodeBlocks, decode_step
+from pallas_kernels.decode_step.pallas_triton import (
+    DecodeBlocks,
+    decode_step,
+    default_blocks,
+    xla_step_faster,
+)
 
 __all__ = ["DecodeBlocks", "KernelUnsupported", "TritonBlocks", "backend_table", "chunked_scan",
-           "decode_step", "on_gpu"]
+           "decode_step", "default_blocks", "on_gpu", "xla_step_faster"]
 
 
 def on_gpu() -> bool:
@@ -48,11 +54,17 @@ def _chunked_backend(interpret: bool):
     return core
 
 
-def _step_backend(interpret: bool):
+def _step_backend(interpret: bool, auto: bool = False):
+    """The decode kernel for L == 1, else the reference form. `auto`: also the reference form
+    (the XLA step) where that measured faster than the kernel (`xla_step_faster`)."""
+
     def core(inp, state, *, z, D, mimo_x=None, mimo_z=None, mimo_o=None, norm_weight=None,
              chunk_size=64, norm_eps=1e-5):
         kw = dict(z=z, D=D, mimo_x=mimo_x, mimo_z=mimo_z, mimo_o=mimo_o,
                   norm_weight=norm_weight, chunk_size=chunk_size, norm_eps=norm_eps)
+        R, N = inp.q.shape[2], inp.q.shape[-1]
+        if auto and xla_step_faster(state.h.dtype, N, R):
+            return reference_core(inp, state, **kw)
         try:
             if inp.x.shape[1] != 1:
                 raise KernelUnsupported(
@@ -80,6 +92,8 @@ def backend_table() -> dict:
         "pallas_gpu_interpret": (_chunked_backend(interpret=True), True),
         "pallas_gpu_step": (_step_backend(interpret=False), True),
         "pallas_gpu_interpret_step": (_step_backend(interpret=True), True),
+        # what `backends.step_backend('auto')` picks on a GPU: kernel or XLA step, as measured
+        "pallas_gpu_auto_step": (_step_backend(interpret=False, auto=True), True),
     }
     from pallas_kernels.tpu import backend_table as tpu_table
 

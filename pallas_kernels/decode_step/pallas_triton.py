@@ -14,7 +14,8 @@ A step is a stream over the state h (B, H, P, N): everything else is ~1% of the 
     first), loaded and stored whole rows (contiguous along N: 16-byte vector accesses), with an
     evict-first hint (each byte is touched once, it should not push q, k, params out of L2);
   * the grid runs in memory order (P blocks fastest, then heads, then batch) and `block_p`
-    (rows per program) with `num_warps` set the work per program: `DecodeBlocks`.
+    (rows per program) with `num_warps` set the work per program: `DecodeBlocks`, by default
+    the measured best per (state dtype, N, R) (`MEASURED`, `default_blocks`).
 
 The small state (angle, k_prev, x_prev) is written to fresh arrays, not in place: with several
 P blocks per head, one program would overwrite k_prev or the angle while another still reads
@@ -57,6 +58,51 @@ class DecodeBlocks:
     def label(self) -> str:
         return (f"bp={self.block_p or 'P'} w={self.num_warps}"
                 + ("" if self.evict_first else " no-evict"))
+
+
+# The measured best launch shape per (state dtype, N, R), and the XLA step's time beside it.
+# One NVIDIA H200, jax 0.11.2, commit 97a0de3, B=128 H=64 P=64 (one B/C group, per-head biases):
+#   PYTHONPATH=. python experiments/bench_decode_step.py --official .official
+# Every row of that run is in docs/benchmarks.md ("Decode step alone"). MIMO was timed at R=4.
+# key -> (fastest DecodeBlocks, its us, the XLA step's us)
+MEASURED = {
+    ("float32", 128, 1): (DecodeBlocks(16, 4), 171.7, 126.1),
+    ("float32", 128, 4): (DecodeBlocks(16, 4), 291.4, 451.0),
+    ("bfloat16", 128, 1): (DecodeBlocks(16, 2), 96.4, 104.7),
+    ("bfloat16", 128, 4): (DecodeBlocks(None, 4, evict_first=False), 181.2, 467.4),
+    ("float32", 64, 1): (DecodeBlocks(16, 2), 92.1, 88.4),
+    ("float32", 64, 4): (DecodeBlocks(16, 2), 144.3, 235.1),
+    ("bfloat16", 64, 1): (DecodeBlocks(16, 2), 58.4, 66.7),
+    ("bfloat16", 64, 4): (DecodeBlocks(16, 2), 106.6, 257.8),
+}
+# unmeasured (dtype, N): bp=16 w=2 was within 6% of the best in every measured case (the old
+# default, whole P on 4 warps, was up to 1.6x slower)
+FALLBACK_BLOCKS = DecodeBlocks(16, 2)
+
+
+def _measured(state_dtype, N: int, R: int):  # any MIMO rank: the R=4 row
+    return MEASURED.get((jnp.dtype(state_dtype).name, N, 1 if R == 1 else 4))
+
+
+def default_blocks(state_dtype, N: int, R: int, P: int, has_norm: bool = False) -> DecodeBlocks:
+    """The launch shape `decode_step` uses when none is given: the measured best (`MEASURED`)."""
+    if has_norm:  # the per-head RMSNorm needs all P rows in one program
+        return DecodeBlocks()
+    hit = _measured(state_dtype, N, R)
+    blocks = hit[0] if hit else FALLBACK_BLOCKS
+    if blocks.block_p and blocks.block_p > P:
+        blocks = dataclasses.replace(blocks, block_p=None)
+    return blocks
+
+
+def xla_step_faster(state_dtype, N: int, R: int) -> bool:
+    """Whether the XLA step beat every kernel launch shape in `MEASURED` (the 'auto' step
+    backend then runs it): SISO float32 state only. Unmeasured N: as measured for that dtype
+    and R (both N agree)."""
+    hit = _measured(state_dtype, N, R)
+    if hit:
+        return hit[2] < hit[1]
+    return R == 1 and jnp.dtype(state_dtype) == jnp.float32
 
 
 def _load(ref, evict_first: bool):
@@ -160,15 +206,18 @@ def _decode_kernel(*refs, in_names, out_names, R, N, S, has_norm, eps, interpret
 
 def decode_step(state: SSMState, q, k, x, z, angle_inc, log_decay, gamma, eta, reset=None, *,
                 D, mimo_x=None, mimo_z=None, mimo_o=None, norm_weight=None, norm_eps=1e-5,
-                q_bias=None, k_bias=None, blocks: DecodeBlocks = DecodeBlocks(),
+                q_bias=None, k_bias=None, blocks: Optional[DecodeBlocks] = None,
                 interpret: bool = False):
     """One token. q, k (B, R, Hq, N) unrotated: per head (Hq = H, biased) or per B/C group
     (Hq = G dividing H) with per-head biases q_bias, k_bias (H, R, N); x, z (B, H, P);
     angle_inc (B, H, S); log_decay, gamma, eta (B, H); reset (B,) bool or None.
+    blocks: the launch shape, None for the measured best (`default_blocks`).
     Returns (out (B, H, P) float32, new state); h is updated in place."""
     B, R, Hq, N = q.shape
     H, P = x.shape[1:]
     S = angle_inc.shape[-1]
+    if blocks is None:
+        blocks = default_blocks(state.h.dtype, N, R, P, norm_weight is not None)
     bp = blocks.block_p or P
     if not (is_pow2(N) and N >= 16 and is_pow2(P) and P >= 16 and is_pow2(R)):
         raise KernelUnsupported(

@@ -1,6 +1,7 @@
 """Decode-step Pallas kernel against `ssm_step` + `gate_output` (launch variants, group-level
-q/k with biases, no rotation, resets), its Triton lowering, prefill -> decode hand-over, and
-`Mamba3.step` wired to the kernel."""
+q/k with biases, no rotation, resets), its Triton lowering, prefill -> decode hand-over,
+`Mamba3.step` wired to the kernel, and the measured defaults (launch shape; kernel or XLA step
+for `auto`)."""
 
 from __future__ import annotations
 
@@ -164,3 +165,60 @@ def test_mamba3_step_uses_kernel():
         r, ref_cache = step(ref_model, u[:, t], ref_cache)
         assert rel(o, r) < 1e-5, (t, rel(o, r))
     assert rel(cache.ssm.h, ref_cache.ssm.h) < 1e-5
+
+
+def test_default_blocks_follow_the_measurement():
+    """With no `blocks`, decode_step launches the measured best per (state dtype, N, R); the
+    XLA step is preferred exactly where it measured faster (SISO float32 state)."""
+    from pallas_kernels.decode_step.pallas_triton import (
+        FALLBACK_BLOCKS,
+        MEASURED,
+        default_blocks,
+        xla_step_faster,
+    )
+
+    for (dtype, n, r), (blocks, kernel_us, xla_us) in MEASURED.items():
+        assert default_blocks(dtype, n, r, 64) == blocks
+        assert xla_step_faster(dtype, n, r) == (xla_us < kernel_us)
+    assert {k for k in MEASURED if xla_step_faster(*k)} == {("float32", 128, 1), ("float32", 64, 1)}
+    assert default_blocks(jnp.bfloat16, 128, 2, 64) == MEASURED[("bfloat16", 128, 4)][0]  # MIMO
+    assert default_blocks("float32", 32, 1, 64) == FALLBACK_BLOCKS  # unmeasured N
+    assert xla_step_faster("float32", 32, 1) and not xla_step_faster("bfloat16", 32, 1)
+    assert default_blocks("float32", 128, 1, 64, has_norm=True).block_p is None  # RMSNorm
+    assert default_blocks("float32", 128, 1, 8).block_p is None  # never more rows than P
+
+
+@pytest.mark.parametrize("R,state_dtype,kernel", [(1, "float32", False), (1, "bfloat16", True),
+                                                  (2, "float32", True)])
+def test_auto_step_follows_the_measurement(monkeypatch, R, state_dtype, kernel):
+    """On a GPU, `auto` decodes with 'pallas_gpu_auto_step': the XLA step for SISO float32, the
+    kernel elsewhere (run here interpreted); a named Pallas backend always gets the kernel.
+    Mamba3.step on it == the reference step."""
+    from flax import nnx
+
+    import pallas_kernels
+    from mamba3_jax import backends
+    from mamba3_jax.config import ModelConfig
+    from mamba3_jax.layers import Mamba3
+
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert backends.step_backend("auto") == "pallas_gpu_auto_step"
+    assert backends.step_backend("pallas") == backends.step_backend("pallas_gpu") \
+        == "pallas_gpu_step"
+    calls = []
+
+    def spy(*args, **kw):  # the compiled kernel needs a GPU: record the call, interpret it
+        calls.append(kw["interpret"])
+        return decode_step(*args, **dict(kw, interpret=True))
+
+    monkeypatch.setattr(pallas_kernels, "on_gpu", lambda: True)
+    monkeypatch.setattr(pallas_kernels, "decode_step", spy)
+    cfg = ModelConfig(d_model=32, n_layer=1, d_state=64, headdim=16, mimo_rank=R,
+                      state_dtype=state_dtype, scan_backend="auto")
+    model = Mamba3(cfg, rngs=nnx.Rngs(0))
+    ref_model = Mamba3(dataclasses.replace(cfg, scan_backend="reference"), rngs=nnx.Rngs(0))
+    u = jax.random.normal(jax.random.PRNGKey(0), (2, cfg.d_model))
+    out, cache = model.step(u, model.init_cache(2))
+    ref, ref_cache = ref_model.step(u, ref_model.init_cache(2))
+    assert calls == ([False] if kernel else [])
+    assert rel(out, ref) < 1e-5 and rel(cache.ssm.h, ref_cache.ssm.h) < STATE_TOL[state_dtype]
