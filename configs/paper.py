@@ -1,11 +1,11 @@
-"""The Mamba-3 paper's language-model shapes and recipe (one file, four sizes, SISO or MIMO, and
-the Transformer++ baseline).
+"""The Mamba-3 paper's language-model shapes and recipe (one file, four sizes, SISO or MIMO, the
+Transformer++ and Gated DeltaNet baselines and the 5:1 hybrid).
 
     python -m mamba3_jax.train --config configs/paper.py:180m --workdir runs/180m
     python -m mamba3_jax.train --config configs/paper.py:440m_mimo --workdir runs/440m_mimo
 
 Argument: `<size>[_<variant>]`, size in 180m | 440m | 880m | 1.5b, variant siso (default) | mimo
-| transformer | hybrid.
+| transformer | gdn | hybrid.
 
 Shapes: N (d_state) 128, P (headdim) 64, expand 2; MIMO rank 4 with the narrower MLP:
     180m  12 x 768,  MLP 1500 (SISO) / 1264 (MIMO), peak LR 3e-3
@@ -16,8 +16,14 @@ Transformer++ (`_transformer`, mixer="attention"): heads of 64 (d_model / 64 of 
 SwiGLU, RMSNorm, tied embeddings, same recipe; the MLP is widened so that the parameter count
 matches the SISO model of that size within 0.5% (the brief gives no Transformer widths):
     180m MLP 2140, 440m 2880, 880m 4224, 1.5b 5632.
+Gated DeltaNet (`_gdn`, mixer="gated_deltanet"): short conv 4, keys of 128 and values of 256
+channels per head (d_model / 128 heads), so the recurrent state per layer equals the SISO
+model's (heads x 256 x 128 = 2 d_model / 64 heads x 64 x 128); beta in (0, 1) (the LM setting;
+`negative_eigenvalues` is the state-tracking variant). The brief gives no GDN widths either: the
+MLP is narrowed to match the SISO parameter count within 0.1%:
+    180m MLP 1104, 440m 1488, 880m 2176, 1.5b 2880.
 Hybrid (`_hybrid`): the SISO model with every sixth layer attention without positional encoding
-(layer_pattern "MMMMMA", NoPE), layers unrolled (scan_layers needs one mixer kind).
+(layer_pattern "MMMMMA", NoPE); scan_layers scans over the pattern's repeats.
 Recipe: context 2048, ~0.5M tokens per step (256 x 2048), bf16 compute with fp32 master weights,
 AdamW (0.9, 0.95), weight decay 0.1, clip 1.0, linear warmup then cosine to 1e-5,
 100B tokens (190,735 steps).
@@ -42,7 +48,9 @@ SIZES = {
 }
 # Transformer++ MLP widths: parameter count of the SISO model of the same size (see above)
 TRANSFORMER_MLP = {"180m": 2140, "440m": 2880, "880m": 4224, "1.5b": 5632}
-VARIANTS = ("siso", "mimo", "transformer", "hybrid")
+# Gated DeltaNet MLP widths: parameter count of the SISO model of the same size (see above)
+GDN_MLP = {"180m": 1104, "440m": 1488, "880m": 2176, "1.5b": 2880}
+VARIANTS = ("siso", "mimo", "transformer", "gdn", "hybrid")
 REMAT = "names:in_proj,ssm_out,mixer_out,mlp_hidden"
 TOKENS_PER_STEP = 256 * 2048  # 524,288
 TRAIN_TOKENS = 100_000_000_000
@@ -75,13 +83,19 @@ def get_config(arg: str = "180m"):
         m.mixer = "attention"
         m.d_mlp = TRANSFORMER_MLP[size]
         m.max_seq_len = 2048  # KV cache for generation: the training context
+    elif variant == "gdn":
+        m.mixer = "gated_deltanet"
+        m.d_conv = 4
+        m.headdim = 256  # value channels per head; keys: d_state = 128
+        m.d_mlp = GDN_MLP[size]
     elif variant == "hybrid":
         m.layer_pattern = "MMMMMA"
         m.attn_rope = False  # NoPE, as the paper's hybrids
         m.max_seq_len = 2048
     m.scan_backend = "auto"
-    # one layer compiled once (lax.scan); same maths as the unrolled model; hybrids mix kinds
-    m.scan_layers = variant != "hybrid"
+    # one layer (hybrids: one period of the pattern) compiled once (lax.scan); same maths as
+    # the unrolled model
+    m.scan_layers = True
     m.dtype = "bfloat16"
     m.param_dtype = "float32"
     m.vocab_size = 0  # from the tokenizer

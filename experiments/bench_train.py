@@ -149,7 +149,7 @@ def run_case(case: dict) -> dict:
     step_s = (time.perf_counter() - t0) / case["steps"]
 
     tok_s = tr.tokens_per_step / step_s
-    mfu = flops_lib.mfu(tok_s, tr.model_cfg, tr.peak_flops, len(devices))
+    mfu = flops_lib.mfu(tok_s, tr.model_cfg, tr.peak_flops, len(devices), tr.seq_len)
     peaks = [(d.memory_stats() or {}).get("peak_bytes_in_use") for d in devices]
     mem = step.memory_analysis()
     hlo_bytes = (mem.argument_size_in_bytes + mem.temp_size_in_bytes) if mem else None

@@ -7,9 +7,11 @@ Studies:
               state 64 matches Mamba-2 at 128.
   ablations   no bias + Euler, no bias, full, full + short conv (Table 5a); lambda learned /
               1/2 / Euler (Table 8); B/C bias init 1 / 0 / frozen 1 (Table 10).
-  baselines   Mamba-3 SISO, Mamba-3 MIMO R=4, Mamba-2 and Transformer++ at the config's size (the
-              Transformer's MLP widened to 1408 so its parameter count is within 1.1% of the
-              SISO model's on configs/small_gpu.py).
+  baselines   Mamba-3 SISO, Mamba-3 MIMO R=4, Mamba-2, Transformer++ and Gated DeltaNet at the
+              config's size (on configs/small_gpu.py the Transformer's MLP is widened to 1408,
+              parameter count within 1.1% of the SISO model's; Gated DeltaNet has keys of 64
+              and values of 128 channels per head, the SISO model's state size per layer, and
+              an MLP of 736, within 0.1%).
 
 Every run is a normal training run (`python -m mamba3_jax.train`, config `configs/small_gpu.py`
 by default) in its own workdir under --workdir, evaluated on the books *test* split
@@ -40,6 +42,9 @@ MAMBA2 = {"model.mixer": "mamba2", "model.d_conv": "4", "model.rotation": "none"
 MIMO = {"model.mimo_rank": "4", "model.d_mlp": "896"}  # narrower MLP, as configs/small_gpu.py
 # Transformer++: attention with RoPE; MLP 1408 matches small_gpu's SISO parameter count (26.1M)
 TRANSFORMER = {"model.mixer": "attention", "model.d_mlp": "1408", "model.max_seq_len": "1024"}
+# Gated DeltaNet: 8 heads of 128 values x 64 keys (= SISO's 16 x 64 x 64 state); MLP 736 matches
+GDN = {"model.mixer": "gated_deltanet", "model.d_conv": "4", "model.headdim": "128",
+       "model.d_mlp": "736", "model.mlp_multiple_of": "32"}
 STUDIES = {
     "state_size": {
         f"{name}_N{n}": {**over, "model.d_state": str(n)}
@@ -47,7 +52,7 @@ STUDIES = {
         for n in (16, 32, 64, 128)
     },
     "baselines": {"mamba3_siso": {}, "mamba3_mimo": MIMO, "mamba2": MAMBA2,
-                  "transformer": TRANSFORMER},
+                  "transformer": TRANSFORMER, "gdn": GDN},
     "ablations": {  # paper value (440M test perplexity) in the comment
         "full": {},  # 15.72
         "nobias_euler": {"model.bc_bias": "False", "model.discretization": "euler"},  # 16.68

@@ -8,6 +8,9 @@ experiments/results/mqar/ (or --out).
 
     python experiments/mqar.py --preset fast      # GPU
     python experiments/mqar.py --preset ci        # tiny CPU smoke run
+    python experiments/mqar.py --preset fast --models mamba3_siso,gdn   # with Gated DeltaNet
+
+Gated DeltaNet (`gdn`, keys of d_state channels per head) runs on request (--models).
 """
 
 from __future__ import annotations
@@ -34,7 +37,9 @@ MODELS = {
     "mamba2": {"mixer": "mamba2", "d_conv": 4, "rotation": "none"},
     "mamba3_siso": {},
     "mamba3_mimo4": {"mimo_rank": 4},
+    "gdn": {"mixer": "gated_deltanet", "d_conv": 4},  # not in the default --models
 }
+DEFAULT_MODELS = ("mamba2", "mamba3_siso", "mamba3_mimo4")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,7 +140,8 @@ def write_results(rows, out, preset_name, p: Preset):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--preset", default="fast", choices=sorted(PRESETS))
-    ap.add_argument("--models", default=",".join(MODELS))
+    ap.add_argument("--models", default=",".join(DEFAULT_MODELS),
+                    help=f"comma-separated, from {list(MODELS)}")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="experiments/results/mqar")
     args = ap.parse_args(argv)

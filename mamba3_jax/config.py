@@ -12,7 +12,7 @@ from typing import Optional
 A_ACTIVATIONS = ("softplus", "heavy_tail")
 DISCRETIZATIONS = ("trapezoid", "trapezoid_half", "euler")
 ROTATIONS = ("data_dependent", "fixed", "none")
-MIXERS = ("mamba3", "mamba2", "attention")
+MIXERS = ("mamba3", "mamba2", "attention", "gated_deltanet")
 LAYER_LETTERS = {"M": "mamba3", "A": "attention"}  # layer_pattern letters -> mixer
 SCAN_BACKENDS = ("auto", "reference", "associative", "chunked", "pallas", "pallas_interpret")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -22,6 +22,9 @@ DTYPES = ("float32", "bfloat16", "float16")
 # "names:a,b": keep only the activations tagged with these names in layers.py.
 REMAT_KINDS = ("none", "full", "dots", "dots_no_batch")
 REMAT_NAMES = ("in_proj", "ssm_out", "mixer_out", "mlp_hidden", "mlp_out")
+# Attribute of the model holding the stacked layers (scan_layers): every variable below it has a
+# leading layer (or layer-group) axis. See ModelConfig.stacked_location.
+STACKED = "blocks"
 
 
 def parse_remat(spec: str) -> tuple[str, tuple[str, ...]]:
@@ -52,7 +55,9 @@ class ModelConfig:
     d_model: int = 256
     n_layer: int = 4
     # --- sequence mixer ---
-    mixer: str = "mamba3"  # "mamba2": the paper's Mamba-2 baseline (see mamba3_jax/baselines)
+    # the paper's baselines (mamba3_jax/baselines): "mamba2", "attention" (Transformer++),
+    # "gated_deltanet" (keys of d_state and values of headdim channels per head, per-head q/k)
+    mixer: str = "mamba3"
     d_state: int = 128
     expand: int = 2
     headdim: int = 64
@@ -78,7 +83,10 @@ class ModelConfig:
     bc_bias_init: float = 1.0
     bc_bias_trainable: bool = True
     d_conv: int = 0  # >0 adds the Mamba-2 style causal depthwise conv (+SiLU) on x, B, C
-    a_init_range: tuple = (1.0, 16.0)  # Mamba-2 only: A = -exp(A_log), A_log = log U(range)
+    a_init_range: tuple = (1.0, 16.0)  # Mamba-2 / GDN: A = -exp(A_log), A_log = log U(range)
+    # Gated DeltaNet only: write strength beta in (0, 2) instead of (0, 1), so the transition's
+    # eigenvalues reach [-1, 1] (the paper's state-tracking variant)
+    negative_eigenvalues: bool = False
     # --- attention (mixer="attention": the Transformer++ baseline); head size is `headdim` ---
     attn_heads: Optional[int] = None  # None: d_model // headdim
     attn_kv_heads: Optional[int] = None  # None: attn_heads (fewer: grouped-query attention)
@@ -94,7 +102,8 @@ class ModelConfig:
     tie_embeddings: bool = True
     initializer_range: float = 0.02
     # one Block's parameters stacked along a leading layer axis and applied with lax.scan: the
-    # layer is traced and compiled once (compile time independent of n_layer); same maths
+    # layer is traced and compiled once (compile time independent of n_layer); same maths. A
+    # hybrid layer_pattern scans over its repeats (one step = one period of the pattern)
     scan_layers: bool = False
     dtype: str = "float32"  # compute dtype of activations and matmuls
     param_dtype: str = "float32"  # master weights
@@ -131,6 +140,12 @@ class ModelConfig:
             need(self.d_conv > 0, "mixer='mamba2' needs its short conv: set d_conv (e.g. 4)")
             lo, hi = tuple(self.a_init_range)
             need(0 < lo <= hi, f"a_init_range must satisfy 0 < lo <= hi, got {self.a_init_range}")
+        if self.mixer == "gated_deltanet":
+            need(self.mimo_rank == 1, "mixer='gated_deltanet' is SISO: mimo_rank must be 1")
+            lo, hi = tuple(self.a_init_range)
+            need(0 < lo <= hi, f"a_init_range must satisfy 0 < lo <= hi, got {self.a_init_range}")
+        need(isinstance(self.negative_eigenvalues, bool),
+             f"negative_eigenvalues must be True or False, got {self.negative_eigenvalues!r}")
         if self.mixer == "attention" and not errors:
             need(self.attn_heads is not None or self.d_model % self.headdim == 0,
                  f"mixer='attention' without attn_heads needs d_model = {self.d_model} "
@@ -153,9 +168,6 @@ class ModelConfig:
                  f"n_layer = {self.n_layer} must be a multiple of len(layer_pattern) = "
                  f"{len(pat)}")
             need(self.mixer == "mamba3", "layer_pattern sets the mixers: leave mixer='mamba3'")
-            need(not self.scan_layers or len(set(pat)) == 1,
-                 "scan_layers needs one mixer kind in every layer; unset it for a hybrid "
-                 "layer_pattern")
         need(isinstance(self.max_seq_len, int) and self.max_seq_len > 0,
              f"max_seq_len must be a positive integer, got {self.max_seq_len!r}")
         need(self.rotation in ROTATIONS,
@@ -206,6 +218,20 @@ class ModelConfig:
         return LAYER_LETTERS[self.layer_pattern[i % len(self.layer_pattern)]]
 
     @property
+    def scan_group(self) -> int:
+        """Layers per step of the layer scan (scan_layers): 1, or the period of a layer_pattern
+        that mixes kinds (its layers at each position are stacked separately)."""
+        pat = self.layer_pattern
+        return len(pat) if pat and len(set(pat)) > 1 else 1
+
+    def stacked_location(self, i: int) -> tuple[tuple, int]:
+        """Layer i in the scan_layers layout: (path of its stacked variables in the model, index
+        on their leading axis). One stacked Block: (("blocks",), i); a hybrid pattern of period
+        g keeps one stacked Block per position: (("blocks", i % g), i // g)."""
+        g = self.scan_group
+        return ((STACKED,), i) if g == 1 else ((STACKED, i % g), i // g)
+
+    @property
     def resolved_attn_heads(self) -> int:
         return self.attn_heads if self.attn_heads is not None else self.d_model // self.headdim
 
@@ -235,7 +261,10 @@ class ModelConfig:
 
     @property
     def bc_width(self) -> int:
-        """Width of B (and of C) in in_proj: rank x group x state."""
+        """Width of B (and of C) in in_proj: rank x group x state (Gated DeltaNet: its keys and
+        queries, one d_state vector per head)."""
+        if self.mixer == "gated_deltanet":
+            return self.nheads * self.d_state
         return self.mimo_rank * self.ngroups * self.d_state
 
     @property
@@ -246,6 +275,8 @@ class ModelConfig:
                  ("C", self.bc_width), ("dd_dt", h)]
         if self.mixer == "mamba2":
             return tuple(parts)
+        if self.mixer == "gated_deltanet":  # z gate, x = v, B = k, C = q, dd_dt = decay input
+            return tuple(parts) + (("beta", h),)
         parts.append(("dd_A", h))
         if self.learned_lambda:
             parts.append(("trap", h))
@@ -269,6 +300,8 @@ class ModelConfig:
             q, kv = self.resolved_attn_heads * p, self.resolved_kv_heads * p
             return self.d_model * (2 * q + 2 * kv)
         total = self.d_model * self.d_in_proj + self.d_inner * self.d_model  # in/out proj
+        if self.mixer == "gated_deltanet":  # dt_bias, A_log, output norm over P, conv
+            return total + 2 * h + p + (self.d_conv + 1) * self.conv_channels
         if self.mixer == "mamba2":  # dt_bias, A_log, D, gated norm, conv
             return total + 3 * h + self.d_inner + (self.d_conv + 1) * self.conv_channels
         total += 2 * h + 2 * n  # dt_bias, D, B/C norm gains

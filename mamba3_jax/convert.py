@@ -15,7 +15,8 @@ converted: docs/weights.md "Whole-model checkpoints".
 The maths is in pure functions on flat dicts of numpy arrays: `to_official` / `from_official`
 (state dicts), `official_config` / `config_from_official` (configs). Both layer layouts of our
 model are handled: unrolled (`layers.<i>.<name>`) and stacked (`blocks.<name>` with a leading
-layer axis, `ModelConfig.scan_layers`).
+layer axis, `ModelConfig.scan_layers`; a hybrid pattern: `blocks.<position>.<name>`, see
+`ModelConfig.stacked_location`).
 """
 
 from __future__ import annotations
@@ -88,6 +89,10 @@ def official_config(cfg: ModelConfig, *, force: bool = False) -> dict:
                "mimo_rank": cfg.mimo_rank, "chunk_size": cfg.resolved_chunk_size}
     elif cfg.mixer == "attention":
         ssm = {}  # no SSM layer
+    elif cfg.mixer == "gated_deltanet":
+        ssm = {}
+        problems.append("mixer='gated_deltanet' (the official MambaLMHeadModel has no Gated "
+                        "DeltaNet layer)")
     else:
         ssm = {"layer": "Mamba2", "d_state": cfg.d_state, "d_conv": cfg.d_conv,
                "expand": cfg.expand, "headdim": cfg.headdim, "ngroups": cfg.ngroups,
@@ -349,6 +354,14 @@ class _Source:
                       for k in set(self.items) - self.used)
 
 
+def _layer_array(take, cfg: ModelConfig, i: int, path: Path) -> np.ndarray:
+    """Layer i's array at `path` (below the block) in either layer layout."""
+    if not cfg.scan_layers:
+        return take(("layers", i) + path)
+    prefix, index = cfg.stacked_location(i)  # stacked: one slice of the leading axis
+    return take(prefix + path)[index]
+
+
 def to_official(flat: dict, cfg: ModelConfig) -> dict[str, np.ndarray]:
     """Our weights {path: array} (either layer layout) -> the official state dict."""
     src = _Source({tuple(k): np.asarray(v) for k, v in flat.items()}, "our checkpoint")
@@ -357,9 +370,7 @@ def to_official(flat: dict, cfg: ModelConfig) -> dict[str, np.ndarray]:
           "backbone.norm_f.weight": take(("final_norm", "weight"))}
     for i in range(cfg.n_layer):
         for e in block_entries(cfg, cfg.layer_mixer(i)):
-            # stacked layout: every layer has the same kind (config check), index layer i
-            arrays = [take(("blocks",) + p)[i] if cfg.scan_layers else take(("layers", i) + p)
-                      for p in e.ours]
+            arrays = [_layer_array(take, cfg, i, p) for p in e.ours]
             sd[f"backbone.layers.{i}.{e.official}"] = np.ascontiguousarray(
                 e.to_official(*arrays))
     # always written (a copy when tied) so that a strict load_state_dict finds it
@@ -391,8 +402,8 @@ def from_official(sd: dict, cfg: ModelConfig) -> dict[Path, np.ndarray]:
         for e in block_entries(cfg, cfg.layer_mixer(i)):
             parts = e.from_official(take(f"backbone.layers.{i}.{e.official}"))
             for path, a in zip(e.ours, parts, strict=True):
-                if cfg.scan_layers:
-                    stacked.setdefault(("blocks",) + path, []).append(a)
+                if cfg.scan_layers:  # appended in layer order = leading-axis order
+                    stacked.setdefault(cfg.stacked_location(i)[0] + path, []).append(a)
                 else:
                     flat[("layers", i) + path] = a
     flat.update({k: np.stack(v) for k, v in stacked.items()})

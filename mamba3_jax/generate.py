@@ -129,7 +129,8 @@ def _checked(model: Mamba3LM, prompt, max_new_tokens, temperature, top_k, top_p,
                    top_p=top_p, prefill_chunk=prefill_chunk, vocab_size=vocab)
     check_prompt(prompt, vocab)
     cfg = model.cfg
-    if cfg.mixer == "attention" and np.shape(prompt)[1] + max_new_tokens > cfg.max_seq_len:
+    has_attention = any(cfg.layer_mixer(i) == "attention" for i in range(cfg.n_layer))
+    if has_attention and np.shape(prompt)[1] + max_new_tokens > cfg.max_seq_len:
         raise ValueError(f"prompt length {np.shape(prompt)[1]} + max_new_tokens "
                          f"{max_new_tokens} exceeds the KV cache (max_seq_len = "
                          f"{cfg.max_seq_len})")

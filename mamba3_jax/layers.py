@@ -16,6 +16,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from mamba3_jax.backends import mixer_core, step_backend
 from mamba3_jax.baselines.attention import Attention
+from mamba3_jax.baselines.gated_deltanet import GatedDeltaNet
 from mamba3_jax.baselines.mamba2 import Mamba2
 from mamba3_jax.config import ModelConfig
 from mamba3_jax.nn import Frozen, RMSNorm, SwiGLU, linear, torch_linear_init
@@ -116,11 +117,13 @@ class Mamba3(nnx.Module):
 
 class Block(nnx.Module):
     """Pre-norm residual block: x + mixer(norm(x)); x + MLP(norm(x)). The mixer is Mamba-3,
-    Mamba-2 or attention (`cfg.layer_mixer(layer)`); attention + this block is Transformer++."""
+    Mamba-2, attention or Gated DeltaNet (`cfg.layer_mixer(layer)`); attention + this block is
+    Transformer++."""
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, layer: int = 0):
         self.norm1 = RMSNorm(cfg.d_model, cfg.norm_eps)
-        mixers = {"mamba3": Mamba3, "mamba2": Mamba2, "attention": Attention}
+        mixers = {"mamba3": Mamba3, "mamba2": Mamba2, "attention": Attention,
+                  "gated_deltanet": GatedDeltaNet}
         self.mixer = mixers[cfg.layer_mixer(layer)](cfg, rngs=rngs)
         self.norm2 = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.mlp = SwiGLU(cfg, rngs=rngs)

@@ -8,9 +8,13 @@ Usage:
 
 Layers: `cfg.scan_layers=False` keeps a list of Blocks (`layers.<i>.<name>`); True stacks the
 n_layer Blocks' variables along a leading axis in one Block (`blocks.<name>`, shape
-(n_layer, ...)) applied with `jax.lax.scan`, so one layer is traced and compiled once. Both are
-initialised from the same random stream (equal seeds give equal weights) and compute the same
-function; the decode cache is a list of per-layer caches or one stacked cache respectively.
+(n_layer, ...)) applied with `jax.lax.scan`, so one layer is traced and compiled once. A hybrid
+`layer_pattern` of period g (e.g. "MMMMMA") scans over its n_layer / g repeats instead: one
+stacked Block per position of the pattern (`blocks.<j>.<name>`, shape (n_layer / g, ...), layer
+i at position i % g, index i // g; `ModelConfig.stacked_location`), one scan step applying the g
+layers in order. All are initialised from the same random stream (equal seeds give equal
+weights) and compute the same function; the decode cache is a list of per-layer caches, one
+stacked cache, or (hybrid) a list of g caches stacked over the repeats respectively.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from mamba3_jax.config import ModelConfig, parse_remat
+from mamba3_jax.config import STACKED, ModelConfig, parse_remat
 from mamba3_jax.layers import Block
 from mamba3_jax.nn import Frozen, RMSNorm
 from mamba3_jax.ops.ssm import reset_from_positions, reset_from_segment_ids
@@ -36,9 +40,8 @@ def segment_reset(segment_ids: Optional[jax.Array], positions: Optional[jax.Arra
     return None
 
 
-# Name of the stacked-layers attribute: every variable below it has a leading layer axis (the
-# sharding rules in training/mesh.py never shard that axis).
-STACKED = "blocks"
+# STACKED ("blocks", defined in config.py) names the stacked-layers attribute: every variable
+# below it has a leading layer axis (the sharding rules in training/mesh.py never shard it).
 
 
 def stack_modules(modules: Sequence[nnx.Module]) -> nnx.Module:
@@ -78,8 +81,11 @@ class Mamba3LM(nnx.Module):
                                embedding_init=nnx.initializers.normal(cfg.initializer_range),
                                rngs=rngs)
         blocks = [Block(cfg, rngs=rngs, layer=i) for i in range(cfg.n_layer)]
-        if cfg.scan_layers:
+        g = cfg.scan_group
+        if cfg.scan_layers and g == 1:
             setattr(self, STACKED, stack_modules(blocks))
+        elif cfg.scan_layers:  # hybrid: the layers of each pattern position stacked apart
+            setattr(self, STACKED, nnx.List([stack_modules(blocks[j::g]) for j in range(g)]))
         else:
             self.layers = nnx.List(blocks)
         self.final_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
@@ -89,12 +95,29 @@ class Mamba3LM(nnx.Module):
             self.lm_head = nnx.Param(nnx.initializers.normal(cfg.initializer_range)(
                 rngs.params(), (cfg.d_model, cfg.vocab_size), jnp.dtype(cfg.param_dtype)))
 
+    def _stacks(self) -> list:
+        """scan_layers: the stacked Blocks applied in order by one scan step (one, or one per
+        position of a hybrid pattern)."""
+        stacked = getattr(self, STACKED)
+        return [stacked] if self.cfg.scan_group == 1 else list(stacked)
+
+    def _stack_caches(self, cache) -> list:
+        """A scan_layers cache (or None) as one entry per stacked Block."""
+        if cache is None:
+            return [None] * self.cfg.scan_group
+        return [cache] if self.cfg.scan_group == 1 else list(cache)
+
+    def _unstack_caches(self, caches: list):
+        return caches[0] if self.cfg.scan_group == 1 else caches
+
     def init_cache(self, batch: int):
-        """Per-layer decode caches: a list, or one cache stacked along axis 0 (scan_layers)."""
+        """Per-layer decode caches: a list, or one cache stacked along axis 0 (scan_layers; a
+        hybrid pattern: a list of one such cache per pattern position)."""
         if self.cfg.scan_layers:
-            one = getattr(self, STACKED).mixer.init_cache(batch)  # uses the config only
-            return jax.tree.map(lambda x: jnp.broadcast_to(x, (self.cfg.n_layer,) + x.shape),
-                                one)
+            reps = self.cfg.n_layer // self.cfg.scan_group
+            return self._unstack_caches([  # init_cache uses the config only
+                jax.tree.map(lambda x: jnp.broadcast_to(x, (reps,) + x.shape),
+                             s.mixer.init_cache(batch)) for s in self._stacks()])
         return [layer.mixer.init_cache(batch) for layer in self.layers]
 
     def head_input(self, h: jax.Array) -> jax.Array:
@@ -131,15 +154,19 @@ class Mamba3LM(nnx.Module):
         return h, new_caches
 
     def _scan_layers(self, h, reset, cache, backend, remat):
-        graphdef, state = nnx.split(getattr(self, STACKED))
+        splits = [nnx.split(s) for s in self._stacks()]
         # inside a scan, CSE cannot merge the recomputation into the forward (jax docs)
-        layer = apply_layer(graphdef, remat, prevent_cse=False)
+        layers = [apply_layer(graphdef, remat, prevent_cse=False) for graphdef, _ in splits]
 
-        def body(h, xs):
-            st, c = xs
-            return layer(st, h, c, reset, backend)
+        def body(h, xs):  # one period of the pattern, each Block rematerialised on its own
+            out = []
+            for layer, st, c in zip(layers, *xs, strict=True):
+                h, c = layer(st, h, c, reset, backend)
+                out.append(c)
+            return h, out
 
-        return jax.lax.scan(body, h, (state, cache))
+        h, caches = jax.lax.scan(body, h, ([st for _, st in splits], self._stack_caches(cache)))
+        return h, self._unstack_caches(caches)
 
     def __call__(self, tokens: jax.Array, *, segment_ids: Optional[jax.Array] = None,
                  positions: Optional[jax.Array] = None, cache=None, return_cache: bool = False,
@@ -158,10 +185,18 @@ class Mamba3LM(nnx.Module):
         """Decode one token per sequence: token (B,) -> (logits (B, V), cache)."""
         h = self.embed(token).astype(jnp.float32)
         if self.cfg.scan_layers:
-            graphdef, state = nnx.split(getattr(self, STACKED))
-            h, new_caches = jax.lax.scan(
-                lambda h, xs: nnx.merge(graphdef, xs[0]).step(h, xs[1]), h, (state, cache))
-            return self.logits(h), new_caches
+            splits = [nnx.split(s) for s in self._stacks()]
+
+            def body(h, xs):
+                out = []
+                for (graphdef, _), st, c in zip(splits, *xs, strict=True):
+                    h, c = nnx.merge(graphdef, st).step(h, c)
+                    out.append(c)
+                return h, out
+
+            h, caches = jax.lax.scan(body, h, ([st for _, st in splits],
+                                               self._stack_caches(cache)))
+            return self.logits(h), self._unstack_caches(caches)
         new_caches = []
         for layer, c in zip(self.layers, cache, strict=True):
             h, c = layer.step(h, c)

@@ -147,17 +147,23 @@ def test_lm_compare_baselines_study_has_a_matched_transformer(tmp_path):
 
     runs = {r["variant"]: r["overrides"]
             for r in lm_compare.plan("baselines", "configs/small_gpu.py", str(tmp_path), [0], {})}
-    assert set(runs) == {"mamba3_siso", "mamba3_mimo", "mamba2", "transformer"}
+    assert set(runs) == {"mamba3_siso", "mamba3_mimo", "mamba2", "transformer", "gdn"}
     spec = importlib.util.spec_from_file_location("small_gpu", "configs/small_gpu.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    siso, tf = mod.get_config(""), mod.get_config("")
-    for key, value in runs["transformer"].items():
-        if key.startswith("model."):
-            field = key.split(".", 1)[1]
-            tf.model[field] = type(tf.model[field])(value) if tf.model[field] is not None \
-                else int(value)
-    validate(tf)
-    a, b = model_config(siso, 257), model_config(tf, 257)
-    assert b.mixer == "attention" and b.max_seq_len >= tf.data.seq_len
-    assert abs(b.num_params() / a.num_params() - 1) < 0.015
+    siso = model_config(mod.get_config(""), 257)
+    for variant, tol in (("transformer", 0.015), ("gdn", 0.001)):
+        c = mod.get_config("")
+        for key, value in runs[variant].items():
+            if key.startswith("model."):
+                field = key.split(".", 1)[1]
+                kind = type(c.model[field]) if c.model[field] is not None else int
+                c.model[field] = (value == "True") if kind is bool else kind(value)
+        validate(c)
+        b = model_config(c, 257)
+        assert abs(b.num_params() / siso.num_params() - 1) < tol, variant
+        if variant == "transformer":
+            assert b.mixer == "attention" and b.max_seq_len >= c.data.seq_len
+        else:  # the same recurrent state size per layer
+            assert b.mixer == "gated_deltanet"
+            assert b.nheads * b.headdim * b.d_state == siso.nheads * siso.headdim * siso.d_state

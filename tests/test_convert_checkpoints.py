@@ -36,9 +36,8 @@ CASES = {
     "mamba2": dict(mixer="mamba2", d_conv=4),
     "untied": dict(tie_embeddings=False),
     "transformer": dict(mixer="attention", attn_kv_heads=2),
-    "hybrid": dict(layer_pattern="MA", attn_rope=False),  # no scan: mixed kinds
+    "hybrid": dict(layer_pattern="MA", attn_rope=False),
 }
-SCANNABLE = [c for c in CASES if c != "hybrid"]
 
 
 def noise(name, shape):
@@ -46,16 +45,21 @@ def noise(name, shape):
     return 0.3 * rng.standard_normal(shape).astype(np.float32)
 
 
-def make(case, scan_layers=False, seed=0):
+def make(case, scan_layers=False, seed=0, **extra):
     """A model whose every parameter is perturbed, the constant-initialised ones included (so a
     swapped or mis-permuted entry shows up), by noise that depends on the parameter's name and
     layer only: the stacked and the unrolled model get equal weights."""
-    cfg = ModelConfig(**BASE, **CASES[case], scan_layers=scan_layers)
+    cfg = ModelConfig(**{**BASE, **CASES[case], **extra, "scan_layers": scan_layers})
     flat = model_weights(Mamba3LM(cfg, rngs=nnx.Rngs(seed)))
     for path, a in flat.items():
         if path[0] == "blocks":
-            name = ".".join(map(str, path[1:]))
-            flat[path] = a + np.stack([noise(f"{i}.{name}", a.shape[1:]) for i in range(len(a))])
+            rest, g = path[1:], cfg.scan_group
+            if g > 1:  # hybrid: blocks.<position>.<name>, layer = repeat * g + position
+                layers, rest = [r * g + rest[0] for r in range(len(a))], rest[1:]
+            else:
+                layers = range(len(a))
+            name = ".".join(map(str, rest))
+            flat[path] = a + np.stack([noise(f"{i}.{name}", a.shape[1:]) for i in layers])
         elif path[0] == "layers":
             flat[path] = a + noise(f"{path[1]}." + ".".join(map(str, path[2:])), a.shape)
         else:
@@ -123,12 +127,16 @@ def test_keys_and_shapes_are_the_official_ones(case):
     assert {k: v.shape for k, v in sd.items()} == official_shapes(oc)
 
 
-@pytest.mark.parametrize("case", SCANNABLE)
+@pytest.mark.parametrize("case", list(CASES) + ["hybrid4"])
 def test_round_trip_both_layouts(case):
     """ours -> official -> ours is exact, from and to both layer layouts; the stacked and the
-    unrolled model (equal seeds give equal weights) export to the same state dict."""
-    cfg_u, unrolled = make(case, scan_layers=False)
-    cfg_s, stacked = make(case, scan_layers=True)
+    unrolled model (equal seeds give equal weights) export to the same state dict. hybrid4: a
+    hybrid pattern repeated twice (layers stacked per pattern position)."""
+    extra = {}
+    if case == "hybrid4":
+        case, extra = "hybrid", dict(n_layer=4)
+    cfg_u, unrolled = make(case, scan_layers=False, **extra)
+    cfg_s, stacked = make(case, scan_layers=True, **extra)
     sd_u = to_official(model_weights(unrolled), cfg_u)
     sd_s = to_official(model_weights(stacked), cfg_s)
     assert sd_u.keys() == sd_s.keys()

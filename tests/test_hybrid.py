@@ -58,12 +58,13 @@ def test_generate():
     model = Mamba3LM(CFG, rngs=nnx.Rngs(3))
     out = generate(model, jnp.ones((2, 4), jnp.int32), jax.random.PRNGKey(0), max_new_tokens=3)
     assert out.shape == (2, 3) and out.dtype == jnp.int32
+    with pytest.raises(ValueError, match="max_seq_len"):  # the attention layers' KV cache
+        generate(model, jnp.ones((1, 30), jnp.int32), jax.random.PRNGKey(0), max_new_tokens=3)
 
 
 @pytest.mark.parametrize("bad, msg", [
     (dict(layer_pattern="MX"), "letters"),
     (dict(layer_pattern="MMA"), "multiple of len"),
-    (dict(scan_layers=True), "scan_layers needs one mixer kind"),
     (dict(mixer="mamba2", d_conv=4), "leave mixer='mamba3'"),
 ])
 def test_config_errors(bad, msg):
@@ -91,4 +92,57 @@ def test_paper_hybrid_config():
     mc = model_config(c, 100277)
     kinds = [mc.layer_mixer(i) for i in range(mc.n_layer)]
     assert kinds.count("attention") == 4 and kinds[5] == kinds[11] == "attention"
-    assert not mc.attn_rope and not mc.scan_layers
+    assert not mc.attn_rope and mc.scan_layers and mc.scan_group == 6
+
+
+def _layer_params(model) -> dict:
+    """{layer: that layer's parameters} from either layer layout."""
+    tree = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    cfg = model.cfg
+    if not cfg.scan_layers:
+        return dict(tree["layers"])
+    out = {}
+    for i in range(cfg.n_layer):
+        (_, *pos), index = cfg.stacked_location(i)
+        sub = tree["blocks"][pos[0]] if pos else tree["blocks"]
+        out[i] = jax.tree.map(lambda x, index=index: x[index], sub)
+    return out
+
+
+def test_scanned_hybrid_equals_unrolled():
+    """scan_layers on a hybrid (one scan step = one period "MA", repeated twice): same initial
+    weights, loss and gradients (packed rows, remat per block inside the scan step), chunked
+    prefill + decode through the stacked caches."""
+    cfg = CFG.replace(n_layer=4)
+    a = Mamba3LM(cfg, rngs=nnx.Rngs(4))
+    b = Mamba3LM(cfg.replace(scan_layers=True), rngs=nnx.Rngs(4))
+    assert count_params(b) == cfg.num_params()
+    assert nnx.state(b)["blocks"][1]["mixer"]["q_proj"]["kernel"].shape == (2, 32, 32)
+    pa, pb = _layer_params(a), _layer_params(b)
+    assert all(rel_err(x, y) == 0 for x, y in zip(jax.tree.leaves(pa), jax.tree.leaves(pb),
+                                                   strict=True))
+    seg = jnp.asarray([[1] * 6 + [2] * 9])
+
+    def loss_and_grads(model, remat):
+        graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+        def loss(p):
+            m = nnx.merge(graphdef, p, rest)
+            h, _ = m.features(TOKS, segment_ids=seg, remat=remat)
+            return jnp.mean(jax.nn.log_softmax(m.logits(h))[..., 3])
+
+        value, g = jax.jit(jax.value_and_grad(loss))(params)
+        return value, _layer_params(nnx.merge(graphdef, g, rest))
+
+    (la, ga), (lb, gb) = loss_and_grads(a, "none"), loss_and_grads(b, "full")
+    assert abs(float(la - lb)) < 1e-6 * abs(float(la))
+    for x, y in zip(jax.tree.leaves(ga), jax.tree.leaves(gb), strict=True):
+        assert rel_err(y, x) < 1e-5
+    full = forward(a, TOKS, None)
+    logits, cache = nnx.jit(lambda m, t: prefill(m, t, 4))(b, TOKS[:, :10])  # chunked prefill
+    assert isinstance(cache[1], KVCache) and cache[1].k.shape[0] == 2  # stacked over repeats
+    assert rel_err(logits, full[:, 9]) < 1e-5
+    step = nnx.jit(lambda m, t, c: m.step(t, c))
+    for t in range(10, 15):
+        logits, cache = step(b, TOKS[:, t], cache)
+        assert rel_err(logits, full[:, t]) < 1e-5, t

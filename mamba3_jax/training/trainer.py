@@ -146,7 +146,8 @@ class Trainer:
         self.eval_step = jit_eval_step(make_eval_step(self.graphdef, int(t.loss_chunk)),
                                        self.state_sharding, self.batch_sharding, self.mesh)
         self.tokens_per_step = int(config.data.batch_size) * int(config.data.seq_len)
-        self.flops_per_token = flops_lib.train_flops_per_token(self.model_cfg)
+        self.seq_len = int(config.data.seq_len)
+        self.flops_per_token = flops_lib.train_flops_per_token(self.model_cfg, self.seq_len)
         self.n_devices = self.mesh.devices.size
         self.peak_flops = (float(t.peak_flops_per_device)
                            or flops_lib.peak_flops(jax.devices()[0].device_kind))
@@ -411,8 +412,8 @@ class Trainer:
         out["tokens_seen"] = step * self.tokens_per_step
         out["steps_per_sec"] = steps_per_sec
         out["tokens_per_sec"] = tok_s
-        out["mfu"] = (flops_lib.mfu(tok_s, self.model_cfg, self.peak_flops, self.n_devices)
-                      if tok_s else None)
+        out["mfu"] = (flops_lib.mfu(tok_s, self.model_cfg, self.peak_flops, self.n_devices,
+                                    self.seq_len) if tok_s else None)
         self._last_log = (now, step)
         self._last_train = out
         writer.write(step, out, "train")

@@ -48,3 +48,27 @@ def test_state_tracking_models_use_the_parity_options_unless_paper_rotation():
         "parity", "mamba3", state_tracking.dataclasses.replace(
             p, tie_embeddings=True, rotation_dt=True), 4)
     assert (paper.rotation_dt, paper.tie_embeddings) == (True, True)
+
+
+def test_baseline_rows_build_and_report(tmp_path):
+    """The Gated DeltaNet ([-1, 1] and [0, 1]) and Transformer++ rows: their models, and a
+    table row without a paper number for the Transformer."""
+    from flax import nnx
+
+    from mamba3_jax.model import Mamba3LM, count_params
+
+    p = state_tracking.PRESETS["ci"]
+    for variant, mixer in (("gdn", "gated_deltanet"), ("gdn_01", "gated_deltanet"),
+                           ("transformer", "attention")):
+        cfg = state_tracking.model_config("mod_arith", variant, p, 12)
+        assert cfg.mixer == mixer and cfg.n_layer == 3
+        assert count_params(Mamba3LM(cfg, rngs=nnx.Rngs(0))) == cfg.num_params()
+    assert state_tracking.model_config("parity", "gdn", p, 4).negative_eigenvalues
+    assert not state_tracking.model_config("parity", "gdn_01", p, 4).negative_eigenvalues
+    assert "gdn" in state_tracking.DEFAULT_VARIANTS
+    rows = [{"task": "parity", "variant": v, "seed": 0, "scaled_acc": 50.0, "acc": 0.75,
+             "best_lr": 1e-3, "train_seconds": 1.0, "steps": 1, "params": 1}
+            for v in ("gdn", "transformer")]
+    state_tracking.write_results(rows, str(tmp_path), "ci", p)
+    md = (tmp_path / "results.md").read_text()
+    assert "| gdn | 50.00 / 100.00 (1s) |" in md and "| transformer | 50.00 / - (1s) |" in md

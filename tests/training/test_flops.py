@@ -1,5 +1,6 @@
 """The MFU numerator (flops.train_flops_per_token) against the model as implemented: the
-dot_general FLOPs of a traced forward pass, scan bodies counted once per iteration."""
+dot_general FLOPs of a traced forward pass, scan bodies counted once per iteration; for every
+mixer kind and a hybrid."""
 
 import math
 
@@ -30,7 +31,13 @@ def dot_flops(jaxpr, mult: int = 1) -> int:
     return total
 
 
-@pytest.mark.parametrize("extra", [{}, {"mimo_rank": 2}, {"scan_layers": True}])
+@pytest.mark.parametrize("extra", [
+    {}, {"mimo_rank": 2}, {"scan_layers": True},
+    {"mixer": "attention"},
+    {"layer_pattern": "MA", "attn_rope": False},
+    {"layer_pattern": "MA", "scan_layers": True},
+    {"mixer": "gated_deltanet"},  # no conv: its multiply-adds are not dot_generals
+], ids=["siso", "mimo", "scan", "attention", "hybrid", "hybrid_scan", "gated_deltanet"])
 def test_model_flops_match_the_traced_forward(extra):
     cfg = ModelConfig(vocab_size=512, d_model=128, n_layer=2, d_state=32, headdim=32,
                       scan_backend="chunked", **extra)
@@ -41,4 +48,15 @@ def test_model_flops_match_the_traced_forward(extra):
     per_token = dot_flops(jaxpr.jaxpr) / (B * L)
     # forward = 1/3 of the training count; the formula also counts the few non-matmul
     # parameters (norm gains, D, biases) and no per-sequence terms: agree within 1%
-    assert per_token == pytest.approx(flops.train_flops_per_token(cfg) / 3, rel=1e-2)
+    assert per_token == pytest.approx(flops.train_flops_per_token(cfg, L) / 3, rel=1e-2)
+
+
+def test_attention_flops_need_the_context_and_grow_with_it():
+    cfg = ModelConfig(vocab_size=512, d_model=128, n_layer=2, headdim=32, mixer="attention")
+    with pytest.raises(ValueError, match="seq_len"):
+        flops.train_flops_per_token(cfg)
+    # 3 x 2 layers x 4 L x 4 heads x 32 channels more per token when L doubles from 256
+    assert (flops.train_flops_per_token(cfg, 512) - flops.train_flops_per_token(cfg, 256)
+            == 3 * 2 * 4 * 256 * 4 * 32)
+    assert flops.mfu(1e6, cfg, 1e15, 1, 256) == pytest.approx(
+        1e6 * flops.train_flops_per_token(cfg, 256) / 1e15)
