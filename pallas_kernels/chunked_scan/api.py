@@ -164,7 +164,9 @@ def prepare_rows(inp: SSMInputs, state: SSMState, mimo_x, C: int, cdt, *, interp
         carry = chunk_carry(inc, seg, state.angle, C)
         theta_last = theta_at(inc, seg, carry, L - 1, C)
         rs = RotShape(B=B, nc=Lp // C, C=C, R=R, G=G, H=H, N=N, S=S, cdt=jnp.dtype(cdt).name,
-                      interpret=interpret, warps=warps_rotary, angle_mode=angle_mode)
+                      interpret=interpret, angle_mode=angle_mode,
+                      # a (C, N) tile: 4 warps on MIMO's 16-token chunks spilled (compile_check)
+                      warps=min(warps_rotary, max(1, C // 8)))
         permuted = True
 
         def bias(b):

@@ -49,7 +49,7 @@ class TritonBlocks:
     stages_output: int = 2
     warps_dstate: int = 4
     stages_dstate: int = 2
-    warps_grad: int = 4
+    warps_grad: int = 8  # dk, dv: 8 warps fit without spills (compile_check), 4 spill
     stages_grad: int = 1
     split_grad: int = 1  # per-chunk gradient kernels: 0 one, 1 dq | dk dv, 2 dq | dk | dv
     warps_grad_dq: int = 4
@@ -116,16 +116,25 @@ def _chunk_decays(cs, seg):
     return e, to_end, dec
 
 
-def _weights(cs, sc, gm, seg, R: int):
-    """W[i, j] = exp(cs_i - cs_j) sc_j for an earlier token of the same segment, gm_i for the same
-    token (all rank pairs), else 0; also the strict decay part exp(cs_i - cs_j)[...] alone."""
+def _decays(cs, seg, R: int):
+    """The strict decay part exp(cs_i - cs_j) for an earlier token of the same segment (else 0)
+    and the same-token mask (all rank pairs) of one chunk's rows."""
     n = cs.shape[0]
     ti = jax.lax.broadcasted_iota(jnp.int32, (n, n), 0) // R
     tj = jax.lax.broadcasted_iota(jnp.int32, (n, n), 1) // R
     strict = (ti > tj) & (seg[:, None] == seg[None, :])
-    expo = jnp.exp(jnp.where(strict, cs[:, None] - cs[None, :], -jnp.inf))
-    W = expo * sc[None, :] + jnp.where(ti == tj, gm[:, None], 0.0)
-    return W, expo, ti == tj
+    return jnp.exp(jnp.where(strict, cs[:, None] - cs[None, :], -jnp.inf)), ti == tj
+
+
+def _mix(expo, diag, sc, gm):
+    """W[i, j] = exp(cs_i - cs_j) sc_j off the diagonal tokens, gm_i on them."""
+    return expo * sc[None, :] + jnp.where(diag, gm[:, None], 0.0)
+
+
+def _weights(cs, sc, gm, seg, R: int):
+    """W (`_mix`), the strict decays and the same-token mask of one chunk."""
+    expo, diag = _decays(cs, seg, R)
+    return _mix(expo, diag, sc, gm), expo, diag
 
 
 # ----------------------------------------------------------------------------- forward
@@ -260,37 +269,48 @@ def _grad_kernel(q_ref, k_ref, v_ref, cs_ref, sc_ref, gm_ref, sg_ref, st_ref, ds
     e, to_end, _ = _chunk_decays(cs, seg)
     te = to_end * sc
     dyc = dy_ref[...].astype(cdt)
-    W, expo, diag = _weights(cs, sc, gm, seg, cs_.R)
+    expo, diag = _decays(cs, seg, cs_.R)
     outs = list(out_refs)
+    grad_refs = {x: outs.pop(0) for x in "qkv" if x in part}  # outputs in q, k, v order
     dcs = jnp.zeros((CR,), f32)
     dsc = jnp.zeros((CR,), f32)
     row = jax.lax.broadcasted_iota(jnp.int32, (CR,), 0)
-    if "q" in part:  # through the intra-chunk scores and the readout of the state entering
-        dS = (dot(dyc, v_ref[...], tb=True, precision=prec) * W).astype(cdt)
-        dyG = dot(dyc, st_ref[...], precision=prec)  # (CR, N): dy @ state entering the chunk
-        dq = dot(dS, k_ref[...], precision=prec) + e[:, None] * dyG
-        outs.pop(0)[...] = dq.astype(q_ref.dtype)
-        dcs = dcs + e * jnp.sum(dyG * q_ref[...].astype(f32), axis=1)
-    if "k" in part:  # through the scores and the chunk's share of the next state
-        s = dot(q_ref[...], k_ref[...], tb=True, precision=prec)  # (CR, CR)
-        dA = dot(dyc, v_ref[...], tb=True, precision=prec)  # d(masked scores)
-        dk = (dot((dA * W).astype(cdt), q_ref[...], ta=True, precision=prec)
-              + te[:, None] * dot(v_ref[...], dst_ref[...], precision=prec))
-        outs.pop(0)[...] = dk.astype(k_ref.dtype)
-        dW = dA * s
-        dWe = dW * expo  # strict part, before the key scale
-        dWs = dWe * sc[None, :]
-        dsc = dsc + jnp.sum(dWe, axis=0)
-        dcs = dcs + jnp.sum(dWs, axis=1) - jnp.sum(dWs, axis=0)
-        dgm = jnp.sum(jnp.where(diag, dW, 0.0), axis=1)
-    if "v" in part:  # through the masked scores' product and the chunk's share of the next state
+    # The (CR, CR) float32 tiles first, ordered so that few are live at once (registers): the
+    # scores s and d(masked scores) dA, the scalar gradients from dA * s, then the weights W
+    # and the two products the dots need, in the input dtype, before any (CR, N) accumulator.
+    if "k" in part or "v" in part:
         s = dot(q_ref[...], k_ref[...], tb=True, precision=prec)
+    if "q" in part or "k" in part:
+        dA = dot(dyc, v_ref[...], tb=True, precision=prec)
+    if "k" in part:  # through the decays, the trapezoid scale and gamma inside the scores
+        dW = dA * s
+        dgm = jnp.sum(jnp.where(diag, dW, 0.0), axis=1)
+        dWe = dW * expo  # strict part, before the key scale
+        dsc = dsc + jnp.sum(dWe, axis=0)
+        dWs = dWe * sc[None, :]
+        dcs = dcs + jnp.sum(dWs, axis=1) - jnp.sum(dWs, axis=0)
+    W = _mix(expo, diag, sc, gm)
+    if "v" in part:
+        sW = (s * W).astype(cdt)  # the masked scores
+    if "q" in part or "k" in part:
+        dAW = (dA * W).astype(cdt)
+    if "q" in part:  # through the intra-chunk scores and the readout of the state entering
+        dyG = dot(dyc, st_ref[...], precision=prec)  # (CR, N): dy @ state entering the chunk
+        dq = dot(dAW, k_ref[...], precision=prec) + e[:, None] * dyG
+        grad_refs["q"][...] = dq.astype(q_ref.dtype)
+        dcs = dcs + e * jnp.sum(dyG * q_ref[...].astype(f32), axis=1)
+    if "v" in part:  # through the masked scores' product and the chunk's share of the next
+        # state; before dk, so that k's tile and sW are dead when dk's accumulator is live
         kdg = dot(k_ref[...], dst_ref[...], tb=True, precision=prec)  # (CR, P)
-        dv = dot((s * W).astype(cdt), dyc, ta=True, precision=prec) + te[:, None] * kdg
-        outs.pop(0)[...] = dv.astype(v_ref.dtype)
+        dv = dot(sW, dyc, ta=True, precision=prec) + te[:, None] * kdg
+        grad_refs["v"][...] = dv.astype(v_ref.dtype)
         dte = jnp.sum(kdg * v_ref[...].astype(f32), axis=1)  # d(to_end * sc) per row
         dsc = dsc + to_end * dte
         dcs = dcs - te * dte + jnp.where(row == CR - 1, jnp.sum(te * dte), 0.0)
+    if "k" in part:  # through the scores and the chunk's share of the next state
+        dk = (dot(dAW, q_ref[...], ta=True, precision=prec)
+              + te[:, None] * dot(v_ref[...], dst_ref[...], precision=prec))
+        grad_refs["k"][...] = dk.astype(k_ref.dtype)
     outs.pop(0)[...] = dcs
     if "k" in part or "v" in part:
         outs.pop(0)[...] = dsc

@@ -113,12 +113,17 @@ def _bwd_kernel(q_ref, k_ref, qb_ref, kb_ref, inc_ref, a_ref, sg_ref, dqr_ref, d
     """One head and chunk: un-rotated gradients (summed over the group's heads by XLA), the
     bias gradients' partial sums over the chunk, d(increments) and d(angle carried in)."""
     S, N, cdt = rs.S, rs.N, jnp.dtype(rs.cdt)
+    parts = ((q_ref, qb_ref, dqr_ref, dq_ref, dqb_ref), (k_ref, kb_ref, dkr_ref, dk_ref, dkb_ref))
+    if N > 2 * S:  # the plain channels pass through; first, so their tiles die before theta's
+        for _, _, d_ref, out, db_ref in parts:
+            dp = d_ref[:, pl.ds(2 * S, N - 2 * S)]
+            out[:, pl.ds(2 * S, N - 2 * S)] = dp.astype(out.dtype)
+            db_ref[pl.ds(2 * S, N - 2 * S)] = jnp.sum(dp.astype(f32), axis=0)
     seg = sg_ref[...]
     th, tri = _theta(inc_ref[...].astype(f32), a_ref[...], seg, rs.angle_prec)
     cos, sin = jnp.cos(th), jnp.sin(th)
     dth = jnp.zeros(th.shape, f32)
-    for src, b_ref, d_ref, out, db_ref in ((q_ref, qb_ref, dqr_ref, dq_ref, dqb_ref),
-                                           (k_ref, kb_ref, dkr_ref, dk_ref, dkb_ref)):
+    for src, b_ref, d_ref, out, db_ref in parts:
         a = _biased(src, b_ref[pl.ds(0, S)], 0, S, cdt)
         b = _biased(src, b_ref[pl.ds(S, S)], S, S, cdt)
         da = d_ref[:, pl.ds(0, S)].astype(f32)
@@ -127,10 +132,6 @@ def _bwd_kernel(q_ref, k_ref, qb_ref, kb_ref, inc_ref, a_ref, sg_ref, dqr_ref, d
         for off, du in ((0, da * cos + db * sin), (S, db * cos - da * sin)):  # R(theta)^T d
             out[:, pl.ds(off, S)] = du.astype(out.dtype)
             db_ref[pl.ds(off, S)] = jnp.sum(du, axis=0)
-        if N > 2 * S:
-            dp = d_ref[:, pl.ds(2 * S, N - 2 * S)]
-            out[:, pl.ds(2 * S, N - 2 * S)] = dp.astype(out.dtype)
-            db_ref[pl.ds(2 * S, N - 2 * S)] = jnp.sum(dp.astype(f32), axis=0)
     dinc_ref[...] = dot(tri, dth, ta=True, precision=rs.angle_prec)
     da_ref[...] = jnp.sum(jnp.where(seg == 0, 1.0, 0.0)[:, None] * dth, axis=0)
 
