@@ -82,3 +82,44 @@ def take_prefix(u, size: int):
 
 def is_pow2(n: int) -> bool:
     return n > 0 and (n & (n - 1)) == 0
+
+
+#: the training mesh's batch axes (`mamba3_jax.training.mesh.BATCH_AXES`)
+BATCH_AXES = ("data", "fsdp")
+
+
+def batch_parallel(fn, batched, batch_axes=BATCH_AXES):
+    """fn, run per device on its batch shard when a mesh is set (`jax.set_mesh`, as the
+    trainer does): Pallas kernels are opaque custom calls, which XLA's partitioner would
+    otherwise gather onto every device (each device then computing the whole batch).
+
+    batched: per positional argument of fn, whether its arrays lead with the batch axis (else
+    they are replicated); every output of fn leads with it. With no mesh, or no batch axis of
+    size > 1 in it, fn itself."""
+    mesh = jax.sharding.get_abstract_mesh()
+    axes = tuple(a for a in batch_axes
+                 if not mesh.empty and a in mesh.axis_names and mesh.shape[a] > 1)
+    if not axes:
+        return fn
+    n = 1
+    for a in axes:
+        n *= mesh.shape[a]
+    spec = jax.sharding.PartitionSpec(axes)
+    explicit = any(dict(zip(mesh.axis_names, mesh.axis_types, strict=True))[a]
+                   == jax.sharding.AxisType.Explicit for a in axes)
+
+    def call(*args):
+        leaves = [x for a, b in zip(args, batched, strict=True) if b for x in jax.tree.leaves(a)]
+        B = leaves[0].shape[0]
+        if B % n:
+            raise KernelUnsupported(f"batch {B} is not divisible by the {n} devices of mesh "
+                                    f"axes {axes}")
+        specs = tuple(jax.tree.map(lambda _, b=b: spec if b else jax.sharding.PartitionSpec(), a)
+                      for a, b in zip(args, batched, strict=True))
+        if explicit:  # the operands must already carry the batch sharding
+            args = tuple(jax.tree.map(lambda x, s: jax.sharding.reshard(x, s), a, s)
+                         for a, s in zip(args, specs, strict=True))
+        return jax.shard_map(fn, mesh=mesh, in_specs=specs, out_specs=spec,
+                             check_vma=False)(*args)
+
+    return call

@@ -186,13 +186,31 @@ def make_eval_step(graphdef, loss_chunk: int = 0):
     return eval_step
 
 
+class InMesh:
+    """A jitted function traced, lowered and called with `mesh` set (`jax.set_mesh`), so that
+    code inside can see the mesh: the Pallas kernels then run per device on the batch shards
+    (`pallas_kernels._compat.batch_parallel`) instead of being gathered onto every device."""
+
+    def __init__(self, jitted, mesh: Mesh):
+        self.jitted, self.mesh = jitted, mesh
+
+    def __call__(self, *args):
+        with jax.set_mesh(self.mesh):
+            return self.jitted(*args)
+
+    def lower(self, *args):
+        with jax.set_mesh(self.mesh):
+            return self.jitted.lower(*args)
+
+
 def jit_train_step(train_step, state_sharding: Any, batch_sharding: NamedSharding,
                    mesh: Mesh):
     rep = NamedSharding(mesh, P())
-    return jax.jit(train_step, in_shardings=(state_sharding, batch_sharding),
-                   out_shardings=(state_sharding, rep), donate_argnums=(0,))
+    return InMesh(jax.jit(train_step, in_shardings=(state_sharding, batch_sharding),
+                          out_shardings=(state_sharding, rep), donate_argnums=(0,)), mesh)
 
 
 def jit_eval_step(eval_step, state_sharding: Any, batch_sharding: NamedSharding, mesh: Mesh):
     rep = NamedSharding(mesh, P())
-    return jax.jit(eval_step, in_shardings=(state_sharding, batch_sharding), out_shardings=rep)
+    return InMesh(jax.jit(eval_step, in_shardings=(state_sharding, batch_sharding),
+                          out_shardings=rep), mesh)

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 from mamba3_jax.ops.mixer import gate_output
 from mamba3_jax.ops.rotary import TWO_PI, rotate
 from mamba3_jax.ops.ssm import SSMInputs, SSMState, lift, per_head
-from pallas_kernels._compat import KernelUnsupported, is_pow2
+from pallas_kernels._compat import KernelUnsupported, batch_parallel, is_pow2
 from pallas_kernels.chunked_scan import pallas_triton
 from pallas_kernels.chunked_scan.pallas_triton import CoreShape, TritonBlocks
 from pallas_kernels.chunked_scan.pallas_triton_fused import fused_forward
@@ -338,7 +338,16 @@ def chunked_scan(inp: SSMInputs, state: SSMState, *, z, D, mimo_x=None, mimo_z=N
     o = _Opts(C=C, interpret=bool(interpret), blocks=blocks, impl=impl, rotary=rotary,
               norm_eps=float(norm_eps))
     siso_plain = R == 1 and mimo_x is None and norm_weight is None
-    if siso_plain and ((blocks.fused_inference and rotary == "kernel" and S)
-                       or blocks.inference_gate):
-        return _inference(o, inp, state, z, D)
-    return _rows_path(o, inp, state, z, D, mimo_x, mimo_z, mimo_o, norm_weight)
+    inference = siso_plain and ((blocks.fused_inference and rotary == "kernel" and S)
+                                or blocks.inference_gate)
+
+    def run(inp, state, z, q_bias, k_bias, D, mimo_x, mimo_z, mimo_o, norm_weight):
+        inp = inp._replace(q_bias=q_bias, k_bias=k_bias)
+        if inference:
+            return _inference(o, inp, state, z, D)
+        return _rows_path(o, inp, state, z, D, mimo_x, mimo_z, mimo_o, norm_weight)
+
+    # per device on its batch shard under a mesh (the biases and parameters replicated)
+    return batch_parallel(run, (True, True, True) + (False,) * 7)(
+        inp._replace(q_bias=None, k_bias=None), state, z, inp.q_bias, inp.k_bias, D, mimo_x,
+        mimo_z, mimo_o, norm_weight)
