@@ -90,15 +90,17 @@ def compile_stats(ttir: str, num_warps: int, num_stages: int) -> dict:
                 spill_loads=num(r"(\d+) bytes spill loads"), smem=k.metadata.shared)
 
 
-def check(blocks: TritonBlocks, shape: str = "a", mode: str = "fwd+bwd", R: int = 1):
-    """Rows (kernel, warps, stages, regs, spill bytes, smem) for one variant."""
+def check(blocks: TritonBlocks, shape: str = "a", mode: str = "fwd+bwd", R: int = 1,
+          chunk: int = 0):
+    """Rows (kernel, warps, stages, regs, spill bytes, smem) for one variant; chunk in tokens
+    (0: the benchmark's 64 / R)."""
     from pallas_kernels.chunked_scan import bench
     from pallas_kernels.chunked_scan.api import chunked_scan
     from pallas_kernels.chunked_scan.shapes import PREFILL_SHAPES
 
     B, L, H = PREFILL_SHAPES[shape]
     d = jax.eval_shape(lambda: bench.official_like_inputs(0, B, L, H, R=R))
-    core = functools.partial(chunked_scan, blocks=blocks, chunk_size=64 // R)
+    core = functools.partial(chunked_scan, blocks=blocks, chunk_size=chunk or 64 // R)
     f = bench.layer_fn(core)
     if mode == "fwd":
         fn, args = f, (d,)
@@ -127,6 +129,7 @@ def main(argv=None):
     ap.add_argument("--shape", default="a")
     ap.add_argument("--modes", default="fwd+bwd", help="fwd and/or fwd+bwd")
     ap.add_argument("--mimo", action="store_true", help="R=4 (chunk 16)")
+    ap.add_argument("--chunk", type=int, default=0, help="tokens per chunk (0: 64 / R)")
     ap.add_argument("--triton_path", default=None, help="a folder holding the triton package")
     args = ap.parse_args(argv)
     if args.triton_path:
@@ -135,7 +138,8 @@ def main(argv=None):
           f"{'spill st':>8} {'spill ld':>8} {'smem':>6}")
     for spec in args.variants.split(","):
         for mode in args.modes.split(","):
-            for r in check(parse_blocks(spec), args.shape, mode, 4 if args.mimo else 1):
+            for r in check(parse_blocks(spec), args.shape, mode, 4 if args.mimo else 1,
+                           args.chunk):
                 flag = "  <- spills" if r["spill_stores"] else ""
                 print(f"{spec[:28]:28} {mode:8} {r['kernel'][:26]:26} {r['warps']:>2} "
                       f"{r['stages']:>2} {r['regs']:>4} {r['spill_stores']:>8} "
