@@ -43,6 +43,7 @@ from jax.experimental import pallas as pl
 from mamba3_jax.ops.mixer import gate_output
 from mamba3_jax.ops.rotary import TWO_PI, cumulative_angles, rotate
 from mamba3_jax.ops.ssm import SSMInputs, SSMState, lift, per_head
+from pallas_kernels._compat import BATCH_AXES, batch_parallel
 from pallas_kernels.tpu._common import (
     ROW_GAMMA,
     ROW_LD,
@@ -318,44 +319,18 @@ def _scalar_rows(per_token, R, nc, C, rank0_only: bool):
     return a.reshape(B, H, nc, C * R)
 
 
-#: mesh axes the batch is split over in the training code (`mamba3_jax.training.mesh`)
-DEFAULT_BATCH_AXES = ("data", "fsdp")
-
-
 def _batch_parallel(st: _Static, batch_axes):
-    """The kernel core, wrapped in `jax.shard_map` over the batch when a mesh is set.
+    """The kernel core per device on its batch rows under a mesh (`_compat.batch_parallel`:
+    Mosaic kernels cannot be partitioned by XLA); without a mesh context the core itself."""
+    def core(*args):
+        return _core(dataclasses.replace(st, B=args[0].shape[0]), *args)
 
-    Mosaic kernels cannot be partitioned by XLA; under `jax.set_mesh(mesh)` (or
-    `jax.sharding.use_mesh`) the batch axis of every kernel operand is split over the mesh axes
-    in `batch_axes` that exist and have size > 1, and each device runs the kernels on its rows.
-    Without a mesh context the call is left to XLA (fine on one device).
-    """
-    mesh = jax.sharding.get_abstract_mesh()
-    axes = tuple(a for a in (batch_axes or ()) if not mesh.empty and a in mesh.axis_names
-                 and mesh.shape[a] > 1)
-    if not axes:
-        return functools.partial(_core, st)
-    n = 1
-    for a in axes:
-        n *= mesh.shape[a]
-    check(st.B % n == 0, f"batch {st.B} is not divisible by the {n} devices of mesh axes {axes}")
-    local = dataclasses.replace(st, B=st.B // n)
-    spec = jax.sharding.PartitionSpec(axes)
-    mapped = jax.shard_map(functools.partial(_core, local), mesh=mesh, in_specs=(spec,) * 5,
-                           out_specs=(spec, spec), check_vma=False)
-    types = dict(zip(mesh.axis_names, mesh.axis_types, strict=True))
-    if not any(types[a] == jax.sharding.AxisType.Explicit for a in axes):
-        return mapped
-
-    def call(*args):  # explicit axes: the operands must already carry the batch sharding
-        return mapped(*(jax.sharding.reshard(a, spec) for a in args))
-
-    return call
+    return batch_parallel(core, (True,) * 5, batch_axes or ())
 
 
 def ssm_rows_tpu(inp: SSMInputs, state: SSMState, *, mimo_x=None, chunk_size: int = 64,
                  interpret=False, blocks: Optional[BlockSizes] = None,
-                 batch_axes=DEFAULT_BATCH_AXES):
+                 batch_axes=BATCH_AXES):
     """The SSM on the TPU kernels: (y (B, L, R, H, P) float32, final SSMState).
 
     Same contract as `mamba3_jax.ops.ssm.ssm_chunked`; differentiable (custom_vjp kernels).
