@@ -108,8 +108,10 @@ class Mamba3(nnx.Module):
     def step(self, u: jax.Array, cache: MixerCache):
         """One token: u (B, d_model) -> (out (B, d_model), cache).
 
-        Runs the fused Pallas decode kernel when the configured backend resolves to a Pallas one
-        (and there is no short conv); otherwise the reference form with L = 1."""
+        The step backend (`backends.step_backend`): on a GPU, `auto` runs the fused Pallas
+        decode kernel or the XLA step, whichever measured faster for the state's dtype, N and
+        rank; a named Pallas backend always runs the kernel; with a short conv, or elsewhere,
+        the reference form with L = 1."""
         backend = "reference" if self.cfg.d_conv else step_backend(self.cfg.scan_backend)
         out, cache = self(u[:, None], cache=cache, backend=backend)
         return out[:, 0], cache
