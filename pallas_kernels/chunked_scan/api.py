@@ -300,15 +300,15 @@ def _inference(o: _Opts, inp, state, z, D):
     return _rows_path(o, inp, state, z, D, gate_in_kernel=True)
 
 
-def _fi_fwd(o, inp, state, z, D):
+def _inference_fwd(o, inp, state, z, D):
     return jax.vjp(functools.partial(_rows_path, o), inp, state, z, D)
 
 
-def _fi_bwd(o, vjp, ct):
+def _inference_bwd(o, vjp, ct):
     return vjp(ct)
 
 
-_inference.defvjp(_fi_fwd, _fi_bwd)
+_inference.defvjp(_inference_fwd, _inference_bwd)
 
 
 def chunked_scan(inp: SSMInputs, state: SSMState, *, z, D, mimo_x=None, mimo_z=None,
