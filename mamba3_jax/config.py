@@ -322,6 +322,20 @@ class ModelConfig:
         embed = self.vocab_size * d * (1 if self.tie_embeddings else 2)
         return embed + mixers + self.n_layer * (2 * d + 3 * d * f) + d
 
+    def describe(self) -> str:
+        """A short name of the architecture for log lines, e.g. "Mamba-3 MIMO R=4, 2 x 128",
+        "Transformer++, 2 x 128", "hybrid MMMMMA (NoPE attention), 12 x 64"."""
+        names = {"mamba2": "Mamba-2", "gated_deltanet": "Gated DeltaNet",
+                 "attention": "Transformer++" if self.attn_rope else "Transformer (NoPE)",
+                 "mamba3": f"Mamba-3 MIMO R={self.mimo_rank}" if self.mimo_rank > 1
+                 else "Mamba-3 SISO"}
+        if self.layer_pattern:
+            kind = (f"hybrid {self.layer_pattern} ({names['mamba3']}, "
+                    f"{'RoPE' if self.attn_rope else 'NoPE'} attention)")
+        else:
+            kind = names[self.mixer]
+        return f"{kind}, {self.n_layer} x {self.d_model}"
+
     def replace(self, **kw) -> "ModelConfig":
         return dataclasses.replace(self, **kw)
 

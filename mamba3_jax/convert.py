@@ -155,6 +155,17 @@ def _attention_from_official(attn: dict, d_model: int, problems: list) -> dict:
     return kw
 
 
+def shortest_period(pattern: str) -> str:
+    """The shortest prefix whose repeats make `pattern` ("MMMMMAMMMMMA" -> "MMMMMA"): the
+    layer_pattern of an imported hybrid, so that scan_layers scans over its repeats (the full
+    per-layer string would be a single scan step) and a round trip gives back our config."""
+    n = len(pattern)
+    for p in range(1, n + 1):
+        if n % p == 0 and pattern[:p] * (n // p) == pattern:
+            return pattern[:p]
+    return pattern
+
+
 # ssm_cfg keys whose official default is the only value we implement
 _MAMBA2_FIXED = {"D_has_hdim": False, "rmsnorm": True, "norm_before_gate": False,
                  "bias": False, "conv_bias": True, "d_ssm": None, "conv_init": None}
@@ -222,7 +233,8 @@ def config_from_official(official: dict, vocab_size: Optional[int] = None,
     if attn_idx and not all_attention:
         if layer != "Mamba3":
             problems.append(f"attention mixed with {layer} layers (hybrids: Mamba-3 only)")
-        kw["layer_pattern"] = "".join("A" if i in attn_idx else "M" for i in range(n_layer))
+        kw["layer_pattern"] = shortest_period(
+            "".join("A" if i in attn_idx else "M" for i in range(n_layer)))
         if "headdim" in kw and kw["headdim"] != attn_kw.get("headdim", kw["headdim"]):
             problems.append(f"attention head_dim {attn_kw['headdim']} differs from the Mamba "
                             f"headdim {kw['headdim']} (one headdim here)")
@@ -607,11 +619,18 @@ def main(argv=None) -> int:
                     help="store the new run's layers stacked (ModelConfig.scan_layers)")
     ap.add_argument("--force", action="store_true",
                     help="export a softplus-A model although the official layer uses heavy_tail")
+    ap.add_argument("--a_activation", choices=("heavy_tail", "softplus"), default=None,
+                    help="import only: the Mamba-3 A activation of the new run (default "
+                         "heavy_tail, what the official layer computes; softplus brings back a "
+                         "model exported with --force unchanged)")
     args = ap.parse_args(argv)
     src, dst = file_kind(args.src), file_kind(args.dst)
     if (src == "run") == (dst == "run"):
         _fail("one of --from / --to must be a run directory and the other a .safetensors, "
               ".bin, .pt or .pth file")
+    if args.a_activation is not None and src == "run":
+        _fail("--a_activation applies to imports (--from a .safetensors / torch.save file); "
+              "an export keeps the run's own")
     if not os.path.exists(args.src):
         _fail(f"--from {args.src!r} does not exist")
     if dst == "run" and os.path.exists(os.path.join(args.dst, "checkpoints")):
@@ -629,6 +648,11 @@ def main(argv=None) -> int:
                 json.dump(oc, f, indent=2)
             print(f"wrote {args.dst} and {official_config_path(args.dst)} "
                   f"({cfg.mixer}, {cfg.n_layer} layers, step {info.step})")
+            if cfg.a_activation != "heavy_tail" and oc["ssm_cfg"].get("layer") == "Mamba3":
+                print(f"note: the model uses a_activation={cfg.a_activation!r}; the official "
+                      "Mamba3 layer computes heavy_tail, so its outputs differ from ours. To "
+                      "import these weights back unchanged, pass --a_activation "
+                      f"{cfg.a_activation}")
         else:
             cpath = args.config or official_config_path(args.src)
             if not os.path.exists(cpath):
@@ -640,8 +664,10 @@ def main(argv=None) -> int:
             if emb is None:
                 _fail(f"{args.src}: not a MambaLMHeadModel state dict (no "
                       "backbone.embedding.weight)")
-            cfg = config_from_official(oc, vocab_size=emb.shape[0],
-                                       scan_layers=args.scan_layers)
+            overrides = {"scan_layers": args.scan_layers}
+            if args.a_activation is not None:
+                overrides["a_activation"] = args.a_activation
+            cfg = config_from_official(oc, vocab_size=emb.shape[0], **overrides)
             step_dir = write_run(args.dst, cfg, from_official(sd, cfg),
                                  tokenizer=args.tokenizer)
             print(f"wrote {step_dir} ({cfg.mixer}, {cfg.n_layer} layers, vocab "

@@ -69,6 +69,15 @@ def check_prompt(prompt, vocab_size: int) -> None:
         raise ValueError(f"prompt holds token id {bad}, outside the vocabulary [0, {vocab_size})")
 
 
+def check_cache_room(cfg, prompt_len: int, max_new_tokens: int) -> None:
+    """Raise ValueError (one line) when a model with attention layers has too few KV-cache
+    slots (`max_seq_len`) for the prompt and the new tokens; recurrent layers have no limit."""
+    has_attention = any(cfg.layer_mixer(i) == "attention" for i in range(cfg.n_layer))
+    if has_attention and prompt_len + max_new_tokens > cfg.max_seq_len:
+        raise ValueError(f"prompt length {prompt_len} + max_new_tokens {max_new_tokens} "
+                         f"exceeds the KV cache (max_seq_len = {cfg.max_seq_len})")
+
+
 def filter_logits(logits: jax.Array, top_k: Optional[int], top_p: float) -> jax.Array:
     """Set to -inf every logit outside the top k, then outside the smallest set of most likely
     tokens whose probability reaches top_p (the most likely token always stays)."""
@@ -128,12 +137,7 @@ def _checked(model: Mamba3LM, prompt, max_new_tokens, temperature, top_k, top_p,
     check_sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                    top_p=top_p, prefill_chunk=prefill_chunk, vocab_size=vocab)
     check_prompt(prompt, vocab)
-    cfg = model.cfg
-    has_attention = any(cfg.layer_mixer(i) == "attention" for i in range(cfg.n_layer))
-    if has_attention and np.shape(prompt)[1] + max_new_tokens > cfg.max_seq_len:
-        raise ValueError(f"prompt length {np.shape(prompt)[1]} + max_new_tokens "
-                         f"{max_new_tokens} exceeds the KV cache (max_seq_len = "
-                         f"{cfg.max_seq_len})")
+    check_cache_room(model.cfg, np.shape(prompt)[1], max_new_tokens)
     return dict(temperature=float(temperature), top_k=None if top_k is None else int(top_k),
                 top_p=float(top_p))
 

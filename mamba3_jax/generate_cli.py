@@ -137,6 +137,12 @@ def run(args, out=None, err=None) -> int:
     vocab = info.model_config.vocab_size
     _check_sampling(args, vocab)
     encoded = encode_prompts(info.tokenizer, vocab, prompts)
+    from mamba3_jax.generate import check_cache_room
+
+    try:  # attention layers: prompt + new tokens must fit the KV cache
+        check_cache_room(info.model_config, max(map(len, encoded)), args.max_new_tokens)
+    except ValueError as e:
+        raise UsageError(f"{e}; use a smaller --max_new_tokens") from e
 
     import jax
     import jax.numpy as jnp
@@ -149,7 +155,8 @@ def run(args, out=None, err=None) -> int:
         raise UsageError(str(e).splitlines()[0]) from e
     tok = loaded.tokenizer
     eos = None if args.ignore_eos else tok.eos_id
-    print(f"[{info.workdir} step {info.step}: {loaded.model.cfg.num_params() / 1e6:.2f}M "
+    mc = loaded.model.cfg
+    print(f"[{info.workdir} step {info.step}: {mc.describe()}, {mc.num_params() / 1e6:.2f}M "
           f"params, tokenizer {info.config['data']['tokenizer']}]", file=err, flush=True)
     sampling = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                     top_k=args.top_k, top_p=args.top_p, prefill_chunk=args.prefill_chunk,

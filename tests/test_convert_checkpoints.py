@@ -162,6 +162,19 @@ def test_config_round_trip_gives_the_same_logits(case):
                                logits(model), rtol=1e-6, atol=1e-6)
 
 
+def test_imported_hybrid_pattern_is_its_period():
+    """attn_layer_idx [5, 11] of 12 layers comes back as layer_pattern "MMMMMA" (scanned over
+    its 2 repeats, as exported), not the 12-letter string; an irregular one stays whole."""
+    cfg, _ = make("hybrid", layer_pattern="MMMMMA", n_layer=12)
+    oc = json.loads(json.dumps(official_config(cfg)))
+    assert oc["attn_layer_idx"] == [5, 11]
+    back = config_from_official(oc, vocab_size=cfg.vocab_size, scan_layers=True)
+    assert back.layer_pattern == "MMMMMA" and back.stacked_location(11) == (("blocks", 5), 1)
+    assert convert.shortest_period("MMAMMA") == "MMA"
+    assert convert.shortest_period("MAAMMM") == "MAAMMM"
+    assert convert.shortest_period("AAAA") == "A"
+
+
 def test_mimo_state_channels_are_permuted():
     """Official MIMO checkpoints pair channels (i, i + N/2): each B/C quantity's N axis is
     reordered with docs/weights.md's permutation, everything else is not."""
@@ -298,6 +311,34 @@ def test_cli_refuses_softplus_without_force(tmp_path, capsys):
         convert.main(["--from", str(tmp_path / "a"), "--to", str(tmp_path / "m.safetensors")])
     assert "heavy_tail" in capsys.readouterr().err
     assert not os.path.exists(tmp_path / "m.safetensors")
+
+
+def test_cli_softplus_round_trip_with_force_and_a_activation(tmp_path, capsys):
+    """A softplus model exported with --force comes back unchanged only with --a_activation
+    softplus (the official config cannot say softplus; the default import is heavy_tail, what
+    the official layer computes); the export says so."""
+    pytest.importorskip("safetensors")
+    from mamba3_jax.load import load_model
+
+    cfg, model = make("siso")
+    cfg = cfg.replace(a_activation="softplus")
+    model = convert.build_model(cfg, model_weights(model))
+    convert.write_run(str(tmp_path / "a"), cfg, model_weights(model))
+    st = str(tmp_path / "m.safetensors")
+    assert convert.main(["--from", str(tmp_path / "a"), "--to", st, "--force"]) == 0
+    assert "--a_activation softplus" in capsys.readouterr().out
+    assert convert.main(["--from", st, "--to", str(tmp_path / "b"), "--a_activation",
+                         "softplus"]) == 0
+    back = load_model(str(tmp_path / "b")).model
+    assert back.cfg.a_activation == "softplus"
+    np.testing.assert_array_equal(logits(back), logits(model))
+    assert convert.main(["--from", st, "--to", str(tmp_path / "c")]) == 0
+    assert load_model(str(tmp_path / "c")).model.cfg.a_activation == "heavy_tail"
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:  # an export keeps the run's own activation
+        convert.main(["--from", str(tmp_path / "a"), "--to", str(tmp_path / "n.safetensors"),
+                      "--a_activation", "softplus"])
+    assert e.value.code == 2 and "applies to imports" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("case", ["siso", "mamba2"])

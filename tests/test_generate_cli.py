@@ -127,3 +127,21 @@ def test_module_entry_point(run_dir):
                         "--prompt", "x", "--temperature", "-1"], cwd=REPO, env=env,
                        capture_output=True, text=True, timeout=120)
     assert p.returncode == 2 and p.stderr.startswith("error: temperature"), p.stderr
+
+
+def test_cli_kv_cache_too_small_is_a_one_line_error(tmp_path, capsys):
+    """Attention layers: a prompt + max_new_tokens beyond max_seq_len is refused as one
+    `error:` line (exit 2) by the command line, not a traceback; exactly max_seq_len runs."""
+    from mamba3_jax.config import ModelConfig
+    from mamba3_jax.convert import model_weights, write_run
+    from mamba3_jax.model import Mamba3LM
+
+    cfg = ModelConfig(vocab_size=264, d_model=32, n_layer=1, headdim=16, d_mlp=64,
+                      mlp_multiple_of=16, mixer="attention", max_seq_len=16)
+    write_run(str(tmp_path), cfg, model_weights(Mamba3LM(cfg, rngs=nnx.Rngs(0))))
+    argv = ["--workdir", str(tmp_path), "--prompt", "hello", "--ignore_eos"]  # 5 tokens
+    assert generate_cli.main(argv + ["--max_new_tokens", "12"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    assert "prompt length 5 + max_new_tokens 12 exceeds the KV cache (max_seq_len = 16)" in err
+    assert generate_cli.main(argv + ["--max_new_tokens", "11", "--temperature", "0"]) == 0

@@ -271,7 +271,8 @@ class Trainer:
                                total_steps=self.total_steps)
         n_params = self.model_cfg.num_params()
         writer.line(
-            f"mamba3 training: {n_params / 1e6:.2f}M params, {self.n_devices} device(s) "
+            f"mamba3 training: {self.model_cfg.describe()}, {n_params / 1e6:.2f}M params, "
+            f"{self.n_devices} device(s) "
             f"{dict(self.mesh.shape)}, {self.tokens_per_step} tokens/step, "
             f"{self.flops_per_token / 1e6:.1f} MFLOP/token; "
             + (f"resumed from step {start}" if restored else "fresh start")
