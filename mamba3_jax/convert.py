@@ -647,7 +647,7 @@ def main(argv=None) -> int:
             with open(official_config_path(args.dst), "w", encoding="utf-8") as f:
                 json.dump(oc, f, indent=2)
             print(f"wrote {args.dst} and {official_config_path(args.dst)} "
-                  f"({cfg.mixer}, {cfg.n_layer} layers, step {info.step})")
+                  f"({cfg.describe()}, step {info.step})")
             if cfg.a_activation != "heavy_tail" and oc["ssm_cfg"].get("layer") == "Mamba3":
                 print(f"note: the model uses a_activation={cfg.a_activation!r}; the official "
                       "Mamba3 layer computes heavy_tail, so its outputs differ from ours. To "
@@ -670,8 +670,9 @@ def main(argv=None) -> int:
             cfg = config_from_official(oc, vocab_size=emb.shape[0], **overrides)
             step_dir = write_run(args.dst, cfg, from_official(sd, cfg),
                                  tokenizer=args.tokenizer)
-            print(f"wrote {step_dir} ({cfg.mixer}, {cfg.n_layer} layers, vocab "
-                  f"{cfg.vocab_size})")
+            has_mamba3 = any(cfg.layer_mixer(i) == "mamba3" for i in range(cfg.n_layer))
+            print(f"wrote {step_dir} ({cfg.describe()}, vocab {cfg.vocab_size}"
+                  + (f", a_activation {cfg.a_activation})" if has_mamba3 else ")"))
     except (ConversionError, FileNotFoundError, ValueError) as e:
         _fail(" ".join(str(e).split()))  # one line
     return 0
