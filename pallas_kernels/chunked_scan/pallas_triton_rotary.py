@@ -132,7 +132,8 @@ def _bwd_kernel(q_ref, k_ref, qb_ref, kb_ref, inc_ref, a_ref, sg_ref, dqr_ref, d
         for off, du in ((0, da * cos + db * sin), (S, db * cos - da * sin)):  # R(theta)^T d
             out[:, pl.ds(off, S)] = du.astype(out.dtype)
             db_ref[pl.ds(off, S)] = jnp.sum(du, axis=0)
-    dinc_ref[...] = dot(tri, dth, ta=True, precision=rs.angle_prec)
+    # (dth^T tri)^T rather than tri^T dth: the transposed-lhs dot spilled (compile_check)
+    dinc_ref[...] = dot(dth, tri, ta=True, precision=rs.angle_prec).T
     da_ref[...] = jnp.sum(jnp.where(seg == 0, 1.0, 0.0)[:, None] * dth, axis=0)
 
 
