@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
@@ -101,9 +103,7 @@ def batch_parallel(fn, batched, batch_axes=BATCH_AXES):
                  if not mesh.empty and a in mesh.axis_names and mesh.shape[a] > 1)
     if not axes:
         return fn
-    n = 1
-    for a in axes:
-        n *= mesh.shape[a]
+    n = math.prod(mesh.shape[a] for a in axes)
     spec = jax.sharding.PartitionSpec(axes)
     explicit = any(dict(zip(mesh.axis_names, mesh.axis_types, strict=True))[a]
                    == jax.sharding.AxisType.Explicit for a in axes)

@@ -100,6 +100,14 @@ def theta_at(inc, seg, carry, t: int, C: int):
     return local + jnp.where((sg[:, -1] == 0)[:, None, None], carry[:, t // C], 0.0)
 
 
+def _carried_angles(inp: SSMInputs, state: SSMState, seg, padt, C: int, L: int):
+    """The padded increments (B, Lp, H, S) f32, the angle entering every chunk
+    (`chunk_carry`) and the cumulative angle at the last token (B, H, S)."""
+    inc = padt(inp.angle_inc.astype(f32))
+    carry = chunk_carry(inc, seg, state.angle, C)
+    return inc, carry, theta_at(inc, seg, carry, L - 1, C)
+
+
 def _per_head_rows(v, bias, theta, H: int, cdt):
     """q or k (B, Lp, R, G or H, N) + bias (H, R, N), rotated by theta (B, Lp, H, S), as rows
     (B, Lp R, H, N) in the compute dtype."""
@@ -160,9 +168,7 @@ def prepare_rows(inp: SSMInputs, state: SSMState, mimo_x, C: int, cdt, *, interp
     seg, cs, sc, gm, seg_rows, g0 = _scalars(inp, state, mimo_x, C, R, Lp)
     permuted = False
     if S and rotary == "kernel":
-        inc = padt(inp.angle_inc.astype(f32))
-        carry = chunk_carry(inc, seg, state.angle, C)
-        theta_last = theta_at(inc, seg, carry, L - 1, C)
+        inc, carry, theta_last = _carried_angles(inp, state, seg, padt, C, L)
         rs = RotShape(B=B, nc=Lp // C, C=C, R=R, G=G, H=H, N=N, S=S, cdt=jnp.dtype(cdt).name,
                       interpret=interpret, angle_mode=angle_mode,
                       # a (C, N) tile: 4 warps on MIMO's 16-token chunks spilled (compile_check)
@@ -272,9 +278,8 @@ def _fused_path(o: _Opts, inp, state, z, D):
     def group(v):  # (B, L, 1, G, N) -> (B, Lp, G, N), pair-block order
         return to_pair_blocks(padt(v[:, :, 0]).astype(cdt), S)
 
-    inc = padt(inp.angle_inc.astype(f32))
-    carry = chunk_carry(inc, seg, state.angle, C)
-    a_last = jnp.mod(theta_at(inc, seg, carry, L - 1, C), TWO_PI)
+    inc, carry, theta_last = _carried_angles(inp, state, seg, padt, C, L)
+    a_last = jnp.mod(theta_last, TWO_PI)
     out, g_last = fused_forward(
         group(inp.q), group(inp.k), bias(inp.q_bias), bias(inp.k_bias), inc, carry,
         padt(inp.x.astype(cdt)), padt(z.astype(cdt)), D, cs, sc, gm, seg, g0, C=C,

@@ -111,6 +111,12 @@ def profiled(fn, a):
     stop()
 
 
+def parse_blocks(spec: str) -> TritonBlocks:
+    """'ours' (the defaults) or 'field=value;field=value' (TritonBlocks fields)."""
+    kw = dict(kv.split("=") for kv in spec.split(";") if "=" in kv) if spec != "ours" else {}
+    return TritonBlocks(**{k: (int(v) if v.isdigit() else v) for k, v in kw.items()})
+
+
 def impls(args):
     out = {}
     interp = args.smoke
@@ -118,9 +124,8 @@ def impls(args):
         if spec == "xla":
             out["xla chunked"] = functools.partial(backends.BACKENDS["chunked"], chunk_size=64)
             continue
-        kw = dict(kv.split("=") for kv in spec.split(";") if "=" in kv) if spec != "ours" else {}
-        blocks = TritonBlocks(**{k: (int(v) if v.isdigit() else v) for k, v in kw.items()})
-        out[f"ours {spec}"] = functools.partial(chunked_scan, interpret=interp, blocks=blocks)
+        out[f"ours {spec}"] = functools.partial(chunked_scan, interpret=interp,
+                                                blocks=parse_blocks(spec))
     return out
 
 

@@ -27,7 +27,10 @@ import jax
 
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton's default (and XLA's)
 
+from pallas_kernels.chunked_scan import bench
+from pallas_kernels.chunked_scan.api import chunked_scan
 from pallas_kernels.chunked_scan.pallas_triton import TritonBlocks
+from pallas_kernels.chunked_scan.shapes import PREFILL_SHAPES
 
 REGISTER_LIMIT = 255
 
@@ -94,10 +97,6 @@ def check(blocks: TritonBlocks, shape: str = "a", mode: str = "fwd+bwd", R: int 
           chunk: int = 0):
     """Rows (kernel, warps, stages, regs, spill bytes, smem) for one variant; chunk in tokens
     (0: the benchmark's 64 / R)."""
-    from pallas_kernels.chunked_scan import bench
-    from pallas_kernels.chunked_scan.api import chunked_scan
-    from pallas_kernels.chunked_scan.shapes import PREFILL_SHAPES
-
     B, L, H = PREFILL_SHAPES[shape]
     d = jax.eval_shape(lambda: bench.official_like_inputs(0, B, L, H, R=R))
     core = functools.partial(chunked_scan, blocks=blocks, chunk_size=chunk or 64 // R)
@@ -117,11 +116,6 @@ def check(blocks: TritonBlocks, shape: str = "a", mode: str = "fwd+bwd", R: int 
     return rows
 
 
-def parse_blocks(spec: str) -> TritonBlocks:
-    kw = dict(kv.split("=") for kv in spec.split(";") if "=" in kv) if spec != "ours" else {}
-    return TritonBlocks(**{k: (int(v) if v.isdigit() else v) for k, v in kw.items()})
-
-
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--variants", default="ours", help="comma list of 'ours' or "
@@ -138,7 +132,7 @@ def main(argv=None):
           f"{'spill st':>8} {'spill ld':>8} {'smem':>6}")
     for spec in args.variants.split(","):
         for mode in args.modes.split(","):
-            for r in check(parse_blocks(spec), args.shape, mode, 4 if args.mimo else 1,
+            for r in check(bench.parse_blocks(spec), args.shape, mode, 4 if args.mimo else 1,
                            args.chunk):
                 flag = "  <- spills" if r["spill_stores"] else ""
                 print(f"{spec[:28]:28} {mode:8} {r['kernel'][:26]:26} {r['warps']:>2} "

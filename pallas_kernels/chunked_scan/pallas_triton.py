@@ -137,6 +137,12 @@ def _weights(cs, sc, gm, seg, R: int):
     return _mix(expo, diag, sc, gm), expo, diag
 
 
+def _silu_gated(y, z):
+    """y * silu(z), float32 (z in any dtype)."""
+    zf = z.astype(f32)
+    return y * zf / (1.0 + jnp.exp(-zf))
+
+
 # ----------------------------------------------------------------------------- forward
 
 
@@ -169,9 +175,8 @@ def _output_kernel(q_ref, k_ref, v_ref, cs_ref, sc_ref, gm_ref, sg_ref, st_ref, 
     if cs_.gate:
         z_ref, d_ref, y_ref = refs
         # y rounded to the input dtype first, as the unfused path stores it
-        y = y.astype(cdt).astype(f32) + d_ref[...][None, :] * v.astype(f32)
-        zf = z_ref[...].astype(f32)
-        y = y * zf / (1.0 + jnp.exp(-zf))
+        y = _silu_gated(y.astype(cdt).astype(f32) + d_ref[...][None, :] * v.astype(f32),
+                        z_ref[...])
     else:
         (y_ref,) = refs
     y_ref[...] = y.astype(y_ref.dtype)

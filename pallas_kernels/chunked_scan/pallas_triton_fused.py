@@ -22,7 +22,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from pallas_kernels._compat import SQ, compiler_params, dot, dot_precision
-from pallas_kernels.chunked_scan.pallas_triton import _chunk_decays, _weights
+from pallas_kernels.chunked_scan.pallas_triton import _chunk_decays, _silu_gated, _weights
 from pallas_kernels.chunked_scan.pallas_triton_rotary import _biased, _theta
 
 f32 = jnp.float32
@@ -85,8 +85,7 @@ def _output_kernel(q_ref, k_ref, qb_ref, kb_ref, inc_ref, ain_ref, x_ref, z_ref,
     y_in = sum(dot(a, st_ref[:, pl.ds(off, w)], tb=True, precision=prec)
                for a, (off, w) in zip(q, _cols(S, N), strict=True))
     y = y + e[:, None] * y_in + d_ref[...][None, :] * x.astype(f32)
-    zf = z_ref[...].astype(f32)
-    out_ref[...] = (y * zf / (1.0 + jnp.exp(-zf))).astype(out_ref.dtype)
+    out_ref[...] = _silu_gated(y, z_ref[...]).astype(out_ref.dtype)
 
 
 def fused_forward(q, k, qb, kb, inc, ain, x, z, D, cs, sc, gm, seg, g0, *, C, interpret, bp=0,
