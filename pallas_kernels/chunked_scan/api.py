@@ -156,7 +156,8 @@ def _scalars(inp: SSMInputs, state: SSMState, mimo_x, C: int, R: int, Lp: int):
 
 
 def prepare_rows(inp: SSMInputs, state: SSMState, mimo_x, C: int, cdt, *, interpret: bool,
-                 rotary: str = "kernel", warps_rotary: int = 4, angle_mode: str = "tf32x3"):
+                 rotary: str = "kernel", warps_rotary: int = 4, angle_mode: str = "tf32x3",
+                 rot_bwd: int = 0):
     """The pre-pass: the core's operands, the angle at the last token, k rows, padded length and
     whether q, k and the state have their channels in `to_pair_blocks` order.
     rotary: 'kernel' (bias + rotation in `rotate_qk`) or 'xla'."""
@@ -170,7 +171,7 @@ def prepare_rows(inp: SSMInputs, state: SSMState, mimo_x, C: int, cdt, *, interp
     if S and rotary == "kernel":
         inc, carry, theta_last = _carried_angles(inp, state, seg, padt, C, L)
         rs = RotShape(B=B, nc=Lp // C, C=C, R=R, G=G, H=H, N=N, S=S, cdt=jnp.dtype(cdt).name,
-                      interpret=interpret, angle_mode=angle_mode,
+                      interpret=interpret, angle_mode=angle_mode, bwd_order=rot_bwd,
                       # a (C, N) tile: 4 warps on MIMO's 16-token chunks spilled (compile_check)
                       warps=min(warps_rotary, max(1, C // 8)))
         permuted = True
@@ -237,7 +238,8 @@ def _rows_path(o: _Opts, inp, state, z, D, mimo_x=None, mimo_z=None, mimo_o=None
     cdt = jnp.dtype(inp.x.dtype)
     ops, theta_last, k_rows, Lp, permuted = prepare_rows(
         inp, state, mimo_x, o.C, cdt, interpret=o.interpret, rotary=o.rotary,
-        warps_rotary=o.blocks.warps_rotary, angle_mode=o.blocks.angle_mode)
+        warps_rotary=o.blocks.warps_rotary, angle_mode=o.blocks.angle_mode,
+        rot_bwd=o.blocks.rot_bwd)
     shape = CoreShape(B=B, H=H, nc=Lp // o.C, C=o.C, R=R, N=N, P=P, cdt=cdt.name,
                       interpret=o.interpret, blocks=o.blocks)
     if gate_in_kernel:

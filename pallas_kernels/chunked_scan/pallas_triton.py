@@ -49,11 +49,12 @@ class TritonBlocks:
     stages_output: int = 2
     warps_dstate: int = 4
     stages_dstate: int = 2
-    warps_grad: int = 8  # dk, dv: 8 warps fit without spills (compile_check), 4 spill
+    warps_grad: int = 4  # dk, dv (8 warps compile without spills but were 0.3 ms slower, H200)
     stages_grad: int = 1
     split_grad: int = 1  # per-chunk gradient kernels: 0 one, 1 dq | dk dv, 2 dq | dk | dv
     warps_grad_dq: int = 4
     warps_rotary: int = 4
+    rot_bwd: int = 0  # the rotation backward's layout (RotShape.bwd_order)
     # 1: outside autodiff, SISO without RMSNorm: D and the gate in the output kernel's epilogue
     # (the output is written once, gated, instead of y then an XLA pass over y, x and z).
     inference_gate: int = 1

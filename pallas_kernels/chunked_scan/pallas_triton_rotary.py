@@ -48,6 +48,10 @@ class RotShape:
     interpret: bool
     warps: int = 4
     angle_mode: str = "tf32x3"  # the prefix-sum dots on the GPU: 'tf32x3' or 'ieee' (exact FMA)
+    # backward layout, timed on the H200 (TritonBlocks.rot_bwd): 0 plain channels last and
+    # d(increments) = tri^T dth; 1 plain first; 2 plain first, (dth^T tri)^T; 3 plain first,
+    # the transposed prefix-sum matrix built directly (no transposed operand)
+    bwd_order: int = 0
 
     @property
     def hg(self) -> int:
@@ -114,11 +118,15 @@ def _bwd_kernel(q_ref, k_ref, qb_ref, kb_ref, inc_ref, a_ref, sg_ref, dqr_ref, d
     bias gradients' partial sums over the chunk, d(increments) and d(angle carried in)."""
     S, N, cdt = rs.S, rs.N, jnp.dtype(rs.cdt)
     parts = ((q_ref, qb_ref, dqr_ref, dq_ref, dqb_ref), (k_ref, kb_ref, dkr_ref, dk_ref, dkb_ref))
-    if N > 2 * S:  # the plain channels pass through; first, so their tiles die before theta's
+
+    def plain():  # the N - 2S unrotated channels pass through
         for _, _, d_ref, out, db_ref in parts:
             dp = d_ref[:, pl.ds(2 * S, N - 2 * S)]
             out[:, pl.ds(2 * S, N - 2 * S)] = dp.astype(out.dtype)
             db_ref[pl.ds(2 * S, N - 2 * S)] = jnp.sum(dp.astype(f32), axis=0)
+
+    if N > 2 * S and rs.bwd_order > 0:
+        plain()
     seg = sg_ref[...]
     th, tri = _theta(inc_ref[...].astype(f32), a_ref[...], seg, rs.angle_prec)
     cos, sin = jnp.cos(th), jnp.sin(th)
@@ -132,8 +140,17 @@ def _bwd_kernel(q_ref, k_ref, qb_ref, kb_ref, inc_ref, a_ref, sg_ref, dqr_ref, d
         for off, du in ((0, da * cos + db * sin), (S, db * cos - da * sin)):  # R(theta)^T d
             out[:, pl.ds(off, S)] = du.astype(out.dtype)
             db_ref[pl.ds(off, S)] = jnp.sum(du, axis=0)
-    # (dth^T tri)^T rather than tri^T dth: the transposed-lhs dot spilled (compile_check)
-    dinc_ref[...] = dot(dth, tri, ta=True, precision=rs.angle_prec).T
+    if N > 2 * S and rs.bwd_order == 0:
+        plain()
+    if rs.bwd_order == 2:
+        dinc_ref[...] = dot(dth, tri, ta=True, precision=rs.angle_prec).T
+    elif rs.bwd_order == 3:
+        t = jax.lax.broadcasted_iota(jnp.int32, tri.shape, 0)
+        u = jax.lax.broadcasted_iota(jnp.int32, tri.shape, 1)
+        tri_t = jnp.where((u >= t) & (seg[:, None] == seg[None, :]), 1.0, 0.0)
+        dinc_ref[...] = dot(tri_t, dth, precision=rs.angle_prec)
+    else:
+        dinc_ref[...] = dot(tri, dth, ta=True, precision=rs.angle_prec)
     da_ref[...] = jnp.sum(jnp.where(seg == 0, 1.0, 0.0)[:, None] * dth, axis=0)
 
 

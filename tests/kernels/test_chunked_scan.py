@@ -125,6 +125,18 @@ def test_gradients(R, dtype, resets, norm, groups, split):
     check_grads(got, want, GRAD_TOL[dtype])
 
 
+@pytest.mark.parametrize("rot_bwd", [1, 2, 3])
+def test_gradients_rotation_backward_layouts(rot_bwd):
+    """Each layout of the rotation backward (TritonBlocks.rot_bwd) gives the reference's
+    gradients (resets, groups, MIMO rows)."""
+    inp, state, p = make_problem(4, B, 40, 2, H, N, P, S, jnp.float32, True, groups=1)
+    ct = random_like(reference(inp, state, **p), 9)
+    want = vjp_all(reference, inp, state, p, ct)
+    fn = functools.partial(kernel, chunk=8, blocks=TritonBlocks(rot_bwd=rot_bwd))
+    got = vjp_all(fn, inp, state, p, ct)
+    check_grads(got, want, GRAD_TOL["float32"])
+
+
 def test_gradients_p_blocks_resets_on_chunk_edges():
     """P blocks in the sequential passes, resets on a chunk's first and last token, a padded
     length, no rotation: gradients == the reference's."""
