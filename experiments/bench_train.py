@@ -177,7 +177,9 @@ def run_case(case: dict) -> dict:
 def run_in_subprocess(case: dict, timeout: float) -> dict:
     from mamba3_jax.training.preflight import with_deterministic_flag
 
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--case", json.dumps(case)]
+    # faulthandler: a crash in XLA (segfault) still prints the Python stack it happened under
+    cmd = [sys.executable, "-X", "faulthandler", str(Path(__file__).resolve()), "--case",
+           json.dumps(case)]
     env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     if case_config(case).train.deterministic:  # as `mamba3_jax.train` runs it (GPU flag)
         env["XLA_FLAGS"] = with_deterministic_flag(env.get("XLA_FLAGS", ""))
@@ -188,6 +190,9 @@ def run_in_subprocess(case: dict, timeout: float) -> dict:
     for line in r.stdout.splitlines():
         if line.startswith("RESULT "):
             return json.loads(line[len("RESULT "):])
+    if os.environ.get("OUT"):  # the device machine sends $OUT back: keep the whole log
+        name = f"{case['config']}_{case['devices']}_{case['mesh']}.err".replace("/", "_")
+        Path(os.environ["OUT"], name).write_text(r.stderr or r.stdout or "")
     tail = (r.stderr or r.stdout).strip().splitlines()[-3:]
     return {**_ident(case), "error": " | ".join(tail)[-300:] or f"exit code {r.returncode}"}
 

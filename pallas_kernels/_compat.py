@@ -99,8 +99,10 @@ def batch_parallel(fn, batched, batch_axes=BATCH_AXES):
     they are replicated); every output of fn leads with it. With no mesh, or no batch axis of
     size > 1 in it, fn itself."""
     mesh = jax.sharding.get_abstract_mesh()
-    axes = tuple(a for a in batch_axes
-                 if not mesh.empty and a in mesh.axis_names and mesh.shape[a] > 1)
+    manual = set() if mesh.empty else set(getattr(mesh, "manual_axes", ()))
+    axes = tuple(a for a in batch_axes  # axes already manual: fn sees its shard already
+                 if not mesh.empty and a in mesh.axis_names and mesh.shape[a] > 1
+                 and a not in manual)
     if not axes:
         return fn
     n = math.prod(mesh.shape[a] for a in axes)

@@ -113,6 +113,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.mesh.data = -1  # -1: all devices left after fsdp
     c.mesh.fsdp = 1  # params/optimizer state sharded over this many devices
     c.mesh.fsdp_min_size = 1024  # leaves with fewer elements stay replicated
+    # pure data parallelism: the loss and gradients per device on its rows (shard_map), summed
+    # over devices; False leaves the partitioning to XLA (which gathers the Pallas kernels'
+    # operands onto every device)
+    c.mesh.manual_data_parallel = True
 
     c.debug = ml_collections.ConfigDict()
     c.debug.inject_nan_at_step = -1  # make the loss of this step (1-based) NaN
@@ -266,6 +270,8 @@ def validate(config) -> None:
          f"mesh.data must be >= 1 or -1 (all remaining devices), got {m['data']!r}")
     need(is_int(m["fsdp_min_size"]) and m["fsdp_min_size"] >= 0,
          f"mesh.fsdp_min_size must be >= 0, got {m['fsdp_min_size']!r}")
+    need(isinstance(m["manual_data_parallel"], bool),
+         f"mesh.manual_data_parallel must be True or False, got {m['manual_data_parallel']!r}")
     need(is_int(g["inject_nan_at_step"]), "debug.inject_nan_at_step must be an integer")
     need(is_int(g["kill_at_checkpoint"]), "debug.kill_at_checkpoint must be an integer")
     need(_num(g["step_delay"]) and g["step_delay"] >= 0, "debug.step_delay must be >= 0")

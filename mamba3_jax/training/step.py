@@ -41,6 +41,9 @@ class StepConfig(NamedTuple):
     remat: str = "none"  # per-block rematerialisation (config.parse_remat)
     inject_nan_at_step: int = -1  # 1-based step whose loss is made NaN (debugging)
     check_finite: bool = True
+    # pure data parallelism (fsdp 1, data > 1): the loss and gradients per device on its batch
+    # rows (shard_map), then summed over devices (psum): opaque kernels see their shard only
+    manual_data_parallel: bool = True
 
 
 def model_graphdef(cfg: ModelConfig):
@@ -104,21 +107,41 @@ def _microbatches(batch: dict, k: int, mesh: Mesh | None) -> dict:
     return jax.tree.map(split, batch)
 
 
+def uses_manual_data_parallel(mesh: Mesh | None, manual: bool = True) -> bool:
+    """Whether the step runs per device (`StepConfig.manual_data_parallel`): a mesh of pure
+    data parallelism over more than one device."""
+    return (manual and mesh is not None and mesh.shape.get("fsdp", 1) == 1
+            and math.prod(mesh.shape[a] for a in BATCH_AXES if a in mesh.shape) > 1)
+
+
+def _summed_over_devices(sums, mesh: Mesh):
+    """sums(params, frozen, batch, nll_scale), run per device on its batch rows with the
+    (replicated) parameters, the results summed over the devices."""
+    def local(params, frozen, batch, nll_scale):
+        return jax.lax.psum(sums(params, frozen, batch, nll_scale), BATCH_AXES)
+
+    return jax.shard_map(local, mesh=mesh, in_specs=(P(), P(), P(BATCH_AXES), P()),
+                         out_specs=(P(), P()), check_vma=False)
+
+
 def make_grad_fn(graphdef, grad_accum: int = 1, mesh: Mesh | None = None, loss_chunk: int = 0,
-                 remat: str = "none"):
+                 remat: str = "none", manual_data_parallel: bool = True):
     """(params, frozen, batch, nll_scale) -> (grads of the masked mean loss, aux sums).
 
     With grad_accum = k the batch is split into k microbatches scanned in sequence; sums are
     accumulated and divided once by the batch's total loss tokens, so the result equals one big
-    batch up to float summation order."""
+    batch up to float summation order. Under pure data parallelism (`uses_manual_data_parallel`)
+    each device sums over its own rows and the sums are added over devices."""
     grad_fn = jax.value_and_grad(
         lambda p, f, b, s: loss_sums(graphdef, p, f, b, s, loss_chunk, remat), has_aux=True)
+    manual = uses_manual_data_parallel(mesh, manual_data_parallel)
+    split_mesh = None if manual else mesh  # per device: its rows are already local
 
-    def fn(params, frozen, batch, nll_scale=1.0):
+    def sums(params, frozen, batch, nll_scale):
         if grad_accum == 1:
             (_, aux), grads = grad_fn(params, frozen, batch, nll_scale)
         else:
-            mbs = _microbatches(batch, grad_accum, mesh)
+            mbs = _microbatches(batch, grad_accum, split_mesh)
 
             def body(carry, mb):
                 g_acc, a_acc = carry
@@ -129,6 +152,13 @@ def make_grad_fn(graphdef, grad_accum: int = 1, mesh: Mesh | None = None, loss_c
             zeros_a = {n: jnp.zeros((), jnp.float32) for n in ("sum_nll", "tokens", "bytes",
                                                                "correct")}
             (grads, aux), _ = jax.lax.scan(body, (zeros_g, zeros_a), mbs)
+        return grads, aux
+
+    if manual:
+        sums = _summed_over_devices(sums, mesh)
+
+    def fn(params, frozen, batch, nll_scale=1.0):
+        grads, aux = sums(params, frozen, batch, jnp.asarray(nll_scale, jnp.float32))
         count = jnp.maximum(aux["tokens"], 1.0)
         return jax.tree.map(lambda g: g / count, grads), aux
 
@@ -140,7 +170,7 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, schedule: Callab
     """state, batch -> (new state, metrics). Pure; jit it (see `jit_train_step`)."""
     step_cfg = step_cfg or StepConfig()
     grads_of = make_grad_fn(graphdef, step_cfg.grad_accum, mesh, step_cfg.loss_chunk,
-                            step_cfg.remat)
+                            step_cfg.remat, step_cfg.manual_data_parallel)
 
     def train_step(state: dict, batch: dict):
         params, frozen = state["params"], state["frozen"]

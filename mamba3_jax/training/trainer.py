@@ -139,7 +139,8 @@ class Trainer:
         step_cfg = StepConfig(grad_accum=int(t.grad_accum), loss_chunk=int(t.loss_chunk),
                               remat=str(t.remat),
                               inject_nan_at_step=int(config.debug.inject_nan_at_step),
-                              check_finite=bool(config.debug.check_finite))
+                              check_finite=bool(config.debug.check_finite),
+                              manual_data_parallel=bool(config.mesh.manual_data_parallel))
         self.train_step = jit_train_step(
             make_train_step(self.graphdef, self.tx, self.schedule, step_cfg, self.mesh),
             self.state_sharding, self.batch_sharding, self.mesh)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 from typing import Optional
 
 import jax
@@ -354,7 +355,13 @@ def chunked_scan(inp: SSMInputs, state: SSMState, *, z, D, mimo_x=None, mimo_z=N
             return _inference(o, inp, state, z, D)
         return _rows_path(o, inp, state, z, D, mimo_x, mimo_z, mimo_o, norm_weight)
 
-    # per device on its batch shard under a mesh (the biases and parameters replicated)
+    # Under a mesh with batch axes XLA gathers a custom call's operands onto every device.
+    # Per-device kernels (shard_map) are opt-in: XLA 0.11.2 crashed (SIGSEGV) compiling the
+    # 180M train step with them on two H200s, while the trainer's per-device data-parallel
+    # step (training/step.py) runs the kernels on each shard without it (docs/kernels.md).
+    if os.environ.get("MAMBA3_KERNEL_SHARD_MAP") != "1":
+        return run(inp._replace(q_bias=None, k_bias=None), state, z, inp.q_bias, inp.k_bias, D,
+                   mimo_x, mimo_z, mimo_o, norm_weight)
     return batch_parallel(run, (True, True, True) + (False,) * 7)(
         inp._replace(q_bias=None, k_bias=None), state, z, inp.q_bias, inp.k_bias, D, mimo_x,
         mimo_z, mimo_o, norm_weight)

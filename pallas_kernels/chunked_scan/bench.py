@@ -111,10 +111,12 @@ def profiled(fn, a):
     stop()
 
 
-def parse_blocks(spec: str) -> TritonBlocks:
-    """'ours' (the defaults) or 'field=value;field=value' (TritonBlocks fields)."""
+def parse_variant(spec: str) -> tuple[TritonBlocks, dict]:
+    """'ours' (the defaults) or 'field=value;field=value': TritonBlocks fields, and `rotary`
+    (a `chunked_scan` option: 'kernel' or 'xla')."""
     kw = dict(kv.split("=") for kv in spec.split(";") if "=" in kv) if spec != "ours" else {}
-    return TritonBlocks(**{k: (int(v) if v.isdigit() else v) for k, v in kw.items()})
+    opts = {k: kw.pop(k) for k in ("rotary",) if k in kw}
+    return TritonBlocks(**{k: (int(v) if v.isdigit() else v) for k, v in kw.items()}), opts
 
 
 def impls(args):
@@ -124,8 +126,9 @@ def impls(args):
         if spec == "xla":
             out["xla chunked"] = functools.partial(backends.BACKENDS["chunked"], chunk_size=64)
             continue
-        out[f"ours {spec}"] = functools.partial(chunked_scan, interpret=interp,
-                                                blocks=parse_blocks(spec))
+        blocks, opts = parse_variant(spec)
+        out[f"ours {spec}"] = functools.partial(chunked_scan, interpret=interp, blocks=blocks,
+                                                **opts)
     return out
 
 

@@ -94,12 +94,12 @@ def compile_stats(ttir: str, num_warps: int, num_stages: int) -> dict:
 
 
 def check(blocks: TritonBlocks, shape: str = "a", mode: str = "fwd+bwd", R: int = 1,
-          chunk: int = 0):
+          chunk: int = 0, **opts):
     """Rows (kernel, warps, stages, regs, spill bytes, smem) for one variant; chunk in tokens
     (0: the benchmark's 64 / R)."""
     B, L, H = PREFILL_SHAPES[shape]
     d = jax.eval_shape(lambda: bench.official_like_inputs(0, B, L, H, R=R))
-    core = functools.partial(chunked_scan, blocks=blocks, chunk_size=chunk or 64 // R)
+    core = functools.partial(chunked_scan, blocks=blocks, chunk_size=chunk or 64 // R, **opts)
     f = bench.layer_fn(core)
     if mode == "fwd":
         fn, args = f, (d,)
@@ -132,8 +132,8 @@ def main(argv=None):
           f"{'spill st':>8} {'spill ld':>8} {'smem':>6}")
     for spec in args.variants.split(","):
         for mode in args.modes.split(","):
-            for r in check(bench.parse_blocks(spec), args.shape, mode, 4 if args.mimo else 1,
-                           args.chunk):
+            blocks, opts = bench.parse_variant(spec)
+            for r in check(blocks, args.shape, mode, 4 if args.mimo else 1, args.chunk, **opts):
                 flag = "  <- spills" if r["spill_stores"] else ""
                 print(f"{spec[:28]:28} {mode:8} {r['kernel'][:26]:26} {r['warps']:>2} "
                       f"{r['stages']:>2} {r['regs']:>4} {r['spill_stores']:>8} "

@@ -12,7 +12,7 @@ import sys
 import jax
 import numpy as np
 
-from mamba3_jax.training.step import make_grad_fn
+from mamba3_jax.training.step import make_grad_fn, uses_manual_data_parallel
 from mamba3_jax.training.trainer import Trainer
 from tests.training.common import synthetic_batch, tiny_config
 
@@ -27,7 +27,8 @@ def run(cache, devices, **overrides):
     tr = Trainer(c, "/nonexistent-unused", devices=devices)
     state = tr.fresh_state()
     b1, b2 = tr.put_batch(synthetic_batch(8, 32, 1)), tr.put_batch(synthetic_batch(8, 32, 2))
-    grads, _ = jax.jit(make_grad_fn(tr.graphdef, c.train.grad_accum, tr.mesh))(
+    grads, _ = jax.jit(make_grad_fn(tr.graphdef, c.train.grad_accum, tr.mesh,
+                                    manual_data_parallel=c.mesh.manual_data_parallel))(
         state["params"], state["frozen"], b1)
     grads = jax.device_get(grads)
     if "blocks" in grads:  # scan_layers: compare per layer with the unrolled single device
@@ -40,7 +41,10 @@ def run(cache, devices, **overrides):
     for b in (b1, b2):
         state, m = tr.train_step(state, b)
         metrics.append({k: float(v) for k, v in jax.device_get(m).items()})
+    lowered = tr.train_step.lower(state, b1).as_text()
     return {"grads": grads, "metrics": metrics, "sharded_leaves": sharded,
+            "per_device": uses_manual_data_parallel(tr.mesh, c.mesh.manual_data_parallel),
+            "manual_in_hlo": "manual" in lowered.lower(),
             "n_leaves": len(jax.tree.leaves(state["params"])), "mesh": dict(tr.mesh.shape)}
 
 
@@ -50,7 +54,9 @@ def layouts(n: int) -> dict:
     if n % 4 == 0:
         return {f"dp2_fsdp{n // 2}_accum2": dict(mesh__data=2, mesh__fsdp=n // 2,
                                                  train__grad_accum=2)}
-    return {f"dp{n}": dict(mesh__data=n, mesh__fsdp=1),
+    return {f"dp{n}": dict(mesh__data=n, mesh__fsdp=1),  # per device (shard_map), then psum
+            f"dp{n}_accum2": dict(mesh__data=n, mesh__fsdp=1, train__grad_accum=2),
+            f"dp{n}_xla": dict(mesh__data=n, mesh__fsdp=1, mesh__manual_data_parallel=False),
             f"fsdp{n}_accum2": dict(mesh__data=1, mesh__fsdp=n, train__grad_accum=2),
             # stacked layers (scan): fsdp must leave the layer axis whole, same numbers
             f"fsdp{n}_scan": dict(mesh__data=1, mesh__fsdp=n, model__scan_layers=True,
@@ -73,7 +79,8 @@ def main(cache):
                          for k in ("loss", "grad_norm", "param_norm", "bits_per_byte"))
         out[name] = {"mesh": r["mesh"], "grad_err_rel": grad_err / scale,
                      "metric_err_rel": metric_err, "sharded_leaves": r["sharded_leaves"],
-                     "n_leaves": r["n_leaves"]}
+                     "n_leaves": r["n_leaves"], "per_device": r["per_device"],
+                     "manual_in_hlo": r["manual_in_hlo"]}
     print("RESULT " + json.dumps(out))
 
 

@@ -1,5 +1,6 @@
 """The sharded train step equals the single-device step: 4 forced host devices (a 2 x 2 data x
-fsdp mesh, 2 microbatches) and 2 devices (pure data, pure fsdp), the layouts a 2-GPU machine runs.
+fsdp mesh, 2 microbatches) and 2 devices (pure data per device with and without microbatches,
+pure data partitioned by XLA, pure fsdp), the layouts a 2-GPU machine runs.
 Runs in a subprocess because the device count must be set before jax initialises."""
 
 import json
@@ -16,7 +17,8 @@ from tests.training.common import REPO
 
 @pytest.mark.parametrize("devices,layouts", [
     (4, {"dp2_fsdp2_accum2": {"data": 2, "fsdp": 2}}),
-    (2, {"dp2": {"data": 2, "fsdp": 1}, "fsdp2_accum2": {"data": 1, "fsdp": 2},
+    (2, {"dp2": {"data": 2, "fsdp": 1}, "dp2_accum2": {"data": 2, "fsdp": 1},
+         "dp2_xla": {"data": 2, "fsdp": 1}, "fsdp2_accum2": {"data": 1, "fsdp": 2},
          "fsdp2_scan": {"data": 1, "fsdp": 2}}),
 ])
 def test_sharded_step_equals_single_device(jax_cache, devices, layouts):
@@ -37,6 +39,8 @@ def test_sharded_step_equals_single_device(jax_cache, devices, layouts):
         assert got["mesh"] == mesh
         if mesh["fsdp"] > 1:
             assert got["sharded_leaves"] >= got["n_leaves"] // 2, got  # params really sharded
+        per_device = mesh["fsdp"] == 1 and not name.endswith("_xla")  # shard_map + psum
+        assert got["per_device"] == per_device and got["manual_in_hlo"] == per_device, got
         assert got["grad_err_rel"] < 1e-5, got
         assert got["metric_err_rel"] < 1e-5, got
 
