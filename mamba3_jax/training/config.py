@@ -113,9 +113,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.mesh.data = -1  # -1: all devices left after fsdp
     c.mesh.fsdp = 1  # params/optimizer state sharded over this many devices
     c.mesh.fsdp_min_size = 1024  # leaves with fewer elements stay replicated
-    # pure data parallelism: the loss and gradients per device on its rows (shard_map), summed
-    # over devices; False leaves the partitioning to XLA (which gathers the Pallas kernels'
-    # operands onto every device)
+    # the loss and gradients per device on its rows (shard_map), summed over devices (fsdp
+    # shards gathered whole at the step's start); False leaves the partitioning to XLA (which
+    # gathers the Pallas kernels' operands onto every device)
     c.mesh.manual_data_parallel = True
 
     c.debug = ml_collections.ConfigDict()

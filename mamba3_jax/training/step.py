@@ -41,8 +41,9 @@ class StepConfig(NamedTuple):
     remat: str = "none"  # per-block rematerialisation (config.parse_remat)
     inject_nan_at_step: int = -1  # 1-based step whose loss is made NaN (debugging)
     check_finite: bool = True
-    # pure data parallelism (fsdp 1, data > 1): the loss and gradients per device on its batch
-    # rows (shard_map), then summed over devices (psum): opaque kernels see their shard only
+    # more than one device: the loss and gradients per device on its batch rows (shard_map),
+    # then summed over devices (psum): opaque kernels see their shard only. Parameters sharded
+    # along fsdp are gathered whole at the step's start (ZeRO-1-like peak memory).
     manual_data_parallel: bool = True
 
 
@@ -108,15 +109,15 @@ def _microbatches(batch: dict, k: int, mesh: Mesh | None) -> dict:
 
 
 def uses_manual_data_parallel(mesh: Mesh | None, manual: bool = True) -> bool:
-    """Whether the step runs per device (`StepConfig.manual_data_parallel`): a mesh of pure
-    data parallelism over more than one device."""
-    return (manual and mesh is not None and mesh.shape.get("fsdp", 1) == 1
+    """Whether the step runs per device (`StepConfig.manual_data_parallel`): a mesh whose batch
+    axes span more than one device."""
+    return (manual and mesh is not None
             and math.prod(mesh.shape[a] for a in BATCH_AXES if a in mesh.shape) > 1)
 
 
 def _summed_over_devices(sums, mesh: Mesh):
-    """sums(params, frozen, batch, nll_scale), run per device on its batch rows with the
-    (replicated) parameters, the results summed over the devices."""
+    """sums(params, frozen, batch, nll_scale), run per device on its batch rows with the whole
+    parameters (fsdp shards gathered on entry), the results summed over the devices."""
     def local(params, frozen, batch, nll_scale):
         return jax.lax.psum(sums(params, frozen, batch, nll_scale), BATCH_AXES)
 
@@ -130,7 +131,7 @@ def make_grad_fn(graphdef, grad_accum: int = 1, mesh: Mesh | None = None, loss_c
 
     With grad_accum = k the batch is split into k microbatches scanned in sequence; sums are
     accumulated and divided once by the batch's total loss tokens, so the result equals one big
-    batch up to float summation order. Under pure data parallelism (`uses_manual_data_parallel`)
+    batch up to float summation order. On more than one device (`uses_manual_data_parallel`)
     each device sums over its own rows and the sums are added over devices."""
     grad_fn = jax.value_and_grad(
         lambda p, f, b, s: loss_sums(graphdef, p, f, b, s, loss_chunk, remat), has_aux=True)
