@@ -2,9 +2,12 @@
 uninterrupted one's losses exactly, and train.profile_steps writes a jax.profiler trace."""
 
 import glob
+import gzip
+import json
 import os
 
 from mamba3_jax.training.metrics import METRICS_FILE, read_jsonl
+from mamba3_jax.training.trace_summary import newest_trace, summarize
 from mamba3_jax.training.trainer import train
 from tests.training.common import tiny_config
 
@@ -34,6 +37,9 @@ def test_scanned_run_resumes_exactly_and_writes_a_profile(tmp_path, jax_cache):
     assert train(first, split)["step"] == 4
     traces = glob.glob(os.path.join(split, "profile", "**", "*.xplane.pb"), recursive=True)
     assert traces, os.listdir(split)
+    # ... and the summary reads it: the XLA work of the two traced steps, in kinds
+    rows = summarize(json.load(gzip.open(newest_trace(os.path.join(split, "profile")))))
+    assert rows and sum(r.total_us for r in rows) > 0, rows
     assert sorted(os.listdir(os.path.join(split, "checkpoints")))[-1] == "4"
     assert train(_config(jax_cache, 6), split)["step"] == 6  # resumes from step 4
     a, b = _losses(whole), _losses(split)
