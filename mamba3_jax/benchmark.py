@@ -16,9 +16,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
-import jax
-import jax.numpy as jnp
-import numpy as np
+# Before JAX's GPU backend starts: JAX otherwise takes most of the device memory up front, and
+# the torch / cupy copies of `measure_ceilings` then fail for lack of memory (an H200 run of
+# bench_decode fell back to JAX's 3.81 TB/s copy where torch measures 4.25 TB/s).
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
 
 
 def time_fn(fn: Callable, arg_sets: Sequence[tuple], reps: int = 20, warmup: int = 2) -> float:

@@ -135,6 +135,13 @@ def _padder(L: int, Lp: int):
     return padt
 
 
+def _chunk_segments(reset, padt, Lp: int, C: int):
+    """Chunk-local segment ids (B, Lp): the resets so far in each chunk of C tokens, the reset
+    token included."""
+    B = reset.shape[0]
+    return jnp.cumsum(padt(reset).reshape(B, Lp // C, C).astype(jnp.int32), axis=2).reshape(B, Lp)
+
+
 def _scalars(inp: SSMInputs, state: SSMState, mimo_x, C: int, R: int, Lp: int):
     """Everything per token the core needs besides q, k, v: chunk-local segment ids (B, Lp),
     per-row (B, H, Lp R) cumulative log decay, trapezoid scale sc_t = gamma_t + eta_{t+1} (eta
@@ -145,7 +152,7 @@ def _scalars(inp: SSMInputs, state: SSMState, mimo_x, C: int, R: int, Lp: int):
     reset = jnp.zeros((B, L), bool) if inp.reset is None else inp.reset
     eta = jnp.where(reset[..., None], 0.0, inp.eta.astype(f32))
     scale = inp.gamma.astype(f32) + jnp.concatenate([eta[:, 1:], jnp.zeros_like(eta[:, :1])], 1)
-    seg = jnp.cumsum(padt(reset).reshape(B, Lp // C, C).astype(jnp.int32), axis=2).reshape(B, Lp)
+    seg = _chunk_segments(reset, padt, Lp, C)
     cs = jnp.cumsum(padt(inp.log_decay.astype(f32)).reshape(B, Lp // C, C, H), axis=2)
     cs = _rows(cs.reshape(B, Lp, H), R)
     sc, gm = _rows(padt(scale), R), _rows(padt(inp.gamma.astype(f32)), R)
@@ -158,10 +165,13 @@ def _scalars(inp: SSMInputs, state: SSMState, mimo_x, C: int, R: int, Lp: int):
 
 def prepare_rows(inp: SSMInputs, state: SSMState, mimo_x, C: int, cdt, *, interpret: bool,
                  rotary: str = "kernel", warps_rotary: int = 4, angle_mode: str = "tf32x3",
-                 rot_bwd: int = 0):
+                 rotary_chunk: int = 0):
     """The pre-pass: the core's operands, the angle at the last token, k rows, padded length and
     whether q, k and the state have their channels in `to_pair_blocks` order.
-    rotary: 'kernel' (bias + rotation in `rotate_qk`) or 'xla'."""
+    rotary: 'kernel' (bias + rotation in `rotate_qk`) or 'xla'. rotary_chunk: tokens per
+    program of the rotation kernels (0: C; else min(rotary_chunk, C)): the rotation's chunks
+    are independent of the core's (their own carried angles), and smaller ones hold fewer
+    registers."""
     B, L, R, G, N = inp.q.shape
     H = inp.x.shape[2]
     S = inp.angle_inc.shape[-1]
@@ -170,11 +180,14 @@ def prepare_rows(inp: SSMInputs, state: SSMState, mimo_x, C: int, cdt, *, interp
     seg, cs, sc, gm, seg_rows, g0 = _scalars(inp, state, mimo_x, C, R, Lp)
     permuted = False
     if S and rotary == "kernel":
-        inc, carry, theta_last = _carried_angles(inp, state, seg, padt, C, L)
-        rs = RotShape(B=B, nc=Lp // C, C=C, R=R, G=G, H=H, N=N, S=S, cdt=jnp.dtype(cdt).name,
-                      interpret=interpret, angle_mode=angle_mode, bwd_order=rot_bwd,
+        Cr = min(rotary_chunk, C) if rotary_chunk else C
+        seg_r = seg if Cr == C else _chunk_segments(
+            jnp.zeros((B, L), bool) if inp.reset is None else inp.reset, padt, Lp, Cr)
+        inc, carry, theta_last = _carried_angles(inp, state, seg_r, padt, Cr, L)
+        rs = RotShape(B=B, nc=Lp // Cr, C=Cr, R=R, G=G, H=H, N=N, S=S,
+                      cdt=jnp.dtype(cdt).name, interpret=interpret, angle_mode=angle_mode,
                       # a (C, N) tile: 4 warps on MIMO's 16-token chunks spilled (compile_check)
-                      warps=min(warps_rotary, max(1, C // 8)))
+                      warps=min(warps_rotary, max(1, Cr // 8)))
         permuted = True
 
         def bias(b):
@@ -182,7 +195,7 @@ def prepare_rows(inp: SSMInputs, state: SSMState, mimo_x, C: int, cdt, *, interp
 
         q, k = rotate_qk(rs, to_pair_blocks(padt(inp.q).astype(cdt), S),
                          to_pair_blocks(padt(inp.k).astype(cdt), S),
-                         bias(inp.q_bias), bias(inp.k_bias), inc, carry, seg)
+                         bias(inp.q_bias), bias(inp.k_bias), inc, carry, seg_r)
         q, k = (u.reshape(B, Lp * R, H, N) for u in (q, k))
         g0 = to_pair_blocks(g0, S)
     else:
@@ -240,7 +253,7 @@ def _rows_path(o: _Opts, inp, state, z, D, mimo_x=None, mimo_z=None, mimo_o=None
     ops, theta_last, k_rows, Lp, permuted = prepare_rows(
         inp, state, mimo_x, o.C, cdt, interpret=o.interpret, rotary=o.rotary,
         warps_rotary=o.blocks.warps_rotary, angle_mode=o.blocks.angle_mode,
-        rot_bwd=o.blocks.rot_bwd)
+        rotary_chunk=o.blocks.rotary_chunk)
     shape = CoreShape(B=B, H=H, nc=Lp // o.C, C=o.C, R=R, N=N, P=P, cdt=cdt.name,
                       interpret=o.interpret, blocks=o.blocks)
     if gate_in_kernel:
@@ -298,18 +311,22 @@ def _fused_path(o: _Opts, inp, state, z, D):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _inference(o: _Opts, inp, state, z, D):
-    """SISO without RMSNorm: the inference forward (`TritonBlocks.fused_inference`: the
-    two-kernel path; else the gate in the output kernel) when not differentiated; under
-    autodiff the training path runs and its VJP is used (custom_vjp: the primal only runs
-    outside differentiation)."""
+def _inference(o: _Opts, inp, state, z, D, mimo_x, mimo_z, mimo_o, norm_weight):
+    """The forward when not differentiated (custom_vjp: the primal only runs outside
+    differentiation; under autodiff the training path runs and its VJP is used). SISO without
+    RMSNorm: the two fused kernels (`TritonBlocks.fused_inference`) or D and the gate in the
+    output kernel. MIMO: the rotation in XLA instead of the rotation kernel
+    (`TritonBlocks.mimo_xla_rotation`)."""
+    if inp.q.shape[2] > 1:
+        return _rows_path(dataclasses.replace(o, rotary="xla"), inp, state, z, D, mimo_x,
+                          mimo_z, mimo_o, norm_weight)
     if o.blocks.fused_inference and o.rotary == "kernel" and inp.angle_inc.shape[-1]:
         return _fused_path(o, inp, state, z, D)
     return _rows_path(o, inp, state, z, D, gate_in_kernel=True)
 
 
-def _inference_fwd(o, inp, state, z, D):
-    return jax.vjp(functools.partial(_rows_path, o), inp, state, z, D)
+def _inference_fwd(o, *args):
+    return jax.vjp(functools.partial(_rows_path, o), *args)
 
 
 def _inference_bwd(o, vjp, ct):
@@ -326,13 +343,17 @@ def chunked_scan(inp: SSMInputs, state: SSMState, *, z, D, mimo_x=None, mimo_z=N
     """`backends.mixer_core`'s contract on the chunk-parallel kernels: (out (B, L, H, P) in the
     input dtype, final state). chunk_size is in tokens (rows per chunk: chunk_size * R).
     Outside autodiff, SISO without the RMSNorm applies D and the gate in the output kernel
-    (`TritonBlocks.inference_gate`) or runs the two fused kernels (`fused_inference`)."""
+    (`TritonBlocks.inference_gate`) or runs the two fused kernels (`fused_inference`), and MIMO
+    rotates q, k in XLA (`mimo_xla_rotation`)."""
     blocks = blocks or TritonBlocks()
     C = int(chunk_size)
     check_supported(inp, C, interpret)
     R, N, P = inp.q.shape[2], inp.q.shape[4], inp.x.shape[3]
     _check(blocks.bp == 0 or (is_pow2(blocks.bp) and blocks.bp >= 16 and P % blocks.bp == 0),
            f"block bp {blocks.bp} must be a power of two >= 16 dividing P = {P}")
+    _check(blocks.rotary_chunk == 0 or (is_pow2(blocks.rotary_chunk) and (
+        interpret or blocks.rotary_chunk >= 16)),
+           f"rotary_chunk {blocks.rotary_chunk} must be 0 or a power of two (>= 16 compiled)")
     S = inp.angle_inc.shape[-1]
     plain = N - 2 * S
     if not interpret and S and not (S >= 16 and is_pow2(S) and (plain == 0 or (
@@ -346,13 +367,14 @@ def chunked_scan(inp: SSMInputs, state: SSMState, *, z, D, mimo_x=None, mimo_z=N
     o = _Opts(C=C, interpret=bool(interpret), blocks=blocks, impl=impl, rotary=rotary,
               norm_eps=float(norm_eps))
     siso_plain = R == 1 and mimo_x is None and norm_weight is None
-    inference = siso_plain and ((blocks.fused_inference and rotary == "kernel" and S)
-                                or blocks.inference_gate)
+    inference = (siso_plain and ((blocks.fused_inference and rotary == "kernel" and S)
+                                 or blocks.inference_gate)) or (
+        R > 1 and S and rotary == "kernel" and blocks.mimo_xla_rotation)
 
     def run(inp, state, z, q_bias, k_bias, D, mimo_x, mimo_z, mimo_o, norm_weight):
         inp = inp._replace(q_bias=q_bias, k_bias=k_bias)
         if inference:
-            return _inference(o, inp, state, z, D)
+            return _inference(o, inp, state, z, D, mimo_x, mimo_z, mimo_o, norm_weight)
         return _rows_path(o, inp, state, z, D, mimo_x, mimo_z, mimo_o, norm_weight)
 
     # Under a mesh with batch axes XLA gathers a custom call's operands onto every device.

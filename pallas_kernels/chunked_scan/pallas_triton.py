@@ -54,7 +54,7 @@ class TritonBlocks:
     split_grad: int = 1  # per-chunk gradient kernels: 0 one, 1 dq | dk dv, 2 dq | dk | dv
     warps_grad_dq: int = 4
     warps_rotary: int = 4
-    rot_bwd: int = 0  # the rotation backward's layout (RotShape.bwd_order)
+    rotary_chunk: int = 0  # tokens per rotation program (0: the core's chunk; prepare_rows)
     # 1: outside autodiff, SISO without RMSNorm: D and the gate in the output kernel's epilogue
     # (the output is written once, gated, instead of y then an XLA pass over y, x and z).
     inference_gate: int = 1
@@ -62,6 +62,10 @@ class TritonBlocks:
     # Off: 2x slower on an H200 as written (its sequential pass rotates k in the chunk loop
     # on only B*H programs); kept, tested, for the next round (docs/kernels.md).
     fused_inference: int = 0
+    # 1: outside autodiff, MIMO rotates q, k in XLA (per-head rows from an XLA fusion) instead
+    # of the rotation kernel: 1.90 vs 2.29 ms at B8 L2048 H32 R4 on an H200; under autodiff
+    # the kernel's rotation stays (fwd+bwd 9.27 vs 10.03 ms with XLA's)
+    mimo_xla_rotation: int = 1
     angle_mode: str = "tf32x3"  # rotation kernels' prefix-sum dots: 'tf32x3' or 'ieee'
     f32_mode: str = "tf32x3"
 

@@ -46,6 +46,10 @@ def test_forward(R, dtype, resets, groups):
     assert got.shape == want.shape and got.dtype == inp.x.dtype
     assert rel(got, want) < TOL[dtype], rel(got, want)
     check_state(got_state, want_state, TOL[dtype])
+    if R > 1:  # the inference forward rotates in XLA; the rotation kernel's forward as well
+        got_k, state_k = kernel(inp, state, 16 // R, TritonBlocks(mimo_xla_rotation=0), **p)
+        assert rel(got_k, want) < TOL[dtype], rel(got_k, want)
+        check_state(state_k, want_state, TOL[dtype])
 
 
 def test_forward_p_blocks_norm_and_no_rotation_and_xla_rotary():
@@ -125,16 +129,22 @@ def test_gradients(R, dtype, resets, norm, groups, split):
     check_grads(got, want, GRAD_TOL[dtype])
 
 
-@pytest.mark.parametrize("rot_bwd", [1, 2, 3])
-def test_gradients_rotation_backward_layouts(rot_bwd):
-    """Each layout of the rotation backward (TritonBlocks.rot_bwd) gives the reference's
-    gradients (resets, groups, MIMO rows)."""
-    inp, state, p = make_problem(4, B, 40, 2, H, N, P, S, jnp.float32, True, groups=1)
-    ct = random_like(reference(inp, state, **p), 9)
-    want = vjp_all(reference, inp, state, p, ct)
-    fn = functools.partial(kernel, chunk=8, blocks=TritonBlocks(rot_bwd=rot_bwd))
-    got = vjp_all(fn, inp, state, p, ct)
-    check_grads(got, want, GRAD_TOL["float32"])
+@pytest.mark.parametrize("R", [1, 2])
+def test_rotary_chunk_smaller_than_the_core_chunk(R):
+    """The rotation kernels on their own, smaller chunks (TritonBlocks.rotary_chunk; their own
+    carried angles and segment ids): forward, state and every gradient == the reference's,
+    with resets inside and on the edges of rotation chunks."""
+    inp, state, p = make_problem(5, B, 44, R, H, N, P, S, jnp.float32, True, groups=1)
+    inp = inp._replace(reset=inp.reset.at[:, 8].set(True).at[:, 23].set(True))
+    blocks = TritonBlocks(rotary_chunk=8 if INTERPRET else 16)  # compiled tiles: >= 16 rows
+    fn = functools.partial(kernel, chunk=32, blocks=blocks)
+    want, want_state = reference(inp, state, **p)
+    got, got_state = fn(inp, state, **p)
+    assert rel(got, want) < TOL["float32"], rel(got, want)
+    check_state(got_state, want_state, TOL["float32"])
+    ct = random_like((want, want_state), 10)
+    check_grads(vjp_all(fn, inp, state, p, ct), vjp_all(reference, inp, state, p, ct),
+                GRAD_TOL["float32"])
 
 
 def test_gradients_p_blocks_resets_on_chunk_edges():

@@ -1,7 +1,13 @@
 """The chunked-scan GPU kernels compile for sm_90a without register spills (bf16, the benchmark's
 shapes, SISO and MIMO), checked on any host: jax lowers each kernel to Triton IR, the `triton`
 package (the GPU machine's version, a dev dependency) compiles it and ptxas reports registers
-and spills. Spills were the old kernels' main cost (docs/kernels.md)."""
+and spills. Spills were the old kernels' main cost (docs/kernels.md).
+
+The offline count is a guard, not the truth: XLA compiles the same Triton IR with its own
+pipeline. On the H200 (session 5, ncu) the rotation backward as shipped showed no spill stores
+although it reports 36 bytes here, and a layout of it with none here spilled 4.4 GB under XLA
+and ran 2.6x slower. That kernel is therefore held to its measured offline count (so a change
+still shows), every other kernel to zero."""
 
 import pytest
 
@@ -9,6 +15,9 @@ from pallas_kernels.chunked_scan.compile_check import REGISTER_LIMIT, check
 from pallas_kernels.chunked_scan.pallas_triton import TritonBlocks
 
 pytest.importorskip("triton", reason="needs the triton package (pip install -e '.[dev]')")
+
+# offline spill-store bytes per thread of the shipped layout, measured no-spill on the H200
+MEASURED_OFFLINE_SPILLS = {"mamba3_rotate_qk_bwd": 36}
 
 
 @pytest.mark.parametrize("shape,R", [("a", 1), ("a", 4)])
@@ -19,7 +28,7 @@ def test_default_kernels_do_not_spill(shape, R):
             "mamba3_ssd_grad_dq", "mamba3_ssd_grad_dkv", "mamba3_rotate_qk_bwd"} <= names, names
     for r in rows:
         assert r["regs"] <= REGISTER_LIMIT, r
-        assert r["spill_stores"] == 0, r
+        assert r["spill_stores"] <= MEASURED_OFFLINE_SPILLS.get(r["kernel"], 0), r
 
 
 def test_inference_forward_does_not_spill():
