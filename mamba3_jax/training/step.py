@@ -209,10 +209,18 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, schedule: Callab
     return train_step
 
 
-def make_eval_step(graphdef, loss_chunk: int = 0):
+def make_eval_step(graphdef, loss_chunk: int = 0, mesh: Mesh | None = None,
+                   manual_data_parallel: bool = True):
+    """state, batch -> the masked sums of `loss_sums` (per device and summed over devices on
+    more than one, as the train step)."""
+    def sums(params, frozen, batch, nll_scale):
+        return loss_sums(graphdef, params, frozen, batch, nll_scale, loss_chunk)
+
+    if uses_manual_data_parallel(mesh, manual_data_parallel):
+        sums = _summed_over_devices(sums, mesh)
+
     def eval_step(state: dict, batch: dict):
-        _, aux = loss_sums(graphdef, state["params"], state["frozen"], batch,
-                           loss_chunk=loss_chunk)
+        _, aux = sums(state["params"], state["frozen"], batch, jnp.float32(1.0))
         return aux
     return eval_step
 

@@ -144,8 +144,10 @@ class Trainer:
         self.train_step = jit_train_step(
             make_train_step(self.graphdef, self.tx, self.schedule, step_cfg, self.mesh),
             self.state_sharding, self.batch_sharding, self.mesh)
-        self.eval_step = jit_eval_step(make_eval_step(self.graphdef, int(t.loss_chunk)),
-                                       self.state_sharding, self.batch_sharding, self.mesh)
+        self.eval_step = jit_eval_step(
+            make_eval_step(self.graphdef, int(t.loss_chunk), self.mesh,
+                           bool(config.mesh.manual_data_parallel)),
+            self.state_sharding, self.batch_sharding, self.mesh)
         self.tokens_per_step = int(config.data.batch_size) * int(config.data.seq_len)
         self.seq_len = int(config.data.seq_len)
         self.flops_per_token = flops_lib.train_flops_per_token(self.model_cfg, self.seq_len)

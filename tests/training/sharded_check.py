@@ -37,12 +37,13 @@ def run(cache, devices, **overrides):
                            for i in range(c.model.n_layer)}
     sharded = sum(1 for s in jax.tree.leaves(
         jax.tree.map(lambda x: "fsdp" in str(x.sharding.spec), state["params"])) if s)
+    evals = {k: float(v) for k, v in jax.device_get(tr.eval_step(state, b1)).items()}
     metrics = []
     for b in (b1, b2):
         state, m = tr.train_step(state, b)
         metrics.append({k: float(v) for k, v in jax.device_get(m).items()})
     lowered = tr.train_step.lower(state, b1).as_text()
-    return {"grads": grads, "metrics": metrics, "sharded_leaves": sharded,
+    return {"grads": grads, "metrics": metrics, "evals": evals, "sharded_leaves": sharded,
             "per_device": uses_manual_data_parallel(tr.mesh, c.mesh.manual_data_parallel),
             "manual_in_hlo": "manual" in lowered.lower(),
             "n_leaves": len(jax.tree.leaves(state["params"])), "mesh": dict(tr.mesh.shape)}
@@ -78,7 +79,11 @@ def main(cache):
         metric_err = max(abs(a[k] - b[k]) / max(abs(a[k]), 1e-12)
                          for a, b in zip(single["metrics"], r["metrics"], strict=True)
                          for k in ("loss", "grad_norm", "param_norm", "bits_per_byte"))
+        eval_err = max(abs(single["evals"][k] - r["evals"][k]) / max(abs(single["evals"][k]),
+                                                                     1e-12)
+                       for k in single["evals"])
         out[name] = {"mesh": r["mesh"], "grad_err_rel": grad_err / scale,
+                     "eval_err_rel": eval_err,
                      "metric_err_rel": metric_err, "sharded_leaves": r["sharded_leaves"],
                      "n_leaves": r["n_leaves"], "per_device": r["per_device"],
                      "manual_in_hlo": r["manual_in_hlo"]}

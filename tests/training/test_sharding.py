@@ -43,6 +43,7 @@ def test_sharded_step_equals_single_device(jax_cache, devices, layouts):
         assert got["per_device"] == per_device and got["manual_in_hlo"] == per_device, got
         assert got["grad_err_rel"] < 1e-5, got
         assert got["metric_err_rel"] < 1e-5, got
+        assert got["eval_err_rel"] < 1e-5, got  # the eval step's sums too
 
 
 def test_leaf_spec_picks_largest_divisible_axis():
