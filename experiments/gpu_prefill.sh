@@ -2,16 +2,25 @@
 # One GPU call: the official Mamba-3 kernels, our prefill kernels beside them, and (NCU=1) an
 # ncu profile of one call at B8 L2048 H32, run first (ncu crashed when it ran after the bench in
 # the same call). Needs .official/ (see ../shared/bench/official/README.md).
-# Usage (on the GPU machine): [NCU=1 NCU_MODES=fwd+bwd NCU_VARIANT=ours] bash experiments/gpu_prefill.sh [bench args...]
+# Usage (on the GPU machine): [NCU=1 NCU_MODES=fwd,fwd+bwd NCU_VARIANT="ours|rotary_chunk=16"] bash experiments/gpu_prefill.sh [bench args...]
+# (one session-5 call with NCU_MODES=fwd+bwd alone recorded no kernels: keep fwd in the list)
 set -u
 OUT=${OUT:-out}; mkdir -p "$OUT"
 export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem --format=csv,noheader
-if [ -n "${NCU:-}" ]; then
-  ncu --clock-control none --csv --metrics "$(python3 -c 'from pallas_kernels.chunked_scan.ncu_summary import METRICS; print(METRICS)')" \
-    --profile-from-start off python3 -m pallas_kernels.chunked_scan.bench --shapes a \
-    --modes "${NCU_MODES:-fwd,fwd+bwd}" --variants "${NCU_VARIANT:-ours}" --reps 1 --profile > "$OUT/ncu.csv" 2> "$OUT/ncu.err"
-  python3 -m pallas_kernels.chunked_scan.ncu_summary "$OUT/ncu.csv" | tail -45
+if [ -n "${NCU:-}" ]; then  # NCU_VARIANT: one variant, or a '|'-separated list (one ncu pass each)
+  IFS='|' read -r -a ncu_variants <<< "${NCU_VARIANT:-ours}"
+  for i in "${!ncu_variants[@]}"; do
+    v=${ncu_variants[$i]}
+    ncu --clock-control none --csv --metrics "$(python3 -c 'from pallas_kernels.chunked_scan.ncu_summary import METRICS; print(METRICS)')" \
+      --profile-from-start off python3 -m pallas_kernels.chunked_scan.bench --shapes a \
+      --modes "${NCU_MODES:-fwd,fwd+bwd}" --variants "$v" --reps 1 --profile > "$OUT/ncu_$i.csv" 2> "$OUT/ncu_$i.err"
+    echo "== ncu: $v"
+    python3 -m pallas_kernels.chunked_scan.ncu_summary "$OUT/ncu_$i.csv" | grep -E "mamba3|total" \
+      | tee "$OUT/ncu_summary_$i.txt"
+    grep -q mamba3 "$OUT/ncu_summary_$i.txt" || tail -5 "$OUT/ncu_$i.err"  # nothing recorded: why
+    rm -f "$OUT/ncu_$i.csv" "$OUT/ncu_$i.err"  # the summaries come back (8 files at most)
+  done
 fi
 (cd .official && OFFICIAL_DIR=. OUT="$OUT" python3 fast.py > "$OUT/official.log" 2>&1) \
   || tail -5 "$OUT/official.log"

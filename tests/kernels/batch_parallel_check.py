@@ -6,6 +6,8 @@ import json
 import os
 import sys
 
+os.environ["MAMBA3_KERNEL_SHARD_MAP"] = "1"  # the kernels' own shard_map is opt-in (chunked_scan)
+
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding

@@ -17,7 +17,6 @@ def test_kernels_run_per_batch_shard_under_a_mesh():
     env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "")
                         + " --xla_force_host_platform_device_count=2").strip()
     env["JAX_PLATFORMS"] = "cpu"
-    env["MAMBA3_KERNEL_SHARD_MAP"] = "1"  # opt-in (chunked_scan)
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
     r = subprocess.run([sys.executable, str(REPO / "tests" / "kernels" /
                                             "batch_parallel_check.py")],
