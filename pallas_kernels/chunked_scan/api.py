@@ -296,12 +296,16 @@ def _fused_path(o: _Opts, inp, state, z, D):
 
     inc, carry, theta_last = _carried_angles(inp, state, seg, padt, C, L)
     a_last = jnp.mod(theta_last, TWO_PI)
+    trig = None
+    if o.blocks.fused_inference == 2:  # every token's cos and sin from XLA, loaded by the kernels
+        theta = chunk_angles(inc, seg, state.angle, C)
+        trig = (jnp.cos(theta), jnp.sin(theta))
     out, g_last = fused_forward(
         group(inp.q), group(inp.k), bias(inp.q_bias), bias(inp.k_bias), inc, carry,
         padt(inp.x.astype(cdt)), padt(z.astype(cdt)), D, cs, sc, gm, seg, g0, C=C,
         interpret=o.interpret, bp=o.blocks.bp, warps_state=o.blocks.warps_state,
         warps_output=o.blocks.warps_output, angle_mode=o.blocks.angle_mode,
-        f32_mode=o.blocks.f32_mode)
+        f32_mode=o.blocks.f32_mode, trig=trig)
     k_last = per_head(inp._replace(q=inp.q[:, -1:], k=inp.k[:, -1:])).k[:, 0]  # (B, 1, H, N)
     final = SSMState(angle=a_last, h=from_pair_blocks(g_last, S).astype(state.h.dtype),
                      k_prev=rotate(k_last, a_last[:, None]).astype(cdt).astype(

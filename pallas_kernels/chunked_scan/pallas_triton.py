@@ -61,6 +61,8 @@ class TritonBlocks:
     # 1: outside autodiff, SISO without RMSNorm, the two-kernel `pallas_triton_fused` path.
     # Off: 2x slower on an H200 as written (its sequential pass rotates k in the chunk loop
     # on only B*H programs); kept, tested, for the next round (docs/kernels.md).
+    # 2: the same, the kernels loading every token's cos and sin (computed by XLA) instead of
+    # forming the angles (no prefix-sum dot, no (C, C) matrix in registers; not yet timed)
     fused_inference: int = 0
     # 1: outside autodiff, MIMO rotates q, k in XLA (per-head rows from an XLA fusion) instead
     # of the rotation kernel: 1.90 vs 2.29 ms at B8 L2048 H32 R4 on an H200; under autodiff
