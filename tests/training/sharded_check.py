@@ -58,7 +58,6 @@ def layouts(n: int) -> dict:
     return {f"dp{n}": dict(mesh__data=n, mesh__fsdp=1),  # per device (shard_map), then psum
             f"dp{n}_accum2": dict(mesh__data=n, mesh__fsdp=1, train__grad_accum=2),
             f"dp{n}_xla": dict(mesh__data=n, mesh__fsdp=1, mesh__manual_data_parallel=False),
-            f"fsdp{n}_xla": dict(mesh__data=1, mesh__fsdp=n, mesh__manual_data_parallel=False),
             f"fsdp{n}_accum2": dict(mesh__data=1, mesh__fsdp=n, train__grad_accum=2),
             # stacked layers (scan): fsdp must leave the layer axis whole, same numbers
             f"fsdp{n}_scan": dict(mesh__data=1, mesh__fsdp=n, model__scan_layers=True,

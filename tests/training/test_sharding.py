@@ -19,7 +19,7 @@ from tests.training.common import REPO
     (4, {"dp2_fsdp2_accum2": {"data": 2, "fsdp": 2}}),
     (2, {"dp2": {"data": 2, "fsdp": 1}, "dp2_accum2": {"data": 2, "fsdp": 1},
          "dp2_xla": {"data": 2, "fsdp": 1}, "fsdp2_accum2": {"data": 1, "fsdp": 2},
-         "fsdp2_scan": {"data": 1, "fsdp": 2}, "fsdp2_xla": {"data": 1, "fsdp": 2}}),
+         "fsdp2_scan": {"data": 1, "fsdp": 2}}),
 ])
 def test_sharded_step_equals_single_device(jax_cache, devices, layouts):
     env = dict(os.environ)
