@@ -48,6 +48,9 @@ class RotShape:
     interpret: bool
     warps: int = 4
     angle_mode: str = "tf32x3"  # the prefix-sum dots on the GPU: 'tf32x3' or 'ieee' (exact FMA)
+    # True: the kernels take cos and sin of every token's angle (B, Lp, H, S) from XLA instead of
+    # the increments and the carried angle, and the backward returns d cos and d sin
+    trig: bool = False
 
     @property
     def hg(self) -> int:
@@ -93,11 +96,14 @@ def _biased(ref, bias, off, w, cdt, rows=slice(None)):
     return (ref[rows, pl.ds(off, w)].astype(f32) + bias[None, :]).astype(cdt).astype(f32)
 
 
-def _fwd_kernel(q_ref, k_ref, qb_ref, kb_ref, inc_ref, a_ref, sg_ref, qr_ref, kr_ref, *,
+def _fwd_kernel(q_ref, k_ref, qb_ref, kb_ref, x1_ref, x2_ref, sg_ref, qr_ref, kr_ref, *,
                 rs: RotShape):
     S, N, cdt = rs.S, rs.N, jnp.dtype(rs.cdt)
-    th, _ = _theta(inc_ref[...].astype(f32), a_ref[...], sg_ref[...], rs.angle_prec)
-    cos, sin = jnp.cos(th), jnp.sin(th)
+    if rs.trig:  # cos and sin of every token's angle, from XLA
+        cos, sin = x1_ref[...], x2_ref[...]
+    else:  # from the increments x1 and the angle carried into the chunk x2
+        th, _ = _theta(x1_ref[...].astype(f32), x2_ref[...], sg_ref[...], rs.angle_prec)
+        cos, sin = jnp.cos(th), jnp.sin(th)
     for src, b_ref, out in ((q_ref, qb_ref, qr_ref), (k_ref, kb_ref, kr_ref)):
         a = _biased(src, b_ref[pl.ds(0, S)], 0, S, cdt)  # pair member 1 of each rotated pair
         b = _biased(src, b_ref[pl.ds(S, S)], S, S, cdt)  # pair member 2
@@ -108,22 +114,31 @@ def _fwd_kernel(q_ref, k_ref, qb_ref, kb_ref, inc_ref, a_ref, sg_ref, qr_ref, kr
                 src, b_ref[pl.ds(2 * S, N - 2 * S)], 2 * S, N - 2 * S, cdt).astype(out.dtype)
 
 
-def _bwd_kernel(q_ref, k_ref, qb_ref, kb_ref, inc_ref, a_ref, sg_ref, dqr_ref, dkr_ref,
-                dq_ref, dk_ref, dqb_ref, dkb_ref, dinc_ref, da_ref, *, rs: RotShape):
+def _bwd_kernel(q_ref, k_ref, qb_ref, kb_ref, x1_ref, x2_ref, sg_ref, dqr_ref, dkr_ref,
+                dq_ref, dk_ref, dqb_ref, dkb_ref, d1_ref, d2_ref, *, rs: RotShape):
     """One head and chunk: un-rotated gradients (summed over the group's heads by XLA), the
-    bias gradients' partial sums over the chunk, d(increments) and d(angle carried in)."""
+    bias gradients' partial sums over the chunk, and d(increments), d(angle carried in); or,
+    with `rs.trig`, d cos and d sin of the chunk's angles."""
     S, N, cdt = rs.S, rs.N, jnp.dtype(rs.cdt)
     parts = ((q_ref, qb_ref, dqr_ref, dq_ref, dqb_ref), (k_ref, kb_ref, dkr_ref, dk_ref, dkb_ref))
-    seg = sg_ref[...]
-    th, tri = _theta(inc_ref[...].astype(f32), a_ref[...], seg, rs.angle_prec)
-    cos, sin = jnp.cos(th), jnp.sin(th)
-    dth = jnp.zeros(th.shape, f32)
+    if rs.trig:
+        cos, sin = x1_ref[...], x2_ref[...]
+    else:
+        seg = sg_ref[...]
+        th, tri = _theta(x1_ref[...].astype(f32), x2_ref[...], seg, rs.angle_prec)
+        cos, sin = jnp.cos(th), jnp.sin(th)
+    dt = jnp.zeros(cos.shape, f32)  # d theta, or d sin (trig)
+    dc = jnp.zeros(cos.shape, f32) if rs.trig else None  # d cos (trig)
     for src, b_ref, d_ref, out, db_ref in parts:
         a = _biased(src, b_ref[pl.ds(0, S)], 0, S, cdt)
         b = _biased(src, b_ref[pl.ds(S, S)], S, S, cdt)
         da = d_ref[:, pl.ds(0, S)].astype(f32)
         db = d_ref[:, pl.ds(S, S)].astype(f32)
-        dth = dth + db * (a * cos - b * sin) - da * (a * sin + b * cos)
+        if rs.trig:  # (a c - b s, a s + b c): d c = da a + db b, d s = db a - da b
+            dc = dc + da * a + db * b
+            dt = dt + db * a - da * b
+        else:
+            dt = dt + db * (a * cos - b * sin) - da * (a * sin + b * cos)
         for off, du in ((0, da * cos + db * sin), (S, db * cos - da * sin)):  # R(theta)^T d
             out[:, pl.ds(off, S)] = du.astype(out.dtype)
             db_ref[pl.ds(off, S)] = jnp.sum(du, axis=0)
@@ -132,24 +147,28 @@ def _bwd_kernel(q_ref, k_ref, qb_ref, kb_ref, inc_ref, a_ref, sg_ref, dqr_ref, d
             dp = d_ref[:, pl.ds(2 * S, N - 2 * S)]
             out[:, pl.ds(2 * S, N - 2 * S)] = dp.astype(out.dtype)
             db_ref[pl.ds(2 * S, N - 2 * S)] = jnp.sum(dp.astype(f32), axis=0)
+    if rs.trig:
+        d1_ref[...], d2_ref[...] = dc, dt
+        return
     # tri^T dth, a transposed-lhs dot. Timed on the H200 against the same kernel with the plain
     # channels first, with (dth^T tri)^T (no spills in an offline compile, 4.4 GB of spills and
     # 2.6x slower under XLA) and with the transposed matrix built directly: none was faster.
-    dinc_ref[...] = dot(tri, dth, ta=True, precision=rs.angle_prec)
-    da_ref[...] = jnp.sum(jnp.where(seg == 0, 1.0, 0.0)[:, None] * dth, axis=0)
+    d1_ref[...] = dot(tri, dt, ta=True, precision=rs.angle_prec)
+    d2_ref[...] = jnp.sum(jnp.where(seg == 0, 1.0, 0.0)[:, None] * dt, axis=0)
 
 
 def _specs(rs: RotShape):
     """Input BlockSpecs of both kernels, grid (B, nc, R, H): the head's group rows, biases,
-    increments, carried angle and the chunk's segment ids."""
+    increments and carried angle (or cos and sin: `rs.trig`) and the chunk's segment ids."""
     C, N, S, hg = rs.C, rs.N, rs.S, rs.hg
+    per_token = pl.BlockSpec((SQ, C, SQ, S), lambda b, c, r, h: (b, c, h, 0))
     return [
         pl.BlockSpec((SQ, C, SQ, SQ, N), lambda b, c, r, h: (b, c, r, h // hg, 0)),
         pl.BlockSpec((SQ, C, SQ, SQ, N), lambda b, c, r, h: (b, c, r, h // hg, 0)),
         pl.BlockSpec((SQ, SQ, N), lambda b, c, r, h: (h, r, 0)),
         pl.BlockSpec((SQ, SQ, N), lambda b, c, r, h: (h, r, 0)),
-        pl.BlockSpec((SQ, C, SQ, S), lambda b, c, r, h: (b, c, h, 0)),
-        pl.BlockSpec((SQ, SQ, SQ, S), lambda b, c, r, h: (b, c, h, 0)),
+        per_token,
+        per_token if rs.trig else pl.BlockSpec((SQ, SQ, SQ, S), lambda b, c, r, h: (b, c, h, 0)),
         pl.BlockSpec((SQ, C), lambda b, c, r, h: (b, c)),
     ]
 
@@ -178,6 +197,8 @@ def _backward(rs: RotShape, q, k, qb, kb, inc, a, seg, dqr, dkr):
         inc_spec = pl.BlockSpec((SQ, C, SQ, S), lambda b, c, r, h: (b, c, h, 0))
         a_spec = pl.BlockSpec((SQ, SQ, SQ, S), lambda b, c, r, h: (b, c, h, 0))
         shapes = [(B, nc * C, H, S), (B, nc, H, S)]
+    if rs.trig:  # d cos and d sin, per token like the increments
+        a_spec, shapes[1] = inc_spec, shapes[0]
     cdt = jnp.dtype(rs.cdt)
     du_q, du_k, dqb, dkb, dinc, da = pl.pallas_call(
         functools.partial(_bwd_kernel, rs=rs), grid=(B, nc, R, H),
@@ -201,7 +222,8 @@ def _backward(rs: RotShape, q, k, qb, kb, inc, a, seg, dqr, dkr):
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def rotate_qk(rs: RotShape, q, k, qb, kb, inc, a, seg):
     """q, k (B, Lp, R, G, N); qb, kb (H, R, N) f32; inc (B, Lp, H, S) f32; a (B, nc, H, S) f32;
-    seg (B, Lp) int32 -> rotated q, k per head (B, Lp, R, H, N) in the compute dtype."""
+    seg (B, Lp) int32 -> rotated q, k per head (B, Lp, R, H, N) in the compute dtype.
+    With `rs.trig`, inc and a are cos and sin (B, Lp, H, S) f32 of every token's angle."""
     return _forward(rs, q, k, qb, kb, inc, a, seg)
 
 
