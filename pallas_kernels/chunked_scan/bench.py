@@ -19,6 +19,7 @@ import functools
 import json
 import math
 import os
+import re
 import time
 
 import jax
@@ -146,6 +147,9 @@ def main():
     ap.add_argument("--profile", action="store_true",
                     help="one extra call between cudaProfilerStart/Stop for "
                     "`ncu --profile-from-start off`")
+    ap.add_argument("--dump_hlo", default=None, metavar="DIR",
+                    help="write each case's compiled (optimised) HLO to DIR: which XLA fusion "
+                    "is which kernel of an ncu or trace_summary table")
     args = ap.parse_args()
 
     official = {}
@@ -182,6 +186,12 @@ def main():
                         note = ""
                     if args.profile:
                         profiled(fn, (sets[0],) if mode == "fwd" else (sets[0], douts[0]))
+                    if args.dump_hlo:
+                        call = (sets[0],) if mode == "fwd" else (sets[0], douts[0])
+                        os.makedirs(args.dump_hlo, exist_ok=True)
+                        label = re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{tag}_{name}_{mode}")
+                        with open(os.path.join(args.dump_hlo, label + ".hlo.txt"), "w") as fh:
+                            fh.write(fn.lower(*call).compile().as_text())
                 except Exception as e:  # keep going: report the failure in its row
                     ms, note = None, f"FAILED {type(e).__name__}: {str(e)[:300]}"
                 o_ms = off.get("fwd_infer_ms" if mode == "fwd" else "fwd_bwd_ms")
