@@ -147,6 +147,8 @@ def run_case(case: dict) -> dict:
         pending = m
     last = jax.device_get(pending)
     step_s = (time.perf_counter() - t0) / case["steps"]
+    breakdown = profile_steps(step, state, lambda: tr.put_batch(host_batch),
+                              case.get("profile", 0))
 
     tok_s = tr.tokens_per_step / step_s
     mfu = flops_lib.mfu(tok_s, tr.model_cfg, tr.peak_flops, len(devices), tr.seq_len)
@@ -171,7 +173,32 @@ def run_case(case: dict) -> dict:
                          else None),
         "hlo_mem_gib": None if hlo_bytes is None else round(hlo_bytes / 2**30, 2),
         "loss": float(last["loss"]), "timed_steps": case["steps"],
+        **({"profile_ms_per_step": breakdown} if breakdown else {}),
     }
+
+
+def profile_steps(step, state, next_batch, n: int) -> dict:
+    """n more steps under `jax.profiler`, then their device time per step by kind of work
+    (`mamba3_jax.training.trace_summary`), top kernels included; {} for n = 0."""
+    if not n:
+        return {}
+    import gzip
+
+    import jax
+
+    from mamba3_jax.training import trace_summary
+
+    folder = tempfile.mkdtemp(prefix="bench_train_trace_")
+    jax.profiler.start_trace(folder)
+    for _ in range(n):
+        state, m = step(state, next_batch())
+    jax.block_until_ready((state, m))
+    jax.profiler.stop_trace()
+    with gzip.open(trace_summary.newest_trace(folder)) as f:
+        rows = trace_summary.summarize(json.load(f))
+    out = {k: round(us / 1e3 / n, 3) for k, us in trace_summary.by_kind(rows).items() if us}
+    out["top"] = [[r.name[:60], r.kind, round(r.total_us / 1e3 / n, 3)] for r in rows[:12]]
+    return out
 
 
 def run_in_subprocess(case: dict, timeout: float) -> dict:
@@ -238,6 +265,24 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def profile_table(rows: list[dict]) -> str:
+    """Device ms per step by kind of work, one row per profiled case ('' when none was)."""
+    profiled = [r for r in rows if r.get("profile_ms_per_step")]
+    if not profiled:
+        return ""
+    from mamba3_jax.training.trace_summary import KINDS
+
+    lines = ["", "", "Device time per step by kind of work (ms, `--profile`):", "",
+             "| config | dev | mesh | " + " | ".join(KINDS) + " | total |",
+             "|---" * (len(KINDS) + 4) + "|"]
+    for r in profiled:
+        b = r["profile_ms_per_step"]
+        total = sum(v for k, v in b.items() if k in KINDS)
+        lines.append(f"| {r['config']} | {r['devices']} | {r['mesh']} | "
+                     + " | ".join(f"{b.get(k, 0.0):.1f}" for k in KINDS) + f" | {total:.1f} |")
+    return "\n".join(lines)
+
+
 def plan(args) -> list[dict]:
     configs = ["tiny"] if args.smoke else [c for c in args.configs.split(",") if c]
     unknown = [c for c in configs if c not in CASES]
@@ -253,7 +298,8 @@ def plan(args) -> list[dict]:
                     raise SystemExit(f"--mesh takes dp and/or fsdp, got {mesh!r}")
                 cases.append({"config": name, "devices": n, "mesh": mesh,
                               "micro": args.micro or micro, "accum": args.accum or accum,
-                              "warmup": args.warmup, "steps": args.steps, "set": overrides})
+                              "warmup": args.warmup, "steps": args.steps, "set": overrides,
+                              "profile": args.profile})
     return cases
 
 
@@ -269,6 +315,9 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="config override for every case (repeatable)")
     p.add_argument("--timeout", type=float, default=300.0, help="seconds per case")
+    p.add_argument("--profile", type=int, default=0, metavar="N",
+                   help="after timing, trace N more steps: device ms per step by kind of work "
+                   "and the top kernels, in each row's JSON (trace_summary)")
     p.add_argument("--smoke", action="store_true", help="tiny CPU model, 2 timed steps")
     p.add_argument("--in_process", action="store_true",
                    help="run the cases in this process (tests; peak memory then accumulates)")
@@ -285,7 +334,7 @@ def main(argv=None) -> list[dict]:
         rows.append(row)
         print(json.dumps(row), flush=True)
     add_scaling(rows)
-    text = table(rows)
+    text = table(rows) + profile_table(rows)
     print("\n" + text, flush=True)
     out = os.environ.get("OUT")
     if out:

@@ -16,7 +16,7 @@ import bench_train  # noqa: E402
 
 def test_smoke_run_reports_a_timed_row_and_writes_json(tmp_path, monkeypatch):
     monkeypatch.setenv("OUT", str(tmp_path))
-    rows = bench_train.main(["--smoke", "--in_process"])
+    rows = bench_train.main(["--smoke", "--in_process", "--profile", "1"])
     assert len(rows) == 1
     r = rows[0]
     assert "error" not in r, r
@@ -32,11 +32,16 @@ def test_smoke_run_reports_a_timed_row_and_writes_json(tmp_path, monkeypatch):
     assert r["scaling"] == 1.0
     assert json.loads((tmp_path / "bench_train.json").read_text()) == rows
     assert "| tiny " in (tmp_path / "bench_train.md").read_text()
+    # --profile: one traced step's device time by kind of work, and its top kernels
+    prof = r["profile_ms_per_step"]
+    assert sum(v for k, v in prof.items() if k != "top") > 0 and prof["top"], prof
+    assert "by kind of work" in (tmp_path / "bench_train.md").read_text()
 
 
 def test_plan_devices_meshes_and_overrides():
     args = SimpleNamespace(smoke=False, configs="180m,1.5b", devices="1,2", mesh="dp,fsdp",
-                           micro=0, accum=3, warmup=1, steps=5, set=["train.remat=dots"])
+                           micro=0, accum=3, warmup=1, steps=5, set=["train.remat=dots"],
+                           profile=0)
     cases = bench_train.plan(args)
     assert [(c["config"], c["devices"], c["mesh"]) for c in cases] == [
         ("180m", 1, "dp"), ("180m", 2, "dp"), ("180m", 2, "fsdp"),
