@@ -13,6 +13,10 @@ experiments/results/state_tracking/ (or --out).
     python experiments/state_tracking.py --preset fast --tasks parity --variants mamba3,mamba2
     python experiments/state_tracking.py --preset cpu --tasks parity --seeds 0,1,2,3,4
 
+Every finished cell is kept under <out>/cells/ (one JSON each): a rerun of the same command skips
+them (a study stopped by a 10-minute limit resumes cell by cell), and `--shard i/n` splits the
+cells over processes sharing --out (one per GPU); the tables cover every finished cell.
+
 Rows (--variants): the paper's mamba3, mamba3_std_rope, mamba3_no_rope, mamba2 and gdn (Gated
 DeltaNet, eigenvalues in [-1, 1]) by default; also gdn_01 (eigenvalues in [0, 1]) and
 transformer (Transformer++ with RoPE; not in the paper's table, which has no number for it).
@@ -26,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 import sys
 import time
@@ -208,6 +213,55 @@ def write_results(rows: list[dict], out: str, preset_name: str, p: Preset) -> No
         plot=plot)
 
 
+CELLS = "cells"  # <out>/cells/<task>__<variant>__seed<seed>.json: one finished cell each
+
+
+def _settings(p: Preset) -> dict:
+    return json.loads(json.dumps(dataclasses.asdict(p)))  # as stored (tuples become lists)
+
+
+def cell_file(out: str, task: str, variant: str, seed: int) -> str:
+    return os.path.join(out, CELLS, f"{task}__{variant}__seed{seed}.json")
+
+
+def stored_cells(out: str, preset_name: str, p: Preset) -> list[dict]:
+    """The finished cells under out (any process's), after checking that they were trained
+    with this preset and these settings (a clear error otherwise: another --out is needed)."""
+    folder = os.path.join(out, CELLS)
+    rows = []
+    for name in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
+        if not name.endswith(".json"):
+            continue
+        with open(os.path.join(folder, name)) as f:
+            r = json.load(f)
+        if r.get("preset") != preset_name or r.get("settings") != _settings(p):
+            raise SystemExit(f"{out} holds cells of another preset or settings ({name}: preset "
+                             f"{r.get('preset')!r}); give this run another --out")
+        rows.append(r)
+    return rows
+
+
+def store_cell(out: str, row: dict, preset_name: str, p: Preset) -> None:
+    """Write one finished cell atomically (a killed run never leaves half a file)."""
+    path = cell_file(out, row["task"], row["variant"], row.get("seed", 0))
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = path + f".tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump({**row, "preset": preset_name, "settings": _settings(p)}, f)
+    os.replace(tmp, path)
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """'i/n' -> (i, n): this process takes every n-th cell of the plan, starting at i."""
+    try:
+        i, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise SystemExit(f"--shard takes i/n (e.g. 0/2), got {text!r}") from None
+    if not (n >= 1 and 0 <= i < n):
+        raise SystemExit(f"--shard i/n needs 0 <= i < n, got {text!r}")
+    return i, n
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--preset", default="fast", choices=sorted(PRESETS))
@@ -221,25 +275,38 @@ def main(argv=None):
                     help="tied embeddings and angle pi tanh(angles) dt (the LM rule); "
                          "learns parity on few seeds (docs/tasks.md)")
     ap.add_argument("--out", default="experiments/results/state_tracking")
+    ap.add_argument("--shard", default="0/1", metavar="I/N",
+                    help="take every N-th cell from the I-th (one process per GPU, the same "
+                         "--out: e.g. CUDA_VISIBLE_DEVICES=1 ... --shard 1/2)")
     args = ap.parse_args(argv)
     p = PRESETS[args.preset]
     if args.paper_rotation:
         p = dataclasses.replace(p, tie_embeddings=True, rotation_dt=True)
     seeds = ([int(x) for x in args.seeds.split(",")] if args.seeds else [args.seed])
-    rows = []
+    shard, n_shards = parse_shard(args.shard)
     for t in args.tasks.split(","):
         if t not in LAYERS:
             raise SystemExit(f"unknown task {t!r}; choose from {list(LAYERS)}")
-        for v in args.variants.split(","):
-            if v not in VARIANTS:
-                raise SystemExit(f"unknown variant {v!r}; choose from {list(VARIANTS)}")
-            for seed in seeds:
-                r = train_cell(t, v, p, seed)
-                print(f"{t:20s} {v:16s} seed {seed} scaled acc {r['scaled_acc']:6.2f}  best lr "
-                      f"{r['best_lr']:.2e}  ({r['train_seconds']:.0f}s)", flush=True)
-                rows.append(r)
-                write_results(rows, args.out, args.preset, p)
-    print(open(os.path.join(args.out, "results.md")).read())
+    for v in args.variants.split(","):
+        if v not in VARIANTS:
+            raise SystemExit(f"unknown variant {v!r}; choose from {list(VARIANTS)}")
+    plan = [(t, v, seed) for t in args.tasks.split(",") for v in args.variants.split(",")
+            for seed in seeds][shard::n_shards]
+    stored_cells(args.out, args.preset, p)  # another preset's cells there: stop before training
+    for t, v, seed in plan:
+        if os.path.exists(cell_file(args.out, t, v, seed)):  # finished by an earlier run
+            print(f"{t:20s} {v:16s} seed {seed} done before, kept", flush=True)
+            continue
+        r = train_cell(t, v, p, seed)
+        print(f"{t:20s} {v:16s} seed {seed} scaled acc {r['scaled_acc']:6.2f}  best lr "
+              f"{r['best_lr']:.2e}  ({r['train_seconds']:.0f}s)", flush=True)
+        store_cell(args.out, r, args.preset, p)
+        # the report covers every finished cell under --out, other shards' included
+        write_results(stored_cells(args.out, args.preset, p), args.out, args.preset, p)
+    rows = stored_cells(args.out, args.preset, p)
+    if rows:
+        write_results(rows, args.out, args.preset, p)
+        print(open(os.path.join(args.out, "results.md")).read())
     return rows
 
 

@@ -72,3 +72,31 @@ def test_baseline_rows_build_and_report(tmp_path):
     state_tracking.write_results(rows, str(tmp_path), "ci", p)
     md = (tmp_path / "results.md").read_text()
     assert "| gdn | 50.00 / 100.00 (1s) |" in md and "| transformer | 50.00 / - (1s) |" in md
+
+
+def test_cells_resume_and_shard(tmp_path, monkeypatch):
+    """Finished cells are kept one file each: a rerun skips them, two shards sharing --out
+    together cover the plan, and another preset's cells in --out stop a run with one line."""
+    trained = []
+
+    def fake_cell(task, variant, p, seed=0, log=print):
+        trained.append((task, variant, seed))
+        return {"task": task, "variant": variant, "seed": seed, "scaled_acc": 50.0 + seed,
+                "acc": 0.75, "best_lr": 1e-3, "train_seconds": 1.0, "steps": 1, "params": 1}
+
+    monkeypatch.setattr(state_tracking, "train_cell", fake_cell)
+    out = str(tmp_path)
+    args = ["--preset", "ci", "--tasks", "parity", "--variants", "mamba3,mamba2",
+            "--seeds", "0,1", "--out", out]
+    state_tracking.main(args + ["--shard", "0/2"])
+    assert trained == [("parity", "mamba3", 0), ("parity", "mamba2", 0)]
+    rows = state_tracking.main(args + ["--shard", "1/2"])
+    assert trained[2:] == [("parity", "mamba3", 1), ("parity", "mamba2", 1)]
+    assert len(rows) == 4  # both shards' cells in the tables
+    assert "| mamba3 | 50.50 [50.00, 51.00]" in (tmp_path / "results.md").read_text()
+    state_tracking.main(args)  # everything done: nothing trains again
+    assert len(trained) == 4
+    with pytest.raises(SystemExit, match="another preset or settings"):
+        state_tracking.main(["--preset", "cpu", "--tasks", "parity", "--out", out])
+    with pytest.raises(SystemExit, match="needs 0 <= i < n"):
+        state_tracking.main(args + ["--shard", "2/2"])
