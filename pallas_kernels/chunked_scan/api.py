@@ -165,14 +165,15 @@ def _scalars(inp: SSMInputs, state: SSMState, mimo_x, C: int, R: int, Lp: int):
 
 def prepare_rows(inp: SSMInputs, state: SSMState, mimo_x, C: int, cdt, *, interpret: bool,
                  rotary: str = "kernel", warps_rotary: int = 4, angle_mode: str = "tf32x3",
-                 rotary_chunk: int = 0, rotary_trig: bool = False):
+                 rotary_chunk: int = 0, rotary_trig: bool = False, rotary_heads: int = 1):
     """The pre-pass: the core's operands, the angle at the last token, k rows, padded length and
     whether q, k and the state have their channels in `to_pair_blocks` order.
     rotary: 'kernel' (bias + rotation in `rotate_qk`) or 'xla'. rotary_chunk: tokens per
     program of the rotation kernels (0: C; else min(rotary_chunk, C)): the rotation's chunks
     are independent of the core's (their own carried angles), and smaller ones hold fewer
     registers. rotary_trig: the rotation kernels take cos and sin of every token's angle
-    from XLA (`chunk_angles`) instead of forming the angles (XLA differentiates the rest)."""
+    from XLA (`chunk_angles`) instead of forming the angles (XLA differentiates the rest);
+    with it, rotary_heads heads per backward program sum their gradients in registers."""
     B, L, R, G, N = inp.q.shape
     H = inp.x.shape[2]
     S = inp.angle_inc.shape[-1]
@@ -189,6 +190,7 @@ def prepare_rows(inp: SSMInputs, state: SSMState, mimo_x, C: int, cdt, *, interp
             theta = chunk_angles(inc, seg_r, state.angle, Cr)
             inc, carry = jnp.cos(theta), jnp.sin(theta)
         rs = RotShape(B=B, nc=Lp // Cr, C=Cr, R=R, G=G, H=H, N=N, S=S, trig=bool(rotary_trig),
+                      heads=rotary_heads if rotary_trig else 1,
                       cdt=jnp.dtype(cdt).name, interpret=interpret, angle_mode=angle_mode,
                       # a (C, N) tile: 4 warps on MIMO's 16-token chunks spilled (compile_check)
                       warps=min(warps_rotary, max(1, Cr // 8)))
@@ -257,7 +259,8 @@ def _rows_path(o: _Opts, inp, state, z, D, mimo_x=None, mimo_z=None, mimo_o=None
     ops, theta_last, k_rows, Lp, permuted = prepare_rows(
         inp, state, mimo_x, o.C, cdt, interpret=o.interpret, rotary=o.rotary,
         warps_rotary=o.blocks.warps_rotary, angle_mode=o.blocks.angle_mode,
-        rotary_chunk=o.blocks.rotary_chunk, rotary_trig=bool(o.blocks.rotary_trig))
+        rotary_chunk=o.blocks.rotary_chunk, rotary_trig=bool(o.blocks.rotary_trig),
+        rotary_heads=o.blocks.rotary_heads)
     shape = CoreShape(B=B, H=H, nc=Lp // o.C, C=o.C, R=R, N=N, P=P, cdt=cdt.name,
                       interpret=o.interpret, blocks=o.blocks)
     if gate_in_kernel:
@@ -362,6 +365,9 @@ def chunked_scan(inp: SSMInputs, state: SSMState, *, z, D, mimo_x=None, mimo_z=N
     _check(blocks.rotary_chunk == 0 or (is_pow2(blocks.rotary_chunk) and (
         interpret or blocks.rotary_chunk >= 16)),
            f"rotary_chunk {blocks.rotary_chunk} must be 0 or a power of two (>= 16 compiled)")
+    hg = inp.x.shape[2] // inp.q.shape[3]
+    _check(blocks.rotary_heads >= 1 and hg % blocks.rotary_heads == 0,
+           f"rotary_heads {blocks.rotary_heads} must divide the {hg} heads of a B/C group")
     S = inp.angle_inc.shape[-1]
     plain = N - 2 * S
     if not interpret and S and not (S >= 16 and is_pow2(S) and (plain == 0 or (

@@ -56,6 +56,7 @@ class TritonBlocks:
     warps_rotary: int = 4
     rotary_chunk: int = 0  # tokens per rotation program (0: the core's chunk; prepare_rows)
     rotary_trig: int = 0  # 1: the rotation kernels load cos and sin from XLA (prepare_rows)
+    rotary_heads: int = 1  # with rotary_trig: heads per rotation-backward program (prepare_rows)
     # 1: outside autodiff, SISO without RMSNorm: D and the gate in the output kernel's epilogue
     # (the output is written once, gated, instead of y then an XLA pass over y, x and z).
     inference_gate: int = 1

@@ -51,6 +51,9 @@ class RotShape:
     # True: the kernels take cos and sin of every token's angle (B, Lp, H, S) from XLA instead of
     # the increments and the carried angle, and the backward returns d cos and d sin
     trig: bool = False
+    # with trig: heads per backward program, their un-rotated gradients summed in registers
+    # (a partial group sum per program instead of a row per head; XLA adds the partials)
+    heads: int = 1
 
     @property
     def hg(self) -> int:
@@ -157,6 +160,73 @@ def _bwd_kernel(q_ref, k_ref, qb_ref, kb_ref, x1_ref, x2_ref, sg_ref, dqr_ref, d
     d2_ref[...] = jnp.sum(jnp.where(seg == 0, 1.0, 0.0)[:, None] * dt, axis=0)
 
 
+def _bwd_heads_kernel(q_ref, k_ref, qb_ref, kb_ref, cos_ref, sin_ref, dqr_ref, dkr_ref,
+                      dq_ref, dk_ref, dqb_ref, dkb_ref, dc_ref, ds_ref, *, rs: RotShape):
+    """`rs.heads` heads of one group and chunk (cos and sin loaded): the sum of their un-rotated
+    gradients (float32), per head the bias gradients' partial sums, d cos and d sin."""
+    S, N, cdt = rs.S, rs.N, jnp.dtype(rs.cdt)
+    parts = ((q_ref, qb_ref, dqr_ref, dq_ref, dqb_ref), (k_ref, kb_ref, dkr_ref, dk_ref, dkb_ref))
+    offs = (0, S, 2 * S) if N > 2 * S else (0, S)  # pair member 1, 2, the plain channels
+    acc = [[None] * len(offs) for _ in parts]  # per part: the heads' sums, one per column block
+    for i in range(rs.heads):
+        cos, sin = cos_ref[:, i, :], sin_ref[:, i, :]
+        dc = jnp.zeros(cos.shape, f32)
+        dt = jnp.zeros(cos.shape, f32)
+        for sums, (src, b_ref, d_ref, _, db_ref) in zip(acc, parts, strict=True):
+            a = _biased(src, b_ref[i, pl.ds(0, S)], 0, S, cdt)
+            b = _biased(src, b_ref[i, pl.ds(S, S)], S, S, cdt)
+            da = d_ref[:, i, pl.ds(0, S)].astype(f32)
+            db = d_ref[:, i, pl.ds(S, S)].astype(f32)
+            dc = dc + da * a + db * b
+            dt = dt + db * a - da * b
+            pieces = [da * cos + db * sin, db * cos - da * sin]  # R(theta)^T d
+            if N > 2 * S:  # the unrotated channels pass through
+                pieces.append(d_ref[:, i, pl.ds(2 * S, N - 2 * S)].astype(f32))
+            for j, (piece, off) in enumerate(zip(pieces, offs, strict=True)):
+                sums[j] = piece if sums[j] is None else sums[j] + piece
+                db_ref[i, pl.ds(off, piece.shape[1])] = jnp.sum(piece, axis=0)
+        dc_ref[:, i, :] = dc
+        ds_ref[:, i, :] = dt
+    for sums, (_, _, _, out, _) in zip(acc, parts, strict=True):
+        for piece, off in zip(sums, offs, strict=True):
+            out[:, pl.ds(off, piece.shape[1])] = piece
+
+
+def _backward_heads(rs: RotShape, q, k, qb, kb, cos, sin, dqr, dkr):
+    """The head-blocked backward (`rs.heads` > 1, cos and sin loaded): grid (B, nc, R, H /
+    heads); returns what `_backward` returns."""
+    B, nc, C, R, G, H, N, S, hb = rs.B, rs.nc, rs.C, rs.R, rs.G, rs.H, rs.N, rs.S, rs.heads
+    nb, per_group = H // hb, rs.hg // hb  # head blocks in all, per group
+    grp = pl.BlockSpec((SQ, C, SQ, SQ, N), lambda b, c, r, j: (b, c, r, j // per_group, 0))
+    bias_in = pl.BlockSpec((hb, SQ, N), lambda b, c, r, j: (j, r, 0))
+    trig = pl.BlockSpec((SQ, C, hb, S), lambda b, c, r, j: (b, c, j, 0))
+    rows = pl.BlockSpec((SQ, C, SQ, hb, N), lambda b, c, r, j: (b, c, r, j, 0))
+    part = pl.BlockSpec((SQ, C, SQ, SQ, N), lambda b, c, r, j: (b, c, r, j, 0))
+    bias_out = pl.BlockSpec((SQ, SQ, SQ, hb, N), lambda b, c, r, j: (b, c, r, j, 0))
+    if R > 1:  # d cos, d sin per rank, summed by XLA
+        d_trig = pl.BlockSpec((SQ, C, SQ, hb, S), lambda b, c, r, j: (b, c, r, j, 0))
+        d_shape = (B, nc * C, R, H, S)
+    else:
+        d_trig, d_shape = trig, (B, nc * C, H, S)
+    dq, dk, dqb, dkb, dc, ds = pl.pallas_call(
+        functools.partial(_bwd_heads_kernel, rs=rs), grid=(B, nc, R, nb),
+        in_specs=[grp, grp, bias_in, bias_in, trig, trig, rows, rows],
+        out_specs=[part, part, bias_out, bias_out, d_trig, d_trig],
+        out_shape=[jax.ShapeDtypeStruct((B, nc * C, R, nb, N), f32)] * 2
+        + [jax.ShapeDtypeStruct((B, nc, R, H, N), f32)] * 2
+        + [jax.ShapeDtypeStruct(d_shape, f32)] * 2,
+        interpret=rs.interpret, compiler_params=rs.params, name="mamba3_rotate_qk_bwd_heads",
+    )(q, k, qb, kb, cos, sin, dqr, dkr)
+
+    def group_sum(d):  # head-block partials -> the group's gradient
+        return jnp.sum(d.reshape(B, nc * C, R, G, per_group, N), axis=4)
+
+    if R > 1:
+        dc, ds = jnp.sum(dc, axis=2), jnp.sum(ds, axis=2)
+    return (group_sum(dq), group_sum(dk), jnp.sum(dqb, axis=(0, 1)), jnp.sum(dkb, axis=(0, 1)),
+            dc, ds)
+
+
 def _specs(rs: RotShape):
     """Input BlockSpecs of both kernels, grid (B, nc, R, H): the head's group rows, biases,
     increments and carried angle (or cos and sin: `rs.trig`) and the chunk's segment ids."""
@@ -234,7 +304,10 @@ def _rot_fwd(rs, q, k, qb, kb, inc, a, seg):
 def _rot_bwd(rs, res, cts):
     q, k, qb, kb, inc, a, seg = res
     dqr, dkr = cts
-    dq, dk, dqb, dkb, dinc, da = _backward(rs, q, k, qb, kb, inc, a, seg, dqr, dkr)
+    if rs.trig and rs.heads > 1:
+        dq, dk, dqb, dkb, dinc, da = _backward_heads(rs, q, k, qb, kb, inc, a, dqr, dkr)
+    else:
+        dq, dk, dqb, dkb, dinc, da = _backward(rs, q, k, qb, kb, inc, a, seg, dqr, dkr)
     dqb, dkb = (jnp.swapaxes(d, 0, 1) for d in (dqb, dkb))  # (R, H, N) -> (H, R, N)
     return (dq.astype(q.dtype), dk.astype(k.dtype), dqb.astype(qb.dtype), dkb.astype(kb.dtype),
             dinc, da, None)

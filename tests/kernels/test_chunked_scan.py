@@ -133,16 +133,17 @@ def test_gradients(R, dtype, resets, norm, groups, split):
     check_grads(got, want, GRAD_TOL[dtype])
 
 
-@pytest.mark.parametrize("R,trig", [(1, 0), (1, 1), (2, 1)])
-def test_rotary_chunk_and_trig(R, trig):
+@pytest.mark.parametrize("R,trig,heads", [(1, 0, 1), (1, 1, 2), (2, 1, 1)])
+def test_rotary_chunk_and_trig(R, trig, heads):
     """The rotation kernels on their own, smaller chunks (TritonBlocks.rotary_chunk; their own
-    carried angles and segment ids), and with cos and sin from XLA (rotary_trig): forward,
-    state and every gradient == the reference's, with resets inside and on the edges of
-    rotation chunks."""
+    carried angles and segment ids), with cos and sin from XLA (rotary_trig) and with two heads
+    per backward program (rotary_heads): forward, state and every gradient == the
+    reference's, with resets inside and on the edges of rotation chunks."""
     inp, state, p = make_problem(5, B, 44, R, H, N, P, S, jnp.float32, True, groups=1)
     inp = inp._replace(reset=inp.reset.at[:, 8].set(True).at[:, 23].set(True))
     # compiled tiles: >= 16 rows
-    blocks = TritonBlocks(rotary_chunk=8 if INTERPRET else 16, rotary_trig=trig)
+    blocks = TritonBlocks(rotary_chunk=8 if INTERPRET else 16, rotary_trig=trig,
+                          rotary_heads=heads)
     fn = functools.partial(kernel, chunk=32, blocks=blocks)
     want, want_state = reference(inp, state, **p)
     got, got_state = fn(inp, state, **p)
