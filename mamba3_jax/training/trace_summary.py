@@ -66,10 +66,13 @@ def device_events(trace: dict) -> list[dict]:
         if e.get("ph") == "M" and e.get("name") == "thread_name":
             threads[(e["pid"], e.get("tid"))] = str(e.get("args", {}).get("name", ""))
     gpus = {p for p, n in procs.items() if "/device:gpu" in n.lower()}
+    streams = {key for key, n in threads.items() if key[0] in gpus and n.startswith("Stream")}
+    if gpus and not streams:  # other stream names: every device line but the summaries
+        streams = {key for key, n in threads.items() if key[0] in gpus
+                   and not any(x in n for x in ("XLA Ops", "XLA Modules", "Steps", "TraceMe"))}
     if gpus:
         def keep(e):
-            return e["pid"] in gpus and threads.get((e["pid"], e.get("tid")), "").startswith(
-                "Stream")
+            return (e["pid"], e.get("tid")) in streams
     else:
         def keep(e):
             t = threads.get((e["pid"], e.get("tid")), "")

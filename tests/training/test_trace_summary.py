@@ -57,6 +57,14 @@ def test_gpu_trace_counts_stream_kernels_once_by_kind(tmp_path, capsys):
         main([str(tmp_path), "--steps", "0"])
 
 
+def test_gpu_lines_without_stream_names_still_counted_once():
+    trace = gpu_trace()
+    for e in trace["traceEvents"]:  # another profiler version's line name
+        if e.get("name") == "thread_name" and e["args"]["name"].startswith("Stream"):
+            e["args"]["name"] = "Compute 13"
+    assert sum(by_kind(summarize(trace)).values()) == 350.0  # not the XLA Ops line's 300
+
+
 def test_cpu_trace_of_a_jitted_function(tmp_path):
     f = jax.jit(lambda a: jnp.tanh(a @ a).sum())
     a = jnp.ones((256, 256))
