@@ -366,8 +366,10 @@ def chunked_scan(inp: SSMInputs, state: SSMState, *, z, D, mimo_x=None, mimo_z=N
         interpret or blocks.rotary_chunk >= 16)),
            f"rotary_chunk {blocks.rotary_chunk} must be 0 or a power of two (>= 16 compiled)")
     hg = inp.x.shape[2] // inp.q.shape[3]
-    _check(blocks.rotary_heads >= 1 and hg % blocks.rotary_heads == 0,
-           f"rotary_heads {blocks.rotary_heads} must divide the {hg} heads of a B/C group")
+    _check(blocks.rotary_heads >= 1 and hg % blocks.rotary_heads == 0
+           and (blocks.rotary_heads == 1 or blocks.rotary_trig),
+           f"rotary_heads {blocks.rotary_heads} must divide the {hg} heads of a B/C group "
+           "and needs rotary_trig")
     S = inp.angle_inc.shape[-1]
     plain = N - 2 * S
     if not interpret and S and not (S >= 16 and is_pow2(S) and (plain == 0 or (

@@ -172,6 +172,10 @@ def test_bad_options_rejected():
         kernel(inp, state, 16, rotary="fast", **p)
     with pytest.raises(backends.Unsupported, match="block bp"):
         kernel(inp, state, 16, TritonBlocks(bp=24), **p)
+    with pytest.raises(backends.Unsupported, match="rotary_chunk 12"):
+        kernel(inp, state, 16, TritonBlocks(rotary_chunk=12), **p)
+    with pytest.raises(backends.Unsupported, match="needs rotary_trig"):
+        kernel(inp, state, 16, TritonBlocks(rotary_heads=2), **p)
 
 
 @pytest.mark.parametrize("R", [2])  # R = 1 hand-over: test_decode_kernel's prefill test
