@@ -64,11 +64,12 @@ def _mod_scan(keep, total, angle0):
     return jnp.concatenate([angle0[:, None], after[:, :-1]], axis=1)
 
 
-def chunk_angles(inc, seg, angle0, C: int):
+def chunk_angles(inc, seg, angle0, C: int, carry=None):
     """Cumulative rotary angles theta (B, Lp, H, S) float32 from increments inc (B, Lp, H, S),
     chunk-local segment ids seg (B, Lp) (resets so far in the chunk, the reset token included)
     and the angle before the first token (B, H, S). Equal to the sequential accumulation mod
-    2 pi: inside a chunk a prefix-sum dot, across chunks a scan of the chunk totals."""
+    2 pi: inside a chunk a prefix-sum dot, across chunks a scan of the chunk totals (or the
+    angle entering every chunk, `carry` (B, nc, H, S), when the caller has it: `chunk_carry`)."""
     B, Lp, H, S = inc.shape
     nc = Lp // C
     sg = seg.reshape(B, nc, C)
@@ -76,8 +77,9 @@ def chunk_angles(inc, seg, angle0, C: int):
     tri = ((t[:, None] >= t[None, :]) & (sg[..., :, None] == sg[..., None, :])).astype(f32)
     local = jnp.einsum("bcts,bcshk->bcthk", tri, inc.reshape(B, nc, C, H, S),
                        precision=jax.lax.Precision.HIGHEST)
-    keep = (sg[:, :, -1] == 0).astype(f32)  # no reset in the chunk: the angle carries through
-    carry = _mod_scan(keep, local[:, :, -1], angle0.astype(f32))  # (B, nc, H, S)
+    if carry is None:
+        keep = (sg[:, :, -1] == 0).astype(f32)  # no reset in the chunk: the angle carries through
+        carry = _mod_scan(keep, local[:, :, -1], angle0.astype(f32))  # (B, nc, H, S)
     theta = local + jnp.where((sg == 0)[..., None, None], carry[:, :, None], 0.0)
     return theta.reshape(B, Lp, H, S)
 
@@ -187,7 +189,7 @@ def prepare_rows(inp: SSMInputs, state: SSMState, mimo_x, C: int, cdt, *, interp
             jnp.zeros((B, L), bool) if inp.reset is None else inp.reset, padt, Lp, Cr)
         inc, carry, theta_last = _carried_angles(inp, state, seg_r, padt, Cr, L)
         if rotary_trig:
-            theta = chunk_angles(inc, seg_r, state.angle, Cr)
+            theta = chunk_angles(inc, seg_r, state.angle, Cr, carry)
             inc, carry = jnp.cos(theta), jnp.sin(theta)
         rs = RotShape(B=B, nc=Lp // Cr, C=Cr, R=R, G=G, H=H, N=N, S=S, trig=bool(rotary_trig),
                       heads=rotary_heads if rotary_trig else 1,
@@ -305,7 +307,7 @@ def _fused_path(o: _Opts, inp, state, z, D):
     a_last = jnp.mod(theta_last, TWO_PI)
     trig = None
     if o.blocks.fused_inference == 2:  # every token's cos and sin from XLA, loaded by the kernels
-        theta = chunk_angles(inc, seg, state.angle, C)
+        theta = chunk_angles(inc, seg, state.angle, C, carry)
         trig = (jnp.cos(theta), jnp.sin(theta))
     out, g_last = fused_forward(
         group(inp.q), group(inp.k), bias(inp.q_bias), bias(inp.k_bias), inc, carry,
@@ -397,9 +399,7 @@ def chunked_scan(inp: SSMInputs, state: SSMState, *, z, D, mimo_x=None, mimo_z=N
     # Per-device kernels (shard_map) are opt-in: XLA 0.11.2 crashed (SIGSEGV) compiling the
     # 180M train step with them on two H200s, while the trainer's per-device data-parallel
     # step (training/step.py) runs the kernels on each shard without it (docs/kernels.md).
-    if os.environ.get("MAMBA3_KERNEL_SHARD_MAP") != "1":
-        return run(inp._replace(q_bias=None, k_bias=None), state, z, inp.q_bias, inp.k_bias, D,
-                   mimo_x, mimo_z, mimo_o, norm_weight)
-    return batch_parallel(run, (True, True, True) + (False,) * 7)(
-        inp._replace(q_bias=None, k_bias=None), state, z, inp.q_bias, inp.k_bias, D, mimo_x,
-        mimo_z, mimo_o, norm_weight)
+    if os.environ.get("MAMBA3_KERNEL_SHARD_MAP") == "1":
+        run = batch_parallel(run, (True, True, True) + (False,) * 7)
+    return run(inp._replace(q_bias=None, k_bias=None), state, z, inp.q_bias, inp.k_bias, D,
+               mimo_x, mimo_z, mimo_o, norm_weight)
