@@ -117,6 +117,16 @@ def _fwd_kernel(q_ref, k_ref, qb_ref, kb_ref, x1_ref, x2_ref, sg_ref, qr_ref, kr
                 src, b_ref[pl.ds(2 * S, N - 2 * S)], 2 * S, N - 2 * S, cdt).astype(out.dtype)
 
 
+def _unrotate(da, db, cos, sin):
+    """R(theta)^T on a rotated pair's gradients: the gradients of the pair before rotation."""
+    return da * cos + db * sin, db * cos - da * sin
+
+
+def _d_cos_sin(a, b, da, db):
+    """d cos and d sin of the rotated pair (a c - b s, a s + b c), given its gradients."""
+    return da * a + db * b, db * a - da * b
+
+
 def _bwd_kernel(q_ref, k_ref, qb_ref, kb_ref, x1_ref, x2_ref, sg_ref, dqr_ref, dkr_ref,
                 dq_ref, dk_ref, dqb_ref, dkb_ref, d1_ref, d2_ref, *, rs: RotShape):
     """One head and chunk: un-rotated gradients (summed over the group's heads by XLA), the
@@ -137,12 +147,12 @@ def _bwd_kernel(q_ref, k_ref, qb_ref, kb_ref, x1_ref, x2_ref, sg_ref, dqr_ref, d
         b = _biased(src, b_ref[pl.ds(S, S)], S, S, cdt)
         da = d_ref[:, pl.ds(0, S)].astype(f32)
         db = d_ref[:, pl.ds(S, S)].astype(f32)
-        if rs.trig:  # (a c - b s, a s + b c): d c = da a + db b, d s = db a - da b
-            dc = dc + da * a + db * b
-            dt = dt + db * a - da * b
+        if rs.trig:
+            gc, gs = _d_cos_sin(a, b, da, db)
+            dc, dt = dc + gc, dt + gs
         else:
             dt = dt + db * (a * cos - b * sin) - da * (a * sin + b * cos)
-        for off, du in ((0, da * cos + db * sin), (S, db * cos - da * sin)):  # R(theta)^T d
+        for off, du in zip((0, S), _unrotate(da, db, cos, sin), strict=True):
             out[:, pl.ds(off, S)] = du.astype(out.dtype)
             db_ref[pl.ds(off, S)] = jnp.sum(du, axis=0)
     if N > 2 * S:  # the unrotated channels pass through
@@ -177,9 +187,9 @@ def _bwd_heads_kernel(q_ref, k_ref, qb_ref, kb_ref, cos_ref, sin_ref, dqr_ref, d
             b = _biased(src, b_ref[i, pl.ds(S, S)], S, S, cdt)
             da = d_ref[:, i, pl.ds(0, S)].astype(f32)
             db = d_ref[:, i, pl.ds(S, S)].astype(f32)
-            dc = dc + da * a + db * b
-            dt = dt + db * a - da * b
-            pieces = [da * cos + db * sin, db * cos - da * sin]  # R(theta)^T d
+            gc, gs = _d_cos_sin(a, b, da, db)
+            dc, dt = dc + gc, dt + gs
+            pieces = list(_unrotate(da, db, cos, sin))
             if N > 2 * S:  # the unrotated channels pass through
                 pieces.append(d_ref[:, i, pl.ds(2 * S, N - 2 * S)].astype(f32))
             for j, (piece, off) in enumerate(zip(pieces, offs, strict=True)):
