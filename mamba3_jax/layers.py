@@ -21,7 +21,13 @@ from mamba3_jax.baselines.mamba2 import Mamba2
 from mamba3_jax.config import ModelConfig
 from mamba3_jax.nn import Frozen, RMSNorm, SwiGLU, linear, torch_linear_init
 from mamba3_jax.ops.discretization import init_dt_bias
-from mamba3_jax.ops.mixer import MixerCache, causal_conv, prepare, split_in_proj
+from mamba3_jax.ops.mixer import (
+    MixerCache,
+    causal_conv,
+    empty_conv_window,
+    prepare,
+    split_in_proj,
+)
 from mamba3_jax.ops.ssm import SSMState
 
 
@@ -70,9 +76,7 @@ class Mamba3(nnx.Module):
         ssm = SSMState.zeros(batch, cfg.nheads, cfg.headdim, cfg.d_state, cfg.num_rope_angles,
                              cfg.mimo_rank, dtype=jnp.dtype(cfg.dtype),
                              state_dtype=jnp.dtype(cfg.state_dtype))
-        conv = (jnp.zeros((batch, cfg.d_conv - 1, cfg.conv_channels), jnp.dtype(cfg.dtype))
-                if cfg.d_conv else None)
-        return MixerCache(ssm=ssm, conv=conv)
+        return MixerCache(ssm=ssm, conv=empty_conv_window(cfg, batch))
 
     def __call__(self, u: jax.Array, *, reset: Optional[jax.Array] = None,
                  cache: Optional[MixerCache] = None, backend: Optional[str] = None):

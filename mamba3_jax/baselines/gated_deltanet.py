@@ -28,7 +28,7 @@ from mamba3_jax.config import ModelConfig
 from mamba3_jax.nn import linear, torch_linear_init
 from mamba3_jax.ops.delta import delta_rule, l2_normalize
 from mamba3_jax.ops.discretization import init_dt_bias
-from mamba3_jax.ops.mixer import causal_conv, split_in_proj
+from mamba3_jax.ops.mixer import causal_conv, empty_conv_window, split_in_proj
 from mamba3_jax.ops.norms import rms_norm
 
 
@@ -68,9 +68,7 @@ class GatedDeltaNet(nnx.Module):
         cfg = self.cfg
         state = jnp.zeros((batch, cfg.nheads, cfg.headdim, cfg.d_state),
                           jnp.dtype(cfg.state_dtype))
-        conv = (jnp.zeros((batch, cfg.d_conv - 1, cfg.conv_channels), jnp.dtype(cfg.dtype))
-                if cfg.d_conv else None)
-        return DeltaCache(state=state, conv=conv)
+        return DeltaCache(state=state, conv=empty_conv_window(cfg, batch))
 
     def __call__(self, u: jax.Array, *, reset: Optional[jax.Array] = None,
                  cache: Optional[DeltaCache] = None, backend: Optional[str] = None):

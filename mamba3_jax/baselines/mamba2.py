@@ -18,7 +18,7 @@ from flax import nnx
 from mamba3_jax.config import ModelConfig
 from mamba3_jax.nn import linear, torch_linear_init
 from mamba3_jax.ops.discretization import init_dt_bias
-from mamba3_jax.ops.mixer import MixerCache, causal_conv, split_in_proj
+from mamba3_jax.ops.mixer import MixerCache, causal_conv, empty_conv_window, split_in_proj
 from mamba3_jax.ops.norms import rms_norm
 from mamba3_jax.ops.ssm import SSM_FORMS, SSMInputs, SSMState, ssm
 
@@ -52,8 +52,7 @@ class Mamba2(nnx.Module):
         ssm_state = SSMState.zeros(batch, cfg.nheads, cfg.headdim, cfg.d_state, 0, 1,
                                    dtype=jnp.dtype(cfg.dtype),
                                    state_dtype=jnp.dtype(cfg.state_dtype))
-        conv = jnp.zeros((batch, cfg.d_conv - 1, cfg.conv_channels), jnp.dtype(cfg.dtype))
-        return MixerCache(ssm=ssm_state, conv=conv)
+        return MixerCache(ssm=ssm_state, conv=empty_conv_window(cfg, batch))
 
     def __call__(self, u, *, reset: Optional[jax.Array] = None,
                  cache: Optional[MixerCache] = None, backend: Optional[str] = None):

@@ -35,6 +35,14 @@ def split_in_proj(zxbc: jax.Array, cfg: ModelConfig) -> dict:
     return out
 
 
+def empty_conv_window(cfg: ModelConfig, batch: int) -> Optional[jax.Array]:
+    """The causal conv's decode cache before any token: the last d_conv - 1 inputs, zeros
+    (B, d_conv - 1, conv_channels); None without a conv."""
+    if not cfg.d_conv:
+        return None
+    return jnp.zeros((batch, cfg.d_conv - 1, cfg.conv_channels), jnp.dtype(cfg.dtype))
+
+
 def causal_conv(u: jax.Array, weight: jax.Array, bias: jax.Array, reset: Optional[jax.Array],
                 window: Optional[jax.Array]):
     """Depthwise causal conv (+ SiLU) that does not look across segment starts.
