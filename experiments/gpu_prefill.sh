@@ -7,6 +7,9 @@
 set -u
 OUT=${OUT:-out}; mkdir -p "$OUT"
 export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+# No 75% preallocation: a profiled process can outlive ncu (session 6: the second pass and the
+# bench after it ran out of memory beside a leftover one), and torch shares the device here.
+export XLA_PYTHON_CLIENT_PREALLOCATE=false
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem --format=csv,noheader
 if [ -n "${NCU:-}" ]; then  # NCU_VARIANT: one variant, or a '|'-separated list (one ncu pass each)
   IFS='|' read -r -a ncu_variants <<< "${NCU_VARIANT:-ours}"
@@ -20,6 +23,7 @@ if [ -n "${NCU:-}" ]; then  # NCU_VARIANT: one variant, or a '|'-separated list 
       | tee "$OUT/ncu_summary_$i.txt"
     grep -q mamba3 "$OUT/ncu_summary_$i.txt" || tail -5 "$OUT/ncu_$i.err"  # nothing recorded: why
     rm -f "$OUT/ncu_$i.csv" "$OUT/ncu_$i.err"  # the summaries come back (8 files at most)
+    pkill -9 -f pallas_kernels.chunked_scan.bench; sleep 1  # the profiled process, if it lingers
   done
 fi
 (cd .official && OFFICIAL_DIR=. OUT="$OUT" python3 fast.py > "$OUT/official.log" 2>&1) \
