@@ -188,7 +188,9 @@ def profile_steps(step, state, next_batch, n: int) -> dict:
 
     from mamba3_jax.training import trace_summary
 
-    folder = tempfile.mkdtemp(prefix="bench_train_trace_")
+    # BENCH_TRAIN_TRACE_DIR keeps the trace (e.g. for `trace_summary --top 80` on the machine)
+    folder = (os.environ.get("BENCH_TRAIN_TRACE_DIR") and tempfile.mkdtemp(
+        dir=os.environ["BENCH_TRAIN_TRACE_DIR"])) or tempfile.mkdtemp(prefix="bench_train_trace_")
     jax.profiler.start_trace(folder)
     for _ in range(n):
         state, m = step(state, next_batch())

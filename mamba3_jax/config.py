@@ -21,7 +21,9 @@ DTYPES = ("float32", "bfloat16", "float16")
 # matmul outputs (jax.checkpoint_policies.dots[_with_no_batch_dims]_saveable);
 # "names:a,b": keep only the activations tagged with these names in layers.py.
 REMAT_KINDS = ("none", "full", "dots", "dots_no_batch")
-REMAT_NAMES = ("in_proj", "ssm_out", "mixer_out", "mlp_hidden", "mlp_out")
+REMAT_NAMES = ("in_proj", "ssm_out", "mixer_out", "mlp_hidden", "mlp_out", "kernels")
+# "kernels" is not a checkpoint_name: it saves the outputs of every Pallas kernel (the SSM's
+# forward kernels then run once; their residuals live behind a custom_vjp, out of names' reach)
 # Attribute of the model holding the stacked layers (scan_layers): every variable below it has a
 # leading layer (or layer-group) axis. See ModelConfig.stacked_location.
 STACKED = "blocks"

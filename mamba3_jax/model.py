@@ -56,9 +56,18 @@ def remat_policy(spec: str) -> Optional[Callable]:
     wanted (the caller checks), "full" -> None (jax's default: save nothing)."""
     kind, names = parse_remat(spec)
     cp = jax.checkpoint_policies
+    if "kernels" in names:  # a policy sees the primitives inside a custom_vjp's forward rule
+        names = tuple(n for n in names if n != "kernels")
+        return cp.save_from_both_policies(
+            cp.save_only_these_names(*names) if names else cp.nothing_saveable,
+            _pallas_outputs_saveable)
     return {"none": None, "full": None, "dots": cp.dots_saveable,
             "dots_no_batch": cp.dots_with_no_batch_dims_saveable,
             "names": cp.save_only_these_names(*names) if names else None}[kind]
+
+
+def _pallas_outputs_saveable(prim, *_, **__) -> bool:
+    return prim.name == "pallas_call"
 
 
 def apply_layer(graphdef, remat: str, *, prevent_cse: bool = True) -> Callable:

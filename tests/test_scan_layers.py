@@ -116,3 +116,66 @@ def test_decode_and_generation_with_stacked_caches():
     a = generate(unrolled, toks, jax.random.PRNGKey(3), max_new_tokens=4, prefill_chunk=5)
     b = generate(scanned, toks, jax.random.PRNGKey(3), max_new_tokens=4, prefill_chunk=5)
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+REMAT_PAPER = "names:in_proj,ssm_out,mixer_out,mlp_hidden"
+
+
+def _forward_kernel_copies(remat, monkeypatch):
+    """How many times each Pallas kernel is lowered in a 2-layer scanned model's value and
+    gradient, lowered for CUDA on this host (a recomputed forward kernel is lowered twice)."""
+    import collections
+    import re
+
+    import pallas_kernels
+    from mamba3_jax import backends
+
+    class _OnGpu:  # what resolve() and the kernel wrapper ask; lowering needs no device
+        def __getattr__(self, name):
+            return getattr(jax, name)
+
+        def default_backend(self):
+            return "gpu"
+
+    monkeypatch.setattr(backends, "jax", _OnGpu())
+    monkeypatch.setattr(pallas_kernels, "on_gpu", lambda: True)
+    cfg = ModelConfig(vocab_size=64, d_model=128, n_layer=2, d_state=64, headdim=32,
+                      chunk_size=16, scan_backend="pallas", scan_layers=True, dtype="bfloat16")
+    graphdef, params, rest = nnx.split(Mamba3LM(cfg, rngs=nnx.Rngs(0)), nnx.Param, ...)
+    toks = jnp.zeros((2, 64), jnp.int32)
+
+    def loss(p):
+        h, _ = nnx.merge(graphdef, p, rest).features(toks, remat=remat)
+        return jnp.sum(h.astype(jnp.float32))
+
+    text = jax.jit(jax.value_and_grad(loss)).trace(params).lower(
+        lowering_platforms=("cuda",)).as_text()
+    return collections.Counter(re.findall(r'name\s*=\s*"(mamba3_[a-z_]+)"', text))
+
+
+def test_kernels_remat_keeps_the_ssm_forward_kernels_from_running_twice(monkeypatch):
+    """Under a names policy the SSM's forward kernels are recomputed in the backward pass (their
+    residuals sit behind a custom_vjp); adding "kernels" saves every Pallas kernel's outputs."""
+    forward = ("mamba3_rotate_qk", "mamba3_ssd_state", "mamba3_ssd_output")
+    names = _forward_kernel_copies(REMAT_PAPER, monkeypatch)
+    kept = _forward_kernel_copies(REMAT_PAPER + ",kernels", monkeypatch)
+    assert all(names[k] == 2 for k in forward), names
+    assert all(kept[k] == 1 for k in forward), kept
+    assert kept["mamba3_ssd_grad_dq"] == names["mamba3_ssd_grad_dq"] == 1
+
+
+def test_kernels_remat_gradients_match():
+    cfg = CFG.replace(scan_backend="pallas_interpret", scan_layers=True, mimo_rank=1,
+                      n_layer=2, d_conv=0, chunk_size=16)
+    graphdef, params, rest = nnx.split(Mamba3LM(cfg, rngs=nnx.Rngs(0)), nnx.Param, ...)
+    toks = jax.random.randint(jax.random.PRNGKey(3), (2, 24), 0, cfg.vocab_size)
+
+    def grads(remat):
+        def loss(p):
+            h, _ = nnx.merge(graphdef, p, rest).features(toks, remat=remat)
+            return jnp.mean(jax.nn.log_softmax(nnx.merge(graphdef, p, rest).logits(h))[..., 3])
+        return nnx.to_pure_dict(jax.jit(jax.grad(loss))(params))
+
+    ref = grads("none")
+    _assert_trees_close(grads(REMAT_PAPER + ",kernels"), ref, 1e-5)
+    _assert_trees_close(grads("names:kernels"), ref, 1e-5)

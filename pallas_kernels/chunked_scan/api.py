@@ -216,6 +216,17 @@ def prepare_rows(inp: SSMInputs, state: SSMState, mimo_x, C: int, cdt, *, interp
     return (q, k, v, cs, sc, gm, seg_rows, g0), theta_last, k, Lp, permuted
 
 
+@jax.custom_vjp
+def _cotangent_barrier(a):
+    """The identity; its cotangent is computed behind an optimization barrier (no XLA fusion
+    across it: `TritonBlocks.grad_barrier`)."""
+    return a
+
+
+_cotangent_barrier.defvjp(lambda a: (a, None),
+                          lambda _, g: (jax.lax.optimization_barrier(g),))
+
+
 # ----------------------------------------------------------------------------- registry
 
 
@@ -258,6 +269,9 @@ def _rows_path(o: _Opts, inp, state, z, D, mimo_x=None, mimo_z=None, mimo_o=None
     H, P = inp.x.shape[2], inp.x.shape[3]
     S = inp.angle_inc.shape[-1]
     cdt = jnp.dtype(inp.x.dtype)
+    if o.blocks.grad_barrier:
+        inp = inp._replace(**{f: _cotangent_barrier(getattr(inp, f))
+                              for f in ("log_decay", "gamma", "eta")})
     ops, theta_last, k_rows, Lp, permuted = prepare_rows(
         inp, state, mimo_x, o.C, cdt, interpret=o.interpret, rotary=o.rotary,
         warps_rotary=o.blocks.warps_rotary, angle_mode=o.blocks.angle_mode,
@@ -275,9 +289,13 @@ def _rows_path(o: _Opts, inp, state, z, D, mimo_x=None, mimo_z=None, mimo_o=None
         y, g_last = IMPLEMENTATIONS[o.impl](shape, *ops)
         y = y.reshape(B, Lp, R, H, P)[:, :L]
         out = gate_output(y, inp.x, z, D, mimo_x, mimo_z, mimo_o, norm_weight, o.norm_eps)
-    last = k_rows.reshape(B, Lp, R, H, N)[:, L - 1]
-    if permuted:  # back to the model's channel order
-        last, g_last = from_pair_blocks(last, S), from_pair_blocks(g_last, S)
+    if permuted:  # the kernels' rows and state are in pair-block order
+        g_last = from_pair_blocks(g_last, S)
+        # the last k row again, in XLA: slicing the kernel's rows would add its gradient to
+        # all of d k rows (a full read and write of them, 2.6% of the 180M train step)
+        last = _per_head_rows(inp.k[:, L - 1:], inp.k_bias, theta_last[:, None], H, cdt)
+    else:
+        last = k_rows.reshape(B, Lp, R, H, N)[:, L - 1]
     final = SSMState(
         angle=jnp.mod(theta_last, TWO_PI) if S else state.angle.astype(f32),
         h=g_last.astype(state.h.dtype),
