@@ -216,17 +216,6 @@ def prepare_rows(inp: SSMInputs, state: SSMState, mimo_x, C: int, cdt, *, interp
     return (q, k, v, cs, sc, gm, seg_rows, g0), theta_last, k, Lp, permuted
 
 
-@jax.custom_vjp
-def _cotangent_barrier(a):
-    """The identity; its cotangent is computed behind an optimization barrier (no XLA fusion
-    across it: `TritonBlocks.grad_barrier`)."""
-    return a
-
-
-_cotangent_barrier.defvjp(lambda a: (a, None),
-                          lambda _, g: (jax.lax.optimization_barrier(g),))
-
-
 # ----------------------------------------------------------------------------- registry
 
 
@@ -269,9 +258,6 @@ def _rows_path(o: _Opts, inp, state, z, D, mimo_x=None, mimo_z=None, mimo_o=None
     H, P = inp.x.shape[2], inp.x.shape[3]
     S = inp.angle_inc.shape[-1]
     cdt = jnp.dtype(inp.x.dtype)
-    if o.blocks.grad_barrier:
-        inp = inp._replace(**{f: _cotangent_barrier(getattr(inp, f))
-                              for f in ("log_decay", "gamma", "eta")})
     ops, theta_last, k_rows, Lp, permuted = prepare_rows(
         inp, state, mimo_x, o.C, cdt, interpret=o.interpret, rotary=o.rotary,
         warps_rotary=o.blocks.warps_rotary, angle_mode=o.blocks.angle_mode,

@@ -72,12 +72,6 @@ class TritonBlocks:
     # of the rotation kernel: 1.90 vs 2.29 ms at B8 L2048 H32 R4 on an H200; under autodiff
     # the kernel's rotation stays (fwd+bwd 9.27 vs 10.03 ms with XLA's)
     mimo_xla_rotation: int = 1
-    # 1: the gradients of the per-token scalars (log decay, gamma, eta) leave the layer in the
-    # caller's (B, L, H) layout behind an optimization barrier, so that XLA cannot fuse their
-    # (B, H, L) -> (B, L, H) transpose with the sum over pairs of the angle gradient: one
-    # transpose-emitter fusion at ~1 TB/s, the largest XLA kernel of the 180M train step
-    # (session 6 profile, `input_transpose_fusion_3`: 4.2% of the step)
-    grad_barrier: int = 1
     angle_mode: str = "tf32x3"  # rotation kernels' prefix-sum dots: 'tf32x3' or 'ieee'
     f32_mode: str = "tf32x3"
 
