@@ -41,6 +41,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from mamba3_jax.benchmark import (  # noqa: E402
     H100_COPY_BYTES_PER_S,
     H100_MATMUL_FLOPS,
+    CompileWatch,
     announce_ceilings,
     device_name,
     git_commit,
@@ -129,21 +130,25 @@ def build_fns(model: Mamba3LM):
     return state, prefill_piece, decode
 
 
-def run_length(model, fns, batch: int, L: int, piece: int, key):
+def run_length(model, fns, batch: int, L: int, piece: int, key, warmup: bool = False):
     state, prefill_piece, decode = fns
     prompt = jax.random.randint(key, (batch, L), 0, model.cfg.vocab_size)
     pieces = [prompt[:, i:i + piece] for i in range(0, L, piece)]
     jax.block_until_ready(pieces)
-    t0 = time.perf_counter()
-    cache = model.init_cache(batch)
-    for p in pieces:
-        logits, cache = prefill_piece(state, p, cache)
-    jax.block_until_ready(logits)
-    t1 = time.perf_counter()
-    token = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    token, cache = decode(state, token, cache, L)
-    jax.block_until_ready(token)
-    t2 = time.perf_counter()
+    with CompileWatch() as watch:  # a compile here would be timed: reported with the row
+        t0 = time.perf_counter()
+        cache = model.init_cache(batch)
+        for p in pieces:
+            logits, cache = prefill_piece(state, p, cache)
+        jax.block_until_ready(logits)
+        t1 = time.perf_counter()
+        token = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        token, cache = decode(state, token, cache, L)
+        jax.block_until_ready(token)
+        t2 = time.perf_counter()
+    if watch.count and not warmup:
+        print(f"warning: L={L}: {watch.count} compilation(s), {watch.seconds:.1f} s, inside the "
+              "timed region", flush=True)
     return t1 - t0, t2 - t0
 
 
@@ -196,7 +201,7 @@ def main(argv=None):
                           functools.partial(model.init_cache, args.batch))))
         paper_sizes = sizes.with_vocab(PAPER_VOCAB, cfg.vocab_size, cfg.d_model, 2)  # bf16
         run_length(model, fns, args.batch, min(lengths), args.piece,
-                   jax.random.PRNGKey(0))  # compile both functions
+                   jax.random.PRNGKey(0), warmup=True)  # compile both functions
         for L in lengths:
             pre_s, total_s = run_length(model, fns, args.batch, L, args.piece,
                                         jax.random.PRNGKey(L))

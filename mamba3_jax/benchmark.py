@@ -265,7 +265,37 @@ def measure_matmul_rate(n: int = 8192) -> float:
     return max(v for v in measure_matmul_rates(n).values() if isinstance(v, float))
 
 
+class CompileWatch:
+    """Counts XLA compilations (and their seconds) while active: a benchmark's timed region
+    should have none. `with CompileWatch() as w: ...; w.count, w.seconds`."""
+
+    _active: list = []
+    _registered = False
+
+    def __enter__(self):
+        if not CompileWatch._registered:
+            jax.monitoring.register_event_duration_secs_listener(CompileWatch._on_event)
+            CompileWatch._registered = True
+        self.count, self.seconds = 0, 0.0
+        CompileWatch._active.append(self)
+        return self
+
+    def __exit__(self, *exc):
+        CompileWatch._active.remove(self)
+
+    @staticmethod
+    def _on_event(name, seconds, **_):
+        if name == "/jax/core/compile/backend_compile_duration":
+            for w in CompileWatch._active:
+                w.count += 1
+                w.seconds += seconds
+
+
 def git_commit() -> str:
+    """$MAMBA3_COMMIT when set (a device machine's copy of the tree may carry stale git
+    metadata: set it to the local HEAD in the call), else the checkout's short HEAD."""
+    if os.environ.get("MAMBA3_COMMIT"):
+        return os.environ["MAMBA3_COMMIT"]
     try:
         return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"],
                                        text=True, stderr=subprocess.DEVNULL).strip()
@@ -301,22 +331,35 @@ def publish(intro: str, table: str, *, out_name: str, section: str, write_docs: 
     if out_dir:
         Path(out_dir, out_name).write_text(text + "\n")
     if write_docs:
-        replace_doc_section(section, doc_preamble + text)
+        replace_doc_section(section, text, preamble=doc_preamble)
 
 
-def replace_doc_section(title: str, body: str, path: Optional[Path] = None) -> None:
-    """Replace the Markdown section starting at `title` (up to the next '## ') in
-    docs/benchmarks.md with `title` + `body`, or append it when absent."""
+GENERATED_BEGIN, GENERATED_END = "<!-- generated -->", "<!-- end generated -->"
+
+
+def replace_doc_section(title: str, body: str, path: Optional[Path] = None,
+                        preamble: str = "") -> None:
+    """Put `body` into the Markdown section starting at `title` (up to the next '## ') of
+    docs/benchmarks.md: between its GENERATED_BEGIN / GENERATED_END markers when it has them (the
+    section's hand-written text around them stays), else as the whole section after
+    `preamble`; appended as a new section when absent."""
     path = path or Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
-    section = title + "\n\n" + body.strip("\n") + "\n"
+    generated = GENERATED_BEGIN + "\n" + body.strip("\n") + "\n" + GENERATED_END
     text = path.read_text() if path.exists() else "# Benchmarks\n"
     start = text.find(title)
-    if start >= 0:
-        end = text.find("\n## ", start + len(title))
-        text = text[:start] + section + (text[end:] if end >= 0 else "")
+    whole = title + "\n\n" + (preamble.strip("\n") + "\n\n" if preamble else "") + generated
+    if start < 0:
+        path.write_text(text.rstrip("\n") + "\n\n" + whole + "\n")
+        return
+    end = text.find("\n## ", start + len(title))
+    end = len(text) if end < 0 else end
+    section = text[start:end]
+    a, b = section.find(GENERATED_BEGIN), section.find(GENERATED_END)
+    if 0 <= a < b:
+        section = section[:a] + generated + section[b + len(GENERATED_END):]
     else:
-        text = text.rstrip("\n") + "\n\n" + section
-    path.write_text(text)
+        section = whole + "\n"
+    path.write_text(text[:start] + section + text[end:])
 
 
 if __name__ == "__main__":  # python -m mamba3_jax.benchmark [--smoke]: the ceilings only
