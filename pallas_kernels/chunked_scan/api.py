@@ -28,11 +28,10 @@ import jax.numpy as jnp
 
 from mamba3_jax.ops.mixer import gate_output
 from mamba3_jax.ops.rotary import TWO_PI, rotate
-from mamba3_jax.ops.ssm import SSMInputs, SSMState, lift, per_head
+from mamba3_jax.ops.ssm import SSMInputs, SSMState, lift
 from pallas_kernels._compat import KernelUnsupported, batch_parallel, is_pow2
 from pallas_kernels.chunked_scan import pallas_triton
 from pallas_kernels.chunked_scan.pallas_triton import CoreShape, TritonBlocks
-from pallas_kernels.chunked_scan.pallas_triton_fused import fused_forward
 from pallas_kernels.chunked_scan.pallas_triton_rotary import (
     RotShape,
     from_pair_blocks,
@@ -64,12 +63,11 @@ def _mod_scan(keep, total, angle0):
     return jnp.concatenate([angle0[:, None], after[:, :-1]], axis=1)
 
 
-def chunk_angles(inc, seg, angle0, C: int, carry=None):
+def chunk_angles(inc, seg, angle0, C: int):
     """Cumulative rotary angles theta (B, Lp, H, S) float32 from increments inc (B, Lp, H, S),
     chunk-local segment ids seg (B, Lp) (resets so far in the chunk, the reset token included)
     and the angle before the first token (B, H, S). Equal to the sequential accumulation mod
-    2 pi: inside a chunk a prefix-sum dot, across chunks a scan of the chunk totals (or the
-    angle entering every chunk, `carry` (B, nc, H, S), when the caller has it: `chunk_carry`)."""
+    2 pi: inside a chunk a prefix-sum dot, across chunks a scan of the chunk totals."""
     B, Lp, H, S = inc.shape
     nc = Lp // C
     sg = seg.reshape(B, nc, C)
@@ -77,9 +75,8 @@ def chunk_angles(inc, seg, angle0, C: int, carry=None):
     tri = ((t[:, None] >= t[None, :]) & (sg[..., :, None] == sg[..., None, :])).astype(f32)
     local = jnp.einsum("bcts,bcshk->bcthk", tri, inc.reshape(B, nc, C, H, S),
                        precision=jax.lax.Precision.HIGHEST)
-    if carry is None:
-        keep = (sg[:, :, -1] == 0).astype(f32)  # no reset in the chunk: the angle carries through
-        carry = _mod_scan(keep, local[:, :, -1], angle0.astype(f32))  # (B, nc, H, S)
+    keep = (sg[:, :, -1] == 0).astype(f32)  # no reset in the chunk: the angle carries through
+    carry = _mod_scan(keep, local[:, :, -1], angle0.astype(f32))  # (B, nc, H, S)
     theta = local + jnp.where((sg == 0)[..., None, None], carry[:, :, None], 0.0)
     return theta.reshape(B, Lp, H, S)
 
@@ -167,15 +164,13 @@ def _scalars(inp: SSMInputs, state: SSMState, mimo_x, C: int, R: int, Lp: int):
 
 def prepare_rows(inp: SSMInputs, state: SSMState, mimo_x, C: int, cdt, *, interpret: bool,
                  rotary: str = "kernel", warps_rotary: int = 4, angle_mode: str = "tf32x3",
-                 rotary_chunk: int = 0, rotary_trig: bool = False, rotary_heads: int = 1):
+                 rotary_chunk: int = 0):
     """The pre-pass: the core's operands, the angle at the last token, k rows, padded length and
     whether q, k and the state have their channels in `to_pair_blocks` order.
     rotary: 'kernel' (bias + rotation in `rotate_qk`) or 'xla'. rotary_chunk: tokens per
     program of the rotation kernels (0: C; else min(rotary_chunk, C)): the rotation's chunks
     are independent of the core's (their own carried angles), and smaller ones hold fewer
-    registers. rotary_trig: the rotation kernels take cos and sin of every token's angle
-    from XLA (`chunk_angles`) instead of forming the angles (XLA differentiates the rest);
-    with it, rotary_heads heads per backward program sum their gradients in registers."""
+    registers."""
     B, L, R, G, N = inp.q.shape
     H = inp.x.shape[2]
     S = inp.angle_inc.shape[-1]
@@ -188,11 +183,7 @@ def prepare_rows(inp: SSMInputs, state: SSMState, mimo_x, C: int, cdt, *, interp
         seg_r = seg if Cr == C else _chunk_segments(
             jnp.zeros((B, L), bool) if inp.reset is None else inp.reset, padt, Lp, Cr)
         inc, carry, theta_last = _carried_angles(inp, state, seg_r, padt, Cr, L)
-        if rotary_trig:
-            theta = chunk_angles(inc, seg_r, state.angle, Cr, carry)
-            inc, carry = jnp.cos(theta), jnp.sin(theta)
-        rs = RotShape(B=B, nc=Lp // Cr, C=Cr, R=R, G=G, H=H, N=N, S=S, trig=bool(rotary_trig),
-                      heads=rotary_heads if rotary_trig else 1,
+        rs = RotShape(B=B, nc=Lp // Cr, C=Cr, R=R, G=G, H=H, N=N, S=S,
                       cdt=jnp.dtype(cdt).name, interpret=interpret, angle_mode=angle_mode,
                       # a (C, N) tile: 4 warps on MIMO's 16-token chunks spilled (compile_check)
                       warps=min(warps_rotary, max(1, Cr // 8)))
@@ -261,8 +252,7 @@ def _rows_path(o: _Opts, inp, state, z, D, mimo_x=None, mimo_z=None, mimo_o=None
     ops, theta_last, k_rows, Lp, permuted = prepare_rows(
         inp, state, mimo_x, o.C, cdt, interpret=o.interpret, rotary=o.rotary,
         warps_rotary=o.blocks.warps_rotary, angle_mode=o.blocks.angle_mode,
-        rotary_chunk=o.blocks.rotary_chunk, rotary_trig=bool(o.blocks.rotary_trig),
-        rotary_heads=o.blocks.rotary_heads)
+        rotary_chunk=o.blocks.rotary_chunk)
     shape = CoreShape(B=B, H=H, nc=Lp // o.C, C=o.C, R=R, N=N, P=P, cdt=cdt.name,
                       interpret=o.interpret, blocks=o.blocks)
     if gate_in_kernel:
@@ -290,55 +280,15 @@ def _rows_path(o: _Opts, inp, state, z, D, mimo_x=None, mimo_z=None, mimo_o=None
     return out.astype(cdt), final
 
 
-def _fused_path(o: _Opts, inp, state, z, D):
-    """Inference (SISO, no RMSNorm, rotation kernel-sized): `pallas_triton_fused`."""
-    B, L, _, G, N = inp.q.shape
-    H = inp.x.shape[2]
-    S = inp.angle_inc.shape[-1]
-    C, cdt = o.C, jnp.dtype(inp.x.dtype)
-    Lp = -(-L // C) * C
-    padt = _padder(L, Lp)
-    seg, cs, sc, gm, _, g0 = _scalars(inp, state, None, C, 1, Lp)
-    g0 = to_pair_blocks(g0, S)
-
-    def bias(b):  # (H, 1, N) or None -> (H, N) f32, pair-block order
-        return jnp.zeros((H, N), f32) if b is None else to_pair_blocks(b[:, 0].astype(f32), S)
-
-    def group(v):  # (B, L, 1, G, N) -> (B, Lp, G, N), pair-block order
-        return to_pair_blocks(padt(v[:, :, 0]).astype(cdt), S)
-
-    inc, carry, theta_last = _carried_angles(inp, state, seg, padt, C, L)
-    a_last = jnp.mod(theta_last, TWO_PI)
-    trig = None
-    if o.blocks.fused_inference == 2:  # every token's cos and sin from XLA, loaded by the kernels
-        theta = chunk_angles(inc, seg, state.angle, C, carry)
-        trig = (jnp.cos(theta), jnp.sin(theta))
-    out, g_last = fused_forward(
-        group(inp.q), group(inp.k), bias(inp.q_bias), bias(inp.k_bias), inc, carry,
-        padt(inp.x.astype(cdt)), padt(z.astype(cdt)), D, cs, sc, gm, seg, g0, C=C,
-        interpret=o.interpret, bp=o.blocks.bp, warps_state=o.blocks.warps_state,
-        warps_output=o.blocks.warps_output, angle_mode=o.blocks.angle_mode,
-        f32_mode=o.blocks.f32_mode, trig=trig)
-    k_last = per_head(inp._replace(q=inp.q[:, -1:], k=inp.k[:, -1:])).k[:, 0]  # (B, 1, H, N)
-    final = SSMState(angle=a_last, h=from_pair_blocks(g_last, S).astype(state.h.dtype),
-                     k_prev=rotate(k_last, a_last[:, None]).astype(cdt).astype(
-                         state.k_prev.dtype),
-                     x_prev=inp.x[:, -1].astype(state.x_prev.dtype))
-    return out[:, :L], final
-
-
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _inference(o: _Opts, inp, state, z, D, mimo_x, mimo_z, mimo_o, norm_weight):
     """The forward when not differentiated (custom_vjp: the primal only runs outside
     differentiation; under autodiff the training path runs and its VJP is used). SISO without
-    RMSNorm: the two fused kernels (`TritonBlocks.fused_inference`) or D and the gate in the
-    output kernel. MIMO: the rotation in XLA instead of the rotation kernel
-    (`TritonBlocks.mimo_xla_rotation`)."""
+    RMSNorm: D and the gate in the output kernel. MIMO: the rotation in XLA instead of the
+    rotation kernel (`TritonBlocks.mimo_xla_rotation`)."""
     if inp.q.shape[2] > 1:
         return _rows_path(dataclasses.replace(o, rotary="xla"), inp, state, z, D, mimo_x,
                           mimo_z, mimo_o, norm_weight)
-    if o.blocks.fused_inference and o.rotary == "kernel" and inp.angle_inc.shape[-1]:
-        return _fused_path(o, inp, state, z, D)
     return _rows_path(o, inp, state, z, D, gate_in_kernel=True)
 
 
@@ -360,8 +310,7 @@ def chunked_scan(inp: SSMInputs, state: SSMState, *, z, D, mimo_x=None, mimo_z=N
     """`backends.mixer_core`'s contract on the chunk-parallel kernels: (out (B, L, H, P) in the
     input dtype, final state). chunk_size is in tokens (rows per chunk: chunk_size * R).
     Outside autodiff, SISO without the RMSNorm applies D and the gate in the output kernel
-    (`TritonBlocks.inference_gate`) or runs the two fused kernels (`fused_inference`), and MIMO
-    rotates q, k in XLA (`mimo_xla_rotation`)."""
+    (`TritonBlocks.inference_gate`), and MIMO rotates q, k in XLA (`mimo_xla_rotation`)."""
     blocks = blocks or TritonBlocks()
     C = int(chunk_size)
     check_supported(inp, C, interpret)
@@ -371,11 +320,6 @@ def chunked_scan(inp: SSMInputs, state: SSMState, *, z, D, mimo_x=None, mimo_z=N
     _check(blocks.rotary_chunk == 0 or (is_pow2(blocks.rotary_chunk) and (
         interpret or blocks.rotary_chunk >= 16)),
            f"rotary_chunk {blocks.rotary_chunk} must be 0 or a power of two (>= 16 compiled)")
-    hg = inp.x.shape[2] // inp.q.shape[3]
-    _check(blocks.rotary_heads >= 1 and hg % blocks.rotary_heads == 0
-           and (blocks.rotary_heads == 1 or blocks.rotary_trig),
-           f"rotary_heads {blocks.rotary_heads} must divide the {hg} heads of a B/C group "
-           "and needs rotary_trig")
     S = inp.angle_inc.shape[-1]
     plain = N - 2 * S
     if not interpret and S and not (S >= 16 and is_pow2(S) and (plain == 0 or (
@@ -389,8 +333,7 @@ def chunked_scan(inp: SSMInputs, state: SSMState, *, z, D, mimo_x=None, mimo_z=N
     o = _Opts(C=C, interpret=bool(interpret), blocks=blocks, impl=impl, rotary=rotary,
               norm_eps=float(norm_eps))
     siso_plain = R == 1 and mimo_x is None and norm_weight is None
-    inference = (siso_plain and ((blocks.fused_inference and rotary == "kernel" and S)
-                                 or blocks.inference_gate)) or (
+    inference = (siso_plain and blocks.inference_gate) or (
         R > 1 and S and rotary == "kernel" and blocks.mimo_xla_rotation)
 
     def run(inp, state, z, q_bias, k_bias, D, mimo_x, mimo_z, mimo_o, norm_weight):

@@ -57,17 +57,9 @@ class TritonBlocks:
     # tokens per rotation program (0: the core's chunk; prepare_rows). 16 (2 warps): fwd+bwd
     # 2.35-2.39 vs 2.56 ms at B8 L2048 H32, 5.18 vs 5.65 at B1 L16384 H64 on an H200 (session 6)
     rotary_chunk: int = 16
-    rotary_trig: int = 0  # 1: the rotation kernels load cos and sin from XLA (prepare_rows)
-    rotary_heads: int = 1  # with rotary_trig: heads per rotation-backward program (prepare_rows)
     # 1: outside autodiff, SISO without RMSNorm: D and the gate in the output kernel's epilogue
     # (the output is written once, gated, instead of y then an XLA pass over y, x and z).
     inference_gate: int = 1
-    # 1: outside autodiff, SISO without RMSNorm, the two-kernel `pallas_triton_fused` path.
-    # Off: 2x slower on an H200 as written (its sequential pass rotates k in the chunk loop
-    # on only B*H programs); kept, tested, for the next round (docs/kernels.md).
-    # 2: the same, the kernels loading every token's cos and sin (computed by XLA) instead of
-    # forming the angles (no prefix-sum dot, no (C, C) matrix in registers; not yet timed)
-    fused_inference: int = 0
     # 1: outside autodiff, MIMO rotates q, k in XLA (per-head rows from an XLA fusion) instead
     # of the rotation kernel: 1.90 vs 2.29 ms at B8 L2048 H32 R4 on an H200; under autodiff
     # the kernel's rotation stays (fwd+bwd 9.27 vs 10.03 ms with XLA's)

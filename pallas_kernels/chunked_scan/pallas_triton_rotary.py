@@ -48,12 +48,6 @@ class RotShape:
     interpret: bool
     warps: int = 4
     angle_mode: str = "tf32x3"  # the prefix-sum dots on the GPU: 'tf32x3' or 'ieee' (exact FMA)
-    # True: the kernels take cos and sin of every token's angle (B, Lp, H, S) from XLA instead of
-    # the increments and the carried angle, and the backward returns d cos and d sin
-    trig: bool = False
-    # with trig: heads per backward program, their un-rotated gradients summed in registers
-    # (a partial group sum per program instead of a row per head; XLA adds the partials)
-    heads: int = 1
 
     @property
     def hg(self) -> int:
@@ -93,20 +87,16 @@ def _theta(inc, a_in, seg, prec):
     return th + jnp.where(seg == 0, 1.0, 0.0)[:, None] * a_in[None, :], tri
 
 
-def _biased(ref, bias, off, w, cdt, rows=slice(None)):
-    """Columns [off, off + w) of a (C, N) ref (or its `rows`) plus the bias, rounded like
-    `per_head` does."""
-    return (ref[rows, pl.ds(off, w)].astype(f32) + bias[None, :]).astype(cdt).astype(f32)
+def _biased(ref, bias, off, w, cdt):
+    """Columns [off, off + w) of a (C, N) ref plus the bias, rounded like `per_head` does."""
+    return (ref[:, pl.ds(off, w)].astype(f32) + bias[None, :]).astype(cdt).astype(f32)
 
 
-def _fwd_kernel(q_ref, k_ref, qb_ref, kb_ref, x1_ref, x2_ref, sg_ref, qr_ref, kr_ref, *,
+def _fwd_kernel(q_ref, k_ref, qb_ref, kb_ref, inc_ref, a_ref, sg_ref, qr_ref, kr_ref, *,
                 rs: RotShape):
     S, N, cdt = rs.S, rs.N, jnp.dtype(rs.cdt)
-    if rs.trig:  # cos and sin of every token's angle, from XLA
-        cos, sin = x1_ref[...], x2_ref[...]
-    else:  # from the increments x1 and the angle carried into the chunk x2
-        th, _ = _theta(x1_ref[...].astype(f32), x2_ref[...], sg_ref[...], rs.angle_prec)
-        cos, sin = jnp.cos(th), jnp.sin(th)
+    th, _ = _theta(inc_ref[...].astype(f32), a_ref[...], sg_ref[...], rs.angle_prec)
+    cos, sin = jnp.cos(th), jnp.sin(th)
     for src, b_ref, out in ((q_ref, qb_ref, qr_ref), (k_ref, kb_ref, kr_ref)):
         a = _biased(src, b_ref[pl.ds(0, S)], 0, S, cdt)  # pair member 1 of each rotated pair
         b = _biased(src, b_ref[pl.ds(S, S)], S, S, cdt)  # pair member 2
@@ -122,36 +112,22 @@ def _unrotate(da, db, cos, sin):
     return da * cos + db * sin, db * cos - da * sin
 
 
-def _d_cos_sin(a, b, da, db):
-    """d cos and d sin of the rotated pair (a c - b s, a s + b c), given its gradients."""
-    return da * a + db * b, db * a - da * b
-
-
-def _bwd_kernel(q_ref, k_ref, qb_ref, kb_ref, x1_ref, x2_ref, sg_ref, dqr_ref, dkr_ref,
-                dq_ref, dk_ref, dqb_ref, dkb_ref, d1_ref, d2_ref, *, rs: RotShape):
+def _bwd_kernel(q_ref, k_ref, qb_ref, kb_ref, inc_ref, a_ref, sg_ref, dqr_ref, dkr_ref,
+                dq_ref, dk_ref, dqb_ref, dkb_ref, dinc_ref, da_ref, *, rs: RotShape):
     """One head and chunk: un-rotated gradients (summed over the group's heads by XLA), the
-    bias gradients' partial sums over the chunk, and d(increments), d(angle carried in); or,
-    with `rs.trig`, d cos and d sin of the chunk's angles."""
+    bias gradients' partial sums over the chunk, d(increments) and d(angle carried in)."""
     S, N, cdt = rs.S, rs.N, jnp.dtype(rs.cdt)
     parts = ((q_ref, qb_ref, dqr_ref, dq_ref, dqb_ref), (k_ref, kb_ref, dkr_ref, dk_ref, dkb_ref))
-    if rs.trig:
-        cos, sin = x1_ref[...], x2_ref[...]
-    else:
-        seg = sg_ref[...]
-        th, tri = _theta(x1_ref[...].astype(f32), x2_ref[...], seg, rs.angle_prec)
-        cos, sin = jnp.cos(th), jnp.sin(th)
-    dt = jnp.zeros(cos.shape, f32)  # d theta, or d sin (trig)
-    dc = jnp.zeros(cos.shape, f32) if rs.trig else None  # d cos (trig)
+    seg = sg_ref[...]
+    th, tri = _theta(inc_ref[...].astype(f32), a_ref[...], seg, rs.angle_prec)
+    cos, sin = jnp.cos(th), jnp.sin(th)
+    dth = jnp.zeros(th.shape, f32)
     for src, b_ref, d_ref, out, db_ref in parts:
         a = _biased(src, b_ref[pl.ds(0, S)], 0, S, cdt)
         b = _biased(src, b_ref[pl.ds(S, S)], S, S, cdt)
         da = d_ref[:, pl.ds(0, S)].astype(f32)
         db = d_ref[:, pl.ds(S, S)].astype(f32)
-        if rs.trig:
-            gc, gs = _d_cos_sin(a, b, da, db)
-            dc, dt = dc + gc, dt + gs
-        else:
-            dt = dt + db * (a * cos - b * sin) - da * (a * sin + b * cos)
+        dth = dth + db * (a * cos - b * sin) - da * (a * sin + b * cos)
         for off, du in zip((0, S), _unrotate(da, db, cos, sin), strict=True):
             out[:, pl.ds(off, S)] = du.astype(out.dtype)
             db_ref[pl.ds(off, S)] = jnp.sum(du, axis=0)
@@ -160,95 +136,24 @@ def _bwd_kernel(q_ref, k_ref, qb_ref, kb_ref, x1_ref, x2_ref, sg_ref, dqr_ref, d
             dp = d_ref[:, pl.ds(2 * S, N - 2 * S)]
             out[:, pl.ds(2 * S, N - 2 * S)] = dp.astype(out.dtype)
             db_ref[pl.ds(2 * S, N - 2 * S)] = jnp.sum(dp.astype(f32), axis=0)
-    if rs.trig:
-        d1_ref[...], d2_ref[...] = dc, dt
-        return
     # tri^T dth, a transposed-lhs dot. Timed on the H200 against the same kernel with the plain
     # channels first, with (dth^T tri)^T (no spills in an offline compile, 4.4 GB of spills and
     # 2.6x slower under XLA) and with the transposed matrix built directly: none was faster.
-    d1_ref[...] = dot(tri, dt, ta=True, precision=rs.angle_prec)
-    d2_ref[...] = jnp.sum(jnp.where(seg == 0, 1.0, 0.0)[:, None] * dt, axis=0)
-
-
-def _bwd_heads_kernel(q_ref, k_ref, qb_ref, kb_ref, cos_ref, sin_ref, dqr_ref, dkr_ref,
-                      dq_ref, dk_ref, dqb_ref, dkb_ref, dc_ref, ds_ref, *, rs: RotShape):
-    """`rs.heads` heads of one group and chunk (cos and sin loaded): the sum of their un-rotated
-    gradients (float32), per head the bias gradients' partial sums, d cos and d sin."""
-    S, N, cdt = rs.S, rs.N, jnp.dtype(rs.cdt)
-    parts = ((q_ref, qb_ref, dqr_ref, dq_ref, dqb_ref), (k_ref, kb_ref, dkr_ref, dk_ref, dkb_ref))
-    offs = (0, S, 2 * S) if N > 2 * S else (0, S)  # pair member 1, 2, the plain channels
-    acc = [[None] * len(offs) for _ in parts]  # per part: the heads' sums, one per column block
-    for i in range(rs.heads):
-        cos, sin = cos_ref[:, i, :], sin_ref[:, i, :]
-        dc = jnp.zeros(cos.shape, f32)
-        dt = jnp.zeros(cos.shape, f32)
-        for sums, (src, b_ref, d_ref, _, db_ref) in zip(acc, parts, strict=True):
-            a = _biased(src, b_ref[i, pl.ds(0, S)], 0, S, cdt)
-            b = _biased(src, b_ref[i, pl.ds(S, S)], S, S, cdt)
-            da = d_ref[:, i, pl.ds(0, S)].astype(f32)
-            db = d_ref[:, i, pl.ds(S, S)].astype(f32)
-            gc, gs = _d_cos_sin(a, b, da, db)
-            dc, dt = dc + gc, dt + gs
-            pieces = list(_unrotate(da, db, cos, sin))
-            if N > 2 * S:  # the unrotated channels pass through
-                pieces.append(d_ref[:, i, pl.ds(2 * S, N - 2 * S)].astype(f32))
-            for j, (piece, off) in enumerate(zip(pieces, offs, strict=True)):
-                sums[j] = piece if sums[j] is None else sums[j] + piece
-                db_ref[i, pl.ds(off, piece.shape[1])] = jnp.sum(piece, axis=0)
-        dc_ref[:, i, :] = dc
-        ds_ref[:, i, :] = dt
-    for sums, (_, _, _, out, _) in zip(acc, parts, strict=True):
-        for piece, off in zip(sums, offs, strict=True):
-            out[:, pl.ds(off, piece.shape[1])] = piece
-
-
-def _backward_heads(rs: RotShape, q, k, qb, kb, cos, sin, dqr, dkr):
-    """The head-blocked backward (`rs.heads` > 1, cos and sin loaded): grid (B, nc, R, H /
-    heads); returns what `_backward` returns."""
-    B, nc, C, R, G, H, N, S, hb = rs.B, rs.nc, rs.C, rs.R, rs.G, rs.H, rs.N, rs.S, rs.heads
-    nb, per_group = H // hb, rs.hg // hb  # head blocks in all, per group
-    grp = pl.BlockSpec((SQ, C, SQ, SQ, N), lambda b, c, r, j: (b, c, r, j // per_group, 0))
-    bias_in = pl.BlockSpec((hb, SQ, N), lambda b, c, r, j: (j, r, 0))
-    trig = pl.BlockSpec((SQ, C, hb, S), lambda b, c, r, j: (b, c, j, 0))
-    rows = pl.BlockSpec((SQ, C, SQ, hb, N), lambda b, c, r, j: (b, c, r, j, 0))
-    part = pl.BlockSpec((SQ, C, SQ, SQ, N), lambda b, c, r, j: (b, c, r, j, 0))
-    bias_out = pl.BlockSpec((SQ, SQ, SQ, hb, N), lambda b, c, r, j: (b, c, r, j, 0))
-    if R > 1:  # d cos, d sin per rank, summed by XLA
-        d_trig = pl.BlockSpec((SQ, C, SQ, hb, S), lambda b, c, r, j: (b, c, r, j, 0))
-        d_shape = (B, nc * C, R, H, S)
-    else:
-        d_trig, d_shape = trig, (B, nc * C, H, S)
-    dq, dk, dqb, dkb, dc, ds = pl.pallas_call(
-        functools.partial(_bwd_heads_kernel, rs=rs), grid=(B, nc, R, nb),
-        in_specs=[grp, grp, bias_in, bias_in, trig, trig, rows, rows],
-        out_specs=[part, part, bias_out, bias_out, d_trig, d_trig],
-        out_shape=[jax.ShapeDtypeStruct((B, nc * C, R, nb, N), f32)] * 2
-        + [jax.ShapeDtypeStruct((B, nc, R, H, N), f32)] * 2
-        + [jax.ShapeDtypeStruct(d_shape, f32)] * 2,
-        interpret=rs.interpret, compiler_params=rs.params, name="mamba3_rotate_qk_bwd_heads",
-    )(q, k, qb, kb, cos, sin, dqr, dkr)
-
-    def group_sum(d):  # head-block partials -> the group's gradient
-        return jnp.sum(d.reshape(B, nc * C, R, G, per_group, N), axis=4)
-
-    if R > 1:
-        dc, ds = jnp.sum(dc, axis=2), jnp.sum(ds, axis=2)
-    return (group_sum(dq), group_sum(dk), jnp.sum(dqb, axis=(0, 1)), jnp.sum(dkb, axis=(0, 1)),
-            dc, ds)
+    dinc_ref[...] = dot(tri, dth, ta=True, precision=rs.angle_prec)
+    da_ref[...] = jnp.sum(jnp.where(seg == 0, 1.0, 0.0)[:, None] * dth, axis=0)
 
 
 def _specs(rs: RotShape):
     """Input BlockSpecs of both kernels, grid (B, nc, R, H): the head's group rows, biases,
-    increments and carried angle (or cos and sin: `rs.trig`) and the chunk's segment ids."""
+    increments, carried angle and the chunk's segment ids."""
     C, N, S, hg = rs.C, rs.N, rs.S, rs.hg
-    per_token = pl.BlockSpec((SQ, C, SQ, S), lambda b, c, r, h: (b, c, h, 0))
     return [
         pl.BlockSpec((SQ, C, SQ, SQ, N), lambda b, c, r, h: (b, c, r, h // hg, 0)),
         pl.BlockSpec((SQ, C, SQ, SQ, N), lambda b, c, r, h: (b, c, r, h // hg, 0)),
         pl.BlockSpec((SQ, SQ, N), lambda b, c, r, h: (h, r, 0)),
         pl.BlockSpec((SQ, SQ, N), lambda b, c, r, h: (h, r, 0)),
-        per_token,
-        per_token if rs.trig else pl.BlockSpec((SQ, SQ, SQ, S), lambda b, c, r, h: (b, c, h, 0)),
+        pl.BlockSpec((SQ, C, SQ, S), lambda b, c, r, h: (b, c, h, 0)),
+        pl.BlockSpec((SQ, SQ, SQ, S), lambda b, c, r, h: (b, c, h, 0)),
         pl.BlockSpec((SQ, C), lambda b, c, r, h: (b, c)),
     ]
 
@@ -277,8 +182,6 @@ def _backward(rs: RotShape, q, k, qb, kb, inc, a, seg, dqr, dkr):
         inc_spec = pl.BlockSpec((SQ, C, SQ, S), lambda b, c, r, h: (b, c, h, 0))
         a_spec = pl.BlockSpec((SQ, SQ, SQ, S), lambda b, c, r, h: (b, c, h, 0))
         shapes = [(B, nc * C, H, S), (B, nc, H, S)]
-    if rs.trig:  # d cos and d sin, per token like the increments
-        a_spec, shapes[1] = inc_spec, shapes[0]
     cdt = jnp.dtype(rs.cdt)
     du_q, du_k, dqb, dkb, dinc, da = pl.pallas_call(
         functools.partial(_bwd_kernel, rs=rs), grid=(B, nc, R, H),
@@ -302,8 +205,7 @@ def _backward(rs: RotShape, q, k, qb, kb, inc, a, seg, dqr, dkr):
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def rotate_qk(rs: RotShape, q, k, qb, kb, inc, a, seg):
     """q, k (B, Lp, R, G, N); qb, kb (H, R, N) f32; inc (B, Lp, H, S) f32; a (B, nc, H, S) f32;
-    seg (B, Lp) int32 -> rotated q, k per head (B, Lp, R, H, N) in the compute dtype.
-    With `rs.trig`, inc and a are cos and sin (B, Lp, H, S) f32 of every token's angle."""
+    seg (B, Lp) int32 -> rotated q, k per head (B, Lp, R, H, N) in the compute dtype."""
     return _forward(rs, q, k, qb, kb, inc, a, seg)
 
 
@@ -314,10 +216,7 @@ def _rot_fwd(rs, q, k, qb, kb, inc, a, seg):
 def _rot_bwd(rs, res, cts):
     q, k, qb, kb, inc, a, seg = res
     dqr, dkr = cts
-    if rs.trig and rs.heads > 1:
-        dq, dk, dqb, dkb, dinc, da = _backward_heads(rs, q, k, qb, kb, inc, a, dqr, dkr)
-    else:
-        dq, dk, dqb, dkb, dinc, da = _backward(rs, q, k, qb, kb, inc, a, seg, dqr, dkr)
+    dq, dk, dqb, dkb, dinc, da = _backward(rs, q, k, qb, kb, inc, a, seg, dqr, dkr)
     dqb, dkb = (jnp.swapaxes(d, 0, 1) for d in (dqb, dkb))  # (R, H, N) -> (H, R, N)
     return (dq.astype(q.dtype), dk.astype(k.dtype), dqb.astype(qb.dtype), dkb.astype(kb.dtype),
             dinc, da, None)

@@ -61,23 +61,16 @@ def test_forward_p_blocks_norm_and_no_rotation_and_xla_rotary():
     assert rel(got, want) < TOL["float32"]
     got_xla, _ = kernel(inp, state, 16, rotary="xla", **p)
     assert rel(got_xla, got) < 1e-6
-    # the fused inference kernels (opt-in outside autodiff) == the training path's kernels
+    # the default inference forward (D and the gate in the output kernel) == the training
+    # path's kernels
     got_rows, rows_state = kernel(inp, state, 16, TritonBlocks(inference_gate=0), **p)
-    got, got_state = kernel(inp, state, 16, TritonBlocks(fused_inference=1), **p)
-    assert rel(got, got_rows) < 1e-6
-    check_state(got_state, rows_state, 1e-6)
-    # ... and so does the default inference forward (D and the gate in the output kernel)
     got, got_state = kernel(inp, state, 16, **p)
     assert rel(got, got_rows) < 1e-6
     check_state(got_state, rows_state, 1e-6)
     # ... also with resets, a padded length and P blocks in its state pass
     inp, state, p = make_problem(3, B, 40, 1, H, N, 32, S, jnp.float32, True)
     want, want_state = reference(inp, state, **p)
-    got, got_state = kernel(inp, state, 16, TritonBlocks(fused_inference=1, bp=16), **p)
-    assert rel(got, want) < TOL["float32"], rel(got, want)
-    check_state(got_state, want_state, TOL["float32"])
-    # ... and with cos and sin of the angles from XLA (fused_inference=2)
-    got, got_state = kernel(inp, state, 16, TritonBlocks(fused_inference=2, bp=16), **p)
+    got, got_state = kernel(inp, state, 16, TritonBlocks(bp=16), **p)
     assert rel(got, want) < TOL["float32"], rel(got, want)
     check_state(got_state, want_state, TOL["float32"])
     inp, state, p = make_problem(2, B, 24, 2, H, N, P, 0, jnp.float32, True, norm=True)
@@ -133,17 +126,15 @@ def test_gradients(R, dtype, resets, norm, groups, split):
     check_grads(got, want, GRAD_TOL[dtype])
 
 
-@pytest.mark.parametrize("R,trig,heads", [(1, 0, 1), (1, 1, 2), (2, 1, 1)])
-def test_rotary_chunk_and_trig(R, trig, heads):
+@pytest.mark.parametrize("R", [1, 2])
+def test_rotary_chunk(R):
     """The rotation kernels on their own, smaller chunks (TritonBlocks.rotary_chunk; their own
-    carried angles and segment ids), with cos and sin from XLA (rotary_trig) and with two heads
-    per backward program (rotary_heads): forward, state and every gradient == the
-    reference's, with resets inside and on the edges of rotation chunks."""
+    carried angles and segment ids): forward, state and every gradient == the reference's,
+    with resets inside and on the edges of rotation chunks."""
     inp, state, p = make_problem(5, B, 44, R, H, N, P, S, jnp.float32, True, groups=1)
     inp = inp._replace(reset=inp.reset.at[:, 8].set(True).at[:, 23].set(True))
     # compiled tiles: >= 16 rows
-    blocks = TritonBlocks(rotary_chunk=8 if INTERPRET else 16, rotary_trig=trig,
-                          rotary_heads=heads)
+    blocks = TritonBlocks(rotary_chunk=8 if INTERPRET else 16)
     fn = functools.partial(kernel, chunk=32, blocks=blocks)
     want, want_state = reference(inp, state, **p)
     got, got_state = fn(inp, state, **p)
@@ -174,8 +165,6 @@ def test_bad_options_rejected():
         kernel(inp, state, 16, TritonBlocks(bp=24), **p)
     with pytest.raises(backends.Unsupported, match="rotary_chunk 12"):
         kernel(inp, state, 16, TritonBlocks(rotary_chunk=12), **p)
-    with pytest.raises(backends.Unsupported, match="needs rotary_trig"):
-        kernel(inp, state, 16, TritonBlocks(rotary_heads=2), **p)
 
 
 @pytest.mark.parametrize("R", [2])  # R = 1 hand-over: test_decode_kernel's prefill test
