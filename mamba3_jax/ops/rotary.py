@@ -32,9 +32,22 @@ def rotate(u: jax.Array, theta: jax.Array) -> jax.Array:
     return jnp.concatenate([rot, u[..., 2 * s:]], axis=-1)
 
 
+def data_dependent_rate(angle_proj: jax.Array) -> jax.Array:
+    """pi tanh(angles_t), shared by the heads: (..., S) -> (..., 1, S) float32."""
+    return math.pi * jnp.tanh(angle_proj.astype(jnp.float32))[..., None, :]
+
+
+def increments_from(rate: jax.Array, dt: jax.Array) -> jax.Array:
+    """Per-head increments rate[h // (H / Ha)] * dt[h]: (..., Ha, S), (..., H) -> (..., H, S)."""
+    H, Ha = dt.shape[-1], rate.shape[-2]
+    if Ha != H:
+        rate = jnp.repeat(rate, H // Ha, axis=-2)
+    return rate * dt[..., :, None]
+
+
 def data_dependent_increments(angle_proj: jax.Array, dt: jax.Array) -> jax.Array:
     """Per-head increments pi tanh(angles_t) dt_t[h]: (..., S), (..., H) -> (..., H, S)."""
-    return math.pi * jnp.tanh(angle_proj.astype(jnp.float32))[..., None, :] * dt[..., :, None]
+    return increments_from(data_dependent_rate(angle_proj), dt)
 
 
 def linear_scan(decay: jax.Array, update: jax.Array, axis: int = 1) -> jax.Array:

@@ -62,6 +62,12 @@ class SSMInputs(NamedTuple):
     reset: Optional[jax.Array] = None  # (B, L) bool, True at the first token of a segment
     q_bias: Optional[jax.Array] = None  # (H, R, N) float32, added to q per head
     k_bias: Optional[jax.Array] = None  # (H, R, N) float32
+    # Optionally the factors of angle_inc = angle_rate * angle_dt[..., None]: angle_rate
+    # (B, L, Ha, S) float32 with Ha dividing H (head h uses h // (H / Ha); the model's is shared,
+    # Ha = 1), angle_dt (B, L, H). A backend may use them instead of angle_inc (the GPU kernels
+    # form the per-head increments in registers); the others read angle_inc.
+    angle_rate: Optional[jax.Array] = None
+    angle_dt: Optional[jax.Array] = None
 
 
 def per_head(inp: SSMInputs) -> SSMInputs:

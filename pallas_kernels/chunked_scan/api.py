@@ -31,7 +31,7 @@ from mamba3_jax.ops.rotary import TWO_PI, rotate
 from mamba3_jax.ops.ssm import SSMInputs, SSMState, lift
 from pallas_kernels._compat import KernelUnsupported, batch_parallel, is_pow2
 from pallas_kernels.chunked_scan import pallas_triton
-from pallas_kernels.chunked_scan.pallas_triton import CoreShape, TritonBlocks
+from pallas_kernels.chunked_scan.pallas_triton import CoreShape, TritonBlocks, default_blocks
 from pallas_kernels.chunked_scan.pallas_triton_rotary import (
     RotShape,
     from_pair_blocks,
@@ -81,13 +81,32 @@ def chunk_angles(inc, seg, angle0, C: int):
     return theta.reshape(B, Lp, H, S)
 
 
+def _token_sum(inc, w):
+    """sum_t w[b, n, t] inc[b, n, t, h, s] -> (B, n, H, S). inc is the increments (B, n, T, H, S)
+    or their factors (rate (B, n, T, Ha, S), dt (B, n, T, H)): then a dot over t, and the
+    per-head increments are never formed."""
+    if not isinstance(inc, tuple):
+        return jnp.sum(jnp.where(w[..., None, None] > 0, inc, 0.0), axis=2)
+    rate, dt = inc
+    (B, n, T, Ha, S), H = rate.shape, dt.shape[-1]
+    wdt = (dt * w[..., None]).reshape(B, n, T, Ha, H // Ha)
+    return jnp.einsum("bntaj,bntas->bnajs", wdt, rate,
+                      precision=jax.lax.Precision.HIGHEST).reshape(B, n, H, S)
+
+
+def _time_view(inc, fn):
+    """fn applied to the time-major arrays of `inc` (increments, or the (rate, dt) factors)."""
+    return tuple(fn(a) for a in inc) if isinstance(inc, tuple) else fn(inc)
+
+
 def chunk_carry(inc, seg, angle0, C: int):
     """Angle entering every chunk (B, nc, H, S): a scan over the chunk totals (the increments of
-    each chunk's last segment). inc (B, Lp, H, S) f32, seg (B, Lp) chunk-local segment ids."""
-    B, Lp, H, S = inc.shape
+    each chunk's last segment). inc (B, Lp, H, S) f32 or its factors (rate (B, Lp, Ha, S), dt
+    (B, Lp, H)), seg (B, Lp) chunk-local segment ids."""
+    B, Lp = seg.shape
     sg = seg.reshape(B, Lp // C, C)
-    last = sg == sg[:, :, -1:]
-    totals = jnp.sum(jnp.where(last[..., None, None], inc.reshape(B, Lp // C, C, H, S), 0.0), 2)
+    last = (sg == sg[:, :, -1:]).astype(f32)
+    totals = _token_sum(_time_view(inc, lambda a: a.reshape(B, Lp // C, C, *a.shape[2:])), last)
     return _mod_scan((sg[:, :, -1] == 0).astype(f32), totals, angle0.astype(f32))
 
 
@@ -95,15 +114,20 @@ def theta_at(inc, seg, carry, t: int, C: int):
     """Cumulative angle (B, H, S) at token t (an XLA sum over t's chunk up to t)."""
     c0 = (t // C) * C
     sg = seg[:, c0:t + 1]
-    mine = sg == sg[:, -1:]
-    local = jnp.sum(jnp.where(mine[..., None, None], inc[:, c0:t + 1], 0.0), axis=1)
+    mine = (sg == sg[:, -1:]).astype(f32)
+    local = _token_sum(_time_view(inc, lambda a: a[:, None, c0:t + 1]), mine[:, None])[:, 0]
     return local + jnp.where((sg[:, -1] == 0)[:, None, None], carry[:, t // C], 0.0)
 
 
-def _carried_angles(inp: SSMInputs, state: SSMState, seg, padt, C: int, L: int):
-    """The padded increments (B, Lp, H, S) f32, the angle entering every chunk
-    (`chunk_carry`) and the cumulative angle at the last token (B, H, S)."""
-    inc = padt(inp.angle_inc.astype(f32))
+def _carried_angles(inp: SSMInputs, state: SSMState, seg, padt, C: int, L: int,
+                    factored: bool = False):
+    """The padded increments (B, Lp, H, S) f32 (factored: the padded rate (B, Lp, Ha, S) and
+    dt (B, Lp, H) instead), the angle entering every chunk (`chunk_carry`) and the cumulative
+    angle at the last token (B, H, S)."""
+    if factored:
+        inc = (padt(inp.angle_rate.astype(f32)), padt(inp.angle_dt.astype(f32)))
+    else:
+        inc = padt(inp.angle_inc.astype(f32))
     carry = chunk_carry(inc, seg, state.angle, C)
     return inc, carry, theta_at(inc, seg, carry, L - 1, C)
 
@@ -164,13 +188,14 @@ def _scalars(inp: SSMInputs, state: SSMState, mimo_x, C: int, R: int, Lp: int):
 
 def prepare_rows(inp: SSMInputs, state: SSMState, mimo_x, C: int, cdt, *, interpret: bool,
                  rotary: str = "kernel", warps_rotary: int = 4, angle_mode: str = "tf32x3",
-                 rotary_chunk: int = 0):
+                 rotary_chunk: int = 0, factored_angles: bool = False):
     """The pre-pass: the core's operands, the angle at the last token, k rows, padded length and
     whether q, k and the state have their channels in `to_pair_blocks` order.
     rotary: 'kernel' (bias + rotation in `rotate_qk`) or 'xla'. rotary_chunk: tokens per
     program of the rotation kernels (0: C; else min(rotary_chunk, C)): the rotation's chunks
     are independent of the core's (their own carried angles), and smaller ones hold fewer
-    registers."""
+    registers. factored_angles: the rotation kernels take `inp.angle_rate` and `inp.angle_dt`
+    (when given) and form the per-head increments themselves."""
     B, L, R, G, N = inp.q.shape
     H = inp.x.shape[2]
     S = inp.angle_inc.shape[-1]
@@ -182,11 +207,16 @@ def prepare_rows(inp: SSMInputs, state: SSMState, mimo_x, C: int, cdt, *, interp
         Cr = min(rotary_chunk, C) if rotary_chunk else C
         seg_r = seg if Cr == C else _chunk_segments(
             jnp.zeros((B, L), bool) if inp.reset is None else inp.reset, padt, Lp, Cr)
-        inc, carry, theta_last = _carried_angles(inp, state, seg_r, padt, Cr, L)
+        factored = factored_angles and inp.angle_rate is not None
+        inc, carry, theta_last = _carried_angles(inp, state, seg_r, padt, Cr, L, factored)
+        dt = None
+        if factored:  # the rate and dt (B, H, Lp), the kernels' layout for per-head scalars
+            inc, dt = inc[0], jnp.swapaxes(inc[1], 1, 2)
         rs = RotShape(B=B, nc=Lp // Cr, C=Cr, R=R, G=G, H=H, N=N, S=S,
                       cdt=jnp.dtype(cdt).name, interpret=interpret, angle_mode=angle_mode,
                       # a (C, N) tile: 4 warps on MIMO's 16-token chunks spilled (compile_check)
-                      warps=min(warps_rotary, max(1, Cr // 8)))
+                      warps=min(warps_rotary, max(1, Cr // 8)),
+                      rate_heads=inc.shape[2] if factored else 0)
         permuted = True
 
         def bias(b):
@@ -194,7 +224,7 @@ def prepare_rows(inp: SSMInputs, state: SSMState, mimo_x, C: int, cdt, *, interp
 
         q, k = rotate_qk(rs, to_pair_blocks(padt(inp.q).astype(cdt), S),
                          to_pair_blocks(padt(inp.k).astype(cdt), S),
-                         bias(inp.q_bias), bias(inp.k_bias), inc, carry, seg_r)
+                         bias(inp.q_bias), bias(inp.k_bias), inc, carry, seg_r, dt)
         q, k = (u.reshape(B, Lp * R, H, N) for u in (q, k))
         g0 = to_pair_blocks(g0, S)
     else:
@@ -252,7 +282,7 @@ def _rows_path(o: _Opts, inp, state, z, D, mimo_x=None, mimo_z=None, mimo_o=None
     ops, theta_last, k_rows, Lp, permuted = prepare_rows(
         inp, state, mimo_x, o.C, cdt, interpret=o.interpret, rotary=o.rotary,
         warps_rotary=o.blocks.warps_rotary, angle_mode=o.blocks.angle_mode,
-        rotary_chunk=o.blocks.rotary_chunk)
+        rotary_chunk=o.blocks.rotary_chunk, factored_angles=bool(o.blocks.factored_angles))
     shape = CoreShape(B=B, H=H, nc=Lp // o.C, C=o.C, R=R, N=N, P=P, cdt=cdt.name,
                       interpret=o.interpret, blocks=o.blocks)
     if gate_in_kernel:
@@ -311,9 +341,16 @@ def chunked_scan(inp: SSMInputs, state: SSMState, *, z, D, mimo_x=None, mimo_z=N
     input dtype, final state). chunk_size is in tokens (rows per chunk: chunk_size * R).
     Outside autodiff, SISO without the RMSNorm applies D and the gate in the output kernel
     (`TritonBlocks.inference_gate`), and MIMO rotates q, k in XLA (`mimo_xla_rotation`)."""
-    blocks = blocks or TritonBlocks()
+    blocks = blocks or default_blocks()
     C = int(chunk_size)
     check_supported(inp, C, interpret)
+    if inp.angle_rate is not None:
+        B, L, H = inp.x.shape[:3]
+        rate, dt = inp.angle_rate.shape, getattr(inp.angle_dt, "shape", None)
+        if not (len(rate) == 4 and rate[:2] == (B, L) and rate[2] and H % rate[2] == 0
+                and rate[3] == inp.angle_inc.shape[-1] and dt == (B, L, H)):
+            raise ValueError(f"angle_rate {rate} / angle_dt {dt} must be (B, L, Ha, S) with Ha "
+                             f"dividing H and (B, L, H) for x {inp.x.shape}")
     R, N, P = inp.q.shape[2], inp.q.shape[4], inp.x.shape[3]
     _check(blocks.bp == 0 or (is_pow2(blocks.bp) and blocks.bp >= 16 and P % blocks.bp == 0),
            f"block bp {blocks.bp} must be a power of two >= 16 dividing P = {P}")

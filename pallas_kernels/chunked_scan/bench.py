@@ -27,9 +27,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from mamba3_jax import backends
+from mamba3_jax.ops.rotary import increments_from
 from mamba3_jax.ops.ssm import SSMInputs, SSMState
 from pallas_kernels.chunked_scan.api import chunked_scan
-from pallas_kernels.chunked_scan.pallas_triton import TritonBlocks
+from pallas_kernels.chunked_scan.pallas_triton import TritonBlocks, parse_blocks
 from pallas_kernels.chunked_scan.shapes import PREFILL_SHAPES
 
 f32, bf16 = jnp.float32, jnp.bfloat16
@@ -67,10 +68,11 @@ def layer_fn(core):
         B, L, R, G, N = d["Q"].shape
         H, P = d["V"].shape[2:]
         lam = jax.nn.sigmoid(d["Trap"].astype(f32))
-        inp = SSMInputs(q=d["Q"], k=d["K"], x=d["V"],
-                        angle_inc=math.pi * jnp.tanh(d["Angles"].astype(f32)) * d["DT"][..., None],
+        rate = math.pi * jnp.tanh(d["Angles"].astype(f32))  # per head here: (B, L, H, S)
+        inp = SSMInputs(q=d["Q"], k=d["K"], x=d["V"], angle_inc=increments_from(rate, d["DT"]),
                         log_decay=d["ADT"], gamma=lam * d["DT"], eta=(1 - lam) * d["DT"],
-                        q_bias=d["Q_bias"], k_bias=d["K_bias"])
+                        q_bias=d["Q_bias"], k_bias=d["K_bias"], angle_rate=rate,
+                        angle_dt=d["DT"])
         state = SSMState.zeros(B, H, P, N, d["Angles"].shape[-1], R, dtype=bf16)
         extra = {k: d[k] for k in ("mimo_x", "mimo_z", "mimo_o") if k in d}
         out, _ = core(inp, state, z=d["Z"], D=d["D"], **extra)
@@ -115,9 +117,9 @@ def profiled(fn, a):
 def parse_variant(spec: str) -> tuple[TritonBlocks, dict]:
     """'ours' (the defaults) or 'field=value;field=value': TritonBlocks fields, and `rotary`
     (a `chunked_scan` option: 'kernel' or 'xla')."""
-    kw = dict(kv.split("=") for kv in spec.split(";") if "=" in kv) if spec != "ours" else {}
-    opts = {k: kw.pop(k) for k in ("rotary",) if k in kw}
-    return TritonBlocks(**{k: (int(v) if v.isdigit() else v) for k, v in kw.items()}), opts
+    items = [kv for kv in spec.split(";") if kv and spec != "ours"]
+    opts = dict(kv.split("=", 1) for kv in items if kv.startswith("rotary="))
+    return parse_blocks(";".join(kv for kv in items if not kv.startswith("rotary="))), opts
 
 
 def impls(args):

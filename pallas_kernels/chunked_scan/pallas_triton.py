@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 
 import jax
 import jax.numpy as jnp
@@ -64,8 +65,32 @@ class TritonBlocks:
     # of the rotation kernel: 1.90 vs 2.29 ms at B8 L2048 H32 R4 on an H200; under autodiff
     # the kernel's rotation stays (fwd+bwd 9.27 vs 10.03 ms with XLA's)
     mimo_xla_rotation: int = 1
+    # 1: the rotation kernels take the increments' factors (`SSMInputs.angle_rate`, `angle_dt`,
+    # when the caller gives them) and form rate * dt per head in registers, so XLA neither
+    # writes the (B, L, H, S) float32 increments nor reduces their gradient over S for d dt
+    # (the 180M step's largest XLA kernel, session 6); not yet timed
+    factored_angles: int = 0
     angle_mode: str = "tf32x3"  # rotation kernels' prefix-sum dots: 'tf32x3' or 'ieee'
     f32_mode: str = "tf32x3"
+
+
+def parse_blocks(spec: str) -> TritonBlocks:
+    """'field=value;field=value' (or '' / 'ours': the defaults) -> TritonBlocks."""
+    fields = {f.name for f in dataclasses.fields(TritonBlocks)}
+    kw = {}
+    for item in [i for i in spec.split(";") if i.strip()] if spec != "ours" else []:
+        key, sep, value = item.partition("=")
+        if not sep or key.strip() not in fields:
+            raise ValueError(f"bad TritonBlocks option {item!r} in {spec!r}: want field=value "
+                             f"with a field from {sorted(fields)}")
+        kw[key.strip()] = int(value) if value.strip().lstrip("-").isdigit() else value.strip()
+    return TritonBlocks(**kw)
+
+
+def default_blocks() -> TritonBlocks:
+    """TritonBlocks(), or the fields set in $MAMBA3_TRITON_BLOCKS (e.g. 'factored_angles=1'):
+    how a whole training run or benchmark tries a kernel option without code changes."""
+    return parse_blocks(os.environ.get("MAMBA3_TRITON_BLOCKS", ""))
 
 
 @dataclasses.dataclass(frozen=True)

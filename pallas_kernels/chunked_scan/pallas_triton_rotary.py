@@ -48,10 +48,18 @@ class RotShape:
     interpret: bool
     warps: int = 4
     angle_mode: str = "tf32x3"  # the prefix-sum dots on the GPU: 'tf32x3' or 'ieee' (exact FMA)
+    # 0: `inc` holds every head's increments (B, Lp, H, S). Else `inc` is the rate (B, Lp,
+    # rate_heads, S) and a (B, H, Lp) dt is passed too: the kernels form rate * dt per head
+    # (no (B, Lp, H, S) tensor written by XLA) and the backward returns d rate per head and d dt
+    rate_heads: int = 0
 
     @property
     def hg(self) -> int:
         return self.H // self.G
+
+    @property
+    def rate_group(self) -> int:  # heads per rate head
+        return self.H // self.rate_heads if self.rate_heads else 1
 
     @property
     def angle_prec(self):  # float32 prefix sums: exact in interpret mode
@@ -92,10 +100,18 @@ def _biased(ref, bias, off, w, cdt):
     return (ref[:, pl.ds(off, w)].astype(f32) + bias[None, :]).astype(cdt).astype(f32)
 
 
-def _fwd_kernel(q_ref, k_ref, qb_ref, kb_ref, inc_ref, a_ref, sg_ref, qr_ref, kr_ref, *,
-                rs: RotShape):
+def _increments(inc_ref, dt_ref):
+    """The chunk's (C, S) increments of this head: loaded, or the rate times the head's dt."""
+    inc = inc_ref[...].astype(f32)
+    return inc if dt_ref is None else inc * dt_ref[...][:, None]
+
+
+def _fwd_kernel(*refs, rs: RotShape):
+    q_ref, k_ref, qb_ref, kb_ref, inc_ref, a_ref, sg_ref = refs[:7]
+    dt_ref = refs[7] if rs.rate_heads else None
+    qr_ref, kr_ref = refs[-2:]
     S, N, cdt = rs.S, rs.N, jnp.dtype(rs.cdt)
-    th, _ = _theta(inc_ref[...].astype(f32), a_ref[...], sg_ref[...], rs.angle_prec)
+    th, _ = _theta(_increments(inc_ref, dt_ref), a_ref[...], sg_ref[...], rs.angle_prec)
     cos, sin = jnp.cos(th), jnp.sin(th)
     for src, b_ref, out in ((q_ref, qb_ref, qr_ref), (k_ref, kb_ref, kr_ref)):
         a = _biased(src, b_ref[pl.ds(0, S)], 0, S, cdt)  # pair member 1 of each rotated pair
@@ -112,14 +128,19 @@ def _unrotate(da, db, cos, sin):
     return da * cos + db * sin, db * cos - da * sin
 
 
-def _bwd_kernel(q_ref, k_ref, qb_ref, kb_ref, inc_ref, a_ref, sg_ref, dqr_ref, dkr_ref,
-                dq_ref, dk_ref, dqb_ref, dkb_ref, dinc_ref, da_ref, *, rs: RotShape):
+def _bwd_kernel(*refs, rs: RotShape):
     """One head and chunk: un-rotated gradients (summed over the group's heads by XLA), the
-    bias gradients' partial sums over the chunk, d(increments) and d(angle carried in)."""
+    bias gradients' partial sums over the chunk, d(increments) (or d rate of this head and
+    d dt) and d(angle carried in)."""
+    q_ref, k_ref, qb_ref, kb_ref, inc_ref, a_ref, sg_ref = refs[:7]
+    dt_ref = refs[7] if rs.rate_heads else None
+    dqr_ref, dkr_ref, dq_ref, dk_ref, dqb_ref, dkb_ref, dinc_ref, da_ref = refs[
+        8 if rs.rate_heads else 7:][:8]
+    ddt_ref = refs[-1] if rs.rate_heads else None
     S, N, cdt = rs.S, rs.N, jnp.dtype(rs.cdt)
     parts = ((q_ref, qb_ref, dqr_ref, dq_ref, dqb_ref), (k_ref, kb_ref, dkr_ref, dk_ref, dkb_ref))
     seg = sg_ref[...]
-    th, tri = _theta(inc_ref[...].astype(f32), a_ref[...], seg, rs.angle_prec)
+    th, tri = _theta(_increments(inc_ref, dt_ref), a_ref[...], seg, rs.angle_prec)
     cos, sin = jnp.cos(th), jnp.sin(th)
     dth = jnp.zeros(th.shape, f32)
     for src, b_ref, d_ref, out, db_ref in parts:
@@ -139,26 +160,35 @@ def _bwd_kernel(q_ref, k_ref, qb_ref, kb_ref, inc_ref, a_ref, sg_ref, dqr_ref, d
     # tri^T dth, a transposed-lhs dot. Timed on the H200 against the same kernel with the plain
     # channels first, with (dth^T tri)^T (no spills in an offline compile, 4.4 GB of spills and
     # 2.6x slower under XLA) and with the transposed matrix built directly: none was faster.
-    dinc_ref[...] = dot(tri, dth, ta=True, precision=rs.angle_prec)
+    dinc = dot(tri, dth, ta=True, precision=rs.angle_prec)
+    if dt_ref is None:
+        dinc_ref[...] = dinc
+    else:  # inc = rate * dt: d rate (this head's share) and d dt
+        dinc_ref[...] = dinc * dt_ref[...][:, None]
+        ddt_ref[...] = jnp.sum(dinc * inc_ref[...].astype(f32), axis=1)
     da_ref[...] = jnp.sum(jnp.where(seg == 0, 1.0, 0.0)[:, None] * dth, axis=0)
 
 
 def _specs(rs: RotShape):
     """Input BlockSpecs of both kernels, grid (B, nc, R, H): the head's group rows, biases,
     increments, carried angle and the chunk's segment ids."""
-    C, N, S, hg = rs.C, rs.N, rs.S, rs.hg
-    return [
+    C, N, S, hg, rg = rs.C, rs.N, rs.S, rs.hg, rs.rate_group
+    specs = [
         pl.BlockSpec((SQ, C, SQ, SQ, N), lambda b, c, r, h: (b, c, r, h // hg, 0)),
         pl.BlockSpec((SQ, C, SQ, SQ, N), lambda b, c, r, h: (b, c, r, h // hg, 0)),
         pl.BlockSpec((SQ, SQ, N), lambda b, c, r, h: (h, r, 0)),
         pl.BlockSpec((SQ, SQ, N), lambda b, c, r, h: (h, r, 0)),
-        pl.BlockSpec((SQ, C, SQ, S), lambda b, c, r, h: (b, c, h, 0)),
+        pl.BlockSpec((SQ, C, SQ, S), (lambda b, c, r, h: (b, c, h // rg, 0)) if rg > 1
+                     else (lambda b, c, r, h: (b, c, h, 0))),
         pl.BlockSpec((SQ, SQ, SQ, S), lambda b, c, r, h: (b, c, h, 0)),
         pl.BlockSpec((SQ, C), lambda b, c, r, h: (b, c)),
     ]
+    if rs.rate_heads:  # the head's dt, (B, H, Lp)
+        specs.append(pl.BlockSpec((SQ, SQ, C), lambda b, c, r, h: (b, h, c)))
+    return specs
 
 
-def _forward(rs: RotShape, q, k, qb, kb, inc, a, seg):
+def _forward(rs: RotShape, q, k, qb, kb, inc, a, seg, dt):
     B, nc, C, R, H, N = rs.B, rs.nc, rs.C, rs.R, rs.H, rs.N
     out = pl.BlockSpec((SQ, C, SQ, SQ, N), lambda b, c, r, h: (b, c, r, h, 0))
     shape = jax.ShapeDtypeStruct((B, nc * C, R, H, N), jnp.dtype(rs.cdt))
@@ -166,10 +196,10 @@ def _forward(rs: RotShape, q, k, qb, kb, inc, a, seg):
         functools.partial(_fwd_kernel, rs=rs), grid=(B, nc, R, H),
         in_specs=_specs(rs), out_specs=[out, out], out_shape=[shape, shape],
         interpret=rs.interpret, compiler_params=rs.params, name="mamba3_rotate_qk",
-    )(q, k, qb, kb, inc, a, seg)
+    )(q, k, qb, kb, inc, a, seg, *([dt] if rs.rate_heads else []))
 
 
-def _backward(rs: RotShape, q, k, qb, kb, inc, a, seg, dqr, dkr):
+def _backward(rs: RotShape, q, k, qb, kb, inc, a, seg, dt, dqr, dkr):
     B, nc, C, R, G, H, N, S, hg = rs.B, rs.nc, rs.C, rs.R, rs.G, rs.H, rs.N, rs.S, rs.hg
     head = pl.BlockSpec((SQ, C, SQ, SQ, N), lambda b, c, r, h: (b, c, r, h, 0))
     bias = pl.BlockSpec((SQ, SQ, SQ, SQ, N), lambda b, c, r, h: (b, c, r, h, 0))
@@ -182,44 +212,53 @@ def _backward(rs: RotShape, q, k, qb, kb, inc, a, seg, dqr, dkr):
         inc_spec = pl.BlockSpec((SQ, C, SQ, S), lambda b, c, r, h: (b, c, h, 0))
         a_spec = pl.BlockSpec((SQ, SQ, SQ, S), lambda b, c, r, h: (b, c, h, 0))
         shapes = [(B, nc * C, H, S), (B, nc, H, S)]
+    out_specs = [head, head, bias, bias, inc_spec, a_spec]
+    out_shape = [jax.ShapeDtypeStruct(sh, f32) for sh in shapes]
+    if rs.rate_heads:  # d dt per head (and rank), (B, [R,] H, Lp)
+        out_specs.append(pl.BlockSpec((SQ, SQ, SQ, C), lambda b, c, r, h: (b, r, h, c))
+                         if per_rank else pl.BlockSpec((SQ, SQ, C), lambda b, c, r, h: (b, h, c)))
+        out_shape.append(jax.ShapeDtypeStruct((B, R, H, nc * C) if per_rank
+                                              else (B, H, nc * C), f32))
     cdt = jnp.dtype(rs.cdt)
-    du_q, du_k, dqb, dkb, dinc, da = pl.pallas_call(
+    du_q, du_k, dqb, dkb, dinc, da, *ddt = pl.pallas_call(
         functools.partial(_bwd_kernel, rs=rs), grid=(B, nc, R, H),
-        in_specs=_specs(rs) + [head, head],
-        out_specs=[head, head, bias, bias, inc_spec, a_spec],
+        in_specs=_specs(rs) + [head, head], out_specs=out_specs,
         out_shape=[jax.ShapeDtypeStruct((B, nc * C, R, H, N), cdt)] * 2
-        + [jax.ShapeDtypeStruct((B, nc, R, H, N), f32)] * 2
-        + [jax.ShapeDtypeStruct(sh, f32) for sh in shapes],
+        + [jax.ShapeDtypeStruct((B, nc, R, H, N), f32)] * 2 + out_shape,
         interpret=rs.interpret, compiler_params=rs.params, name="mamba3_rotate_qk_bwd",
-    )(q, k, qb, kb, inc, a, seg, dqr, dkr)
+    )(q, k, qb, kb, inc, a, seg, *([dt] if rs.rate_heads else []), dqr, dkr)
 
     def group_sum(d):  # per-head gradient -> the B/C group's (float32 sum over its heads)
         return jnp.sum(d.reshape(B, nc * C, R, G, hg, N).astype(f32), axis=4)
 
     if per_rank:
         dinc, da = jnp.sum(dinc, axis=2), jnp.sum(da, axis=2)
+        ddt = [jnp.sum(d, axis=1) for d in ddt]
+    if rs.rate_heads:  # d rate: each rate head's share summed over the heads that read it
+        dinc = jnp.sum(dinc.reshape(B, nc * C, rs.rate_heads, rs.rate_group, S), axis=3)
     return (group_sum(du_q), group_sum(du_k), jnp.sum(dqb, axis=(0, 1)),
-            jnp.sum(dkb, axis=(0, 1)), dinc, da)
+            jnp.sum(dkb, axis=(0, 1)), dinc, da, ddt[0] if ddt else None)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def rotate_qk(rs: RotShape, q, k, qb, kb, inc, a, seg):
-    """q, k (B, Lp, R, G, N); qb, kb (H, R, N) f32; inc (B, Lp, H, S) f32; a (B, nc, H, S) f32;
-    seg (B, Lp) int32 -> rotated q, k per head (B, Lp, R, H, N) in the compute dtype."""
-    return _forward(rs, q, k, qb, kb, inc, a, seg)
+def rotate_qk(rs: RotShape, q, k, qb, kb, inc, a, seg, dt=None):
+    """q, k (B, Lp, R, G, N); qb, kb (H, R, N) f32; inc (B, Lp, H, S) f32 (or, with
+    rs.rate_heads, the rate (B, Lp, rate_heads, S) f32 and dt (B, H, Lp) f32); a (B, nc, H, S)
+    f32; seg (B, Lp) int32 -> rotated q, k per head (B, Lp, R, H, N) in the compute dtype."""
+    return _forward(rs, q, k, qb, kb, inc, a, seg, dt)
 
 
-def _rot_fwd(rs, q, k, qb, kb, inc, a, seg):
-    return _forward(rs, q, k, qb, kb, inc, a, seg), (q, k, qb, kb, inc, a, seg)
+def _rot_fwd(rs, q, k, qb, kb, inc, a, seg, dt=None):
+    return _forward(rs, q, k, qb, kb, inc, a, seg, dt), (q, k, qb, kb, inc, a, seg, dt)
 
 
 def _rot_bwd(rs, res, cts):
-    q, k, qb, kb, inc, a, seg = res
+    q, k, qb, kb, inc, a, seg, dt = res
     dqr, dkr = cts
-    dq, dk, dqb, dkb, dinc, da = _backward(rs, q, k, qb, kb, inc, a, seg, dqr, dkr)
+    dq, dk, dqb, dkb, dinc, da, ddt = _backward(rs, q, k, qb, kb, inc, a, seg, dt, dqr, dkr)
     dqb, dkb = (jnp.swapaxes(d, 0, 1) for d in (dqb, dkb))  # (R, H, N) -> (H, R, N)
     return (dq.astype(q.dtype), dk.astype(k.dtype), dqb.astype(qb.dtype), dkb.astype(kb.dtype),
-            dinc, da, None)
+            dinc, da, None, ddt)
 
 
 rotate_qk.defvjp(_rot_fwd, _rot_bwd)

@@ -11,6 +11,7 @@ import pytest
 from kernel_cases import GRAD_TOL, INTERPRET, TOL, make_problem, random_like, rel
 
 from mamba3_jax import backends
+from mamba3_jax.ops.rotary import increments_from
 from pallas_kernels import TritonBlocks, chunked_scan
 from pallas_kernels.chunked_scan import reference as oracle
 from pallas_kernels.chunked_scan.shapes import TEST_SHAPE
@@ -145,6 +146,54 @@ def test_rotary_chunk(R):
                 GRAD_TOL["float32"])
 
 
+def _with_factors(inp, rate_heads, seed):
+    """inp with random increment factors (rate (B, L, rate_heads, S), dt (B, L, H)); its
+    angle_inc is then formed from them inside `_dense`, so gradients reach the factors."""
+    B_, L = inp.x.shape[:2]
+    k1, k2 = jax.random.split(jax.random.PRNGKey(seed))
+    rate = jnp.pi * jnp.tanh(jax.random.normal(k1, (B_, L, rate_heads, S)))
+    dt = jax.nn.softplus(jax.random.normal(k2, (B_, L, H)) - 1.0)
+    return inp._replace(angle_rate=rate, angle_dt=dt)
+
+
+def _dense(fn):
+    """fn on inputs whose angle_inc is rate * dt (the factors' contract)."""
+    def g(inp, state, **p):
+        return fn(inp._replace(angle_inc=increments_from(inp.angle_rate, inp.angle_dt)),
+                  state, **p)
+    return g
+
+
+@pytest.mark.parametrize("R,rate_heads", [(1, 1), (2, H)])
+def test_factored_angles(R, rate_heads):
+    """The rotation kernels on the increments' factors (TritonBlocks.factored_angles): forward,
+    state and every gradient (rate and dt included) == the reference's on rate * dt, shared
+    (the model's) and per-head rates, with resets, a padded length and rotation chunks."""
+    inp, state, p = make_problem(7, B, 44, R, H, N, P, S, jnp.float32, True, groups=1)
+    inp = _with_factors(inp, rate_heads, 8)
+    fn = _dense(functools.partial(kernel, chunk=32 // R, blocks=TritonBlocks(
+        factored_angles=1, rotary_chunk=8 if INTERPRET else 16)))
+    ref = _dense(reference)
+    want, want_state = ref(inp, state, **p)
+    got, got_state = fn(inp, state, **p)
+    assert rel(got, want) < TOL["float32"], rel(got, want)
+    check_state(got_state, want_state, TOL["float32"])
+    dense, _ = _dense(functools.partial(kernel, chunk=32 // R))(inp, state, **p)
+    assert rel(got, dense) < 1e-5, rel(got, dense)
+    ct = random_like((want, want_state), 11)
+    got_g, want_g = vjp_all(fn, inp, state, p, ct), vjp_all(ref, inp, state, p, ct)
+    check_grads(got_g, want_g, GRAD_TOL["float32"])
+    assert rel(got_g[0].angle_rate, want_g[0].angle_rate) < GRAD_TOL["float32"]
+    assert float(jnp.abs(want_g[0].angle_dt).max()) > 0  # the check above saw real gradients
+
+
+def test_factored_angles_bad_shapes():
+    inp, state, p = make_problem(5, 1, 8, 1, H, N, P, S, jnp.float32)
+    bad = _with_factors(inp, 1, 1)._replace(angle_dt=jnp.ones((1, 8, H + 1)))
+    with pytest.raises(ValueError, match="angle_rate"):
+        kernel(bad, state, 16, **p)
+
+
 def test_gradients_p_blocks_resets_on_chunk_edges():
     """P blocks in the sequential passes, resets on a chunk's first and last token, a padded
     length, no rotation: gradients == the reference's."""
@@ -209,10 +258,14 @@ def test_registry_and_fallback():
     assert rel(out, want) < 1e-4
 
 
-def test_mamba3_layer_gradients_match_chunked():
+@pytest.mark.parametrize("blocks", ["", "factored_angles=1"])
+def test_mamba3_layer_gradients_match_chunked(blocks, monkeypatch):
     """The Mamba3 layer on the kernel backend (group-level q/k + biases, resets, MIMO):
-    loss and every parameter gradient equal those of the XLA chunked backend."""
+    loss and every parameter gradient equal those of the XLA chunked backend; also with the
+    rotation kernels on the model's shared increment factors ($MAMBA3_TRITON_BLOCKS)."""
     import dataclasses
+
+    monkeypatch.setenv("MAMBA3_TRITON_BLOCKS", blocks)
 
     from flax import nnx
 
@@ -240,3 +293,16 @@ def test_mamba3_layer_gradients_match_chunked():
     flat2 = jax.tree.leaves(nnx.state(g2))
     for (path, a), b in zip(flat1, flat2, strict=True):
         assert rel(a, b) < 5e-5, (jax.tree_util.keystr(path), rel(a, b))
+
+
+def test_blocks_from_a_string_and_the_environment(monkeypatch):
+    from pallas_kernels.chunked_scan.pallas_triton import default_blocks, parse_blocks
+
+    assert parse_blocks("rotary_chunk=32; factored_angles=1;angle_mode=ieee") == TritonBlocks(
+        rotary_chunk=32, factored_angles=1, angle_mode="ieee")
+    assert parse_blocks("ours") == parse_blocks("") == TritonBlocks()
+    for bad in ("rotary_chunks=32", "rotary_chunk"):
+        with pytest.raises(ValueError, match="bad TritonBlocks option"):
+            parse_blocks(bad)
+    monkeypatch.setenv("MAMBA3_TRITON_BLOCKS", "factored_angles=1")
+    assert default_blocks() == TritonBlocks(factored_angles=1)
