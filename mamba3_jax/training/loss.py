@@ -37,9 +37,14 @@ def _scan(h, w, targets, mask, chunk: int, with_grads: bool):
     def body(dw, xs):
         hc, tc, mc = xs
         logits = jnp.einsum("bcd,dv->bcv", hc, wc, preferred_element_type=f32)
-        lse = jax.nn.logsumexp(logits, axis=-1)
-        nll = lse - jnp.take_along_axis(logits, tc[..., None], axis=-1)[..., 0]
-        hits = (jnp.argmax(logits, -1) == tc).astype(f32)
+        # two passes over the (B, chunk, V) slab (its max, then the sum of exponentials): the
+        # max also decides a hit (the target's logit is the largest; a tie counts), where an
+        # argmax would read the slab a third time
+        top = jnp.max(logits, axis=-1)
+        lse = top + jnp.log(jnp.sum(jnp.exp(logits - top[..., None]), axis=-1))
+        target = jnp.take_along_axis(logits, tc[..., None], axis=-1)[..., 0]
+        nll = lse - target
+        hits = (target >= top).astype(f32)
         sums = (jnp.sum(nll * mc), jnp.sum(hits * mc))
         if not with_grads:
             return dw, (sums, None)

@@ -74,3 +74,22 @@ def test_no_gradient_path_forms_no_gradients():
     assert str(jaxpr).count("dot_general") == 1  # eval: logits only
     np.testing.assert_allclose(chunked_cross_entropy(h, w, t, m, 8)[0], _plain(h, w, t, m)[0],
                                rtol=1e-5)
+
+
+def test_two_passes_over_the_logits():
+    """max and sum of exponentials: no argmax (a third read of the (B, chunk, V) slab)."""
+    h, w, t, m = _inputs(jnp.float32, V=37)
+
+    def reductions(jpr):
+        n = 0
+        for eqn in jpr.eqns:
+            if eqn.primitive.name in ("reduce_max", "reduce_sum", "argmax", "reduce_min"):
+                n += any(37 in getattr(v.aval, "shape", ()) for v in eqn.invars)
+            for p in eqn.params.values():
+                inner = getattr(p, "jaxpr", p)
+                if hasattr(inner, "eqns"):
+                    n += reductions(inner)
+        return n
+
+    assert reductions(jax.make_jaxpr(lambda h, w: chunked_cross_entropy(h, w, t, m, 8))(
+        h, w).jaxpr) == 2
