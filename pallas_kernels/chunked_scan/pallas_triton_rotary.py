@@ -18,6 +18,10 @@ backward writes the un-rotated gradient per head in the compute dtype (XLA sums 
 in float32), d(increments) of the chunk (the transposed prefix-sum dot), d A and per-chunk
 partial sums of the bias gradients. (A loop over a group's heads with the sum in registers
 spilled heavily and left the GPU idle: 256 programs at B 8, L 2048.)
+
+With `RotShape.rate_heads` the increments arrive as their factors, a rate (B, Lp, rate_heads,
+S) and the heads' dt (B, H, Lp): each program forms rate * dt of its head, and the backward
+returns d rate of its head (XLA sums the heads sharing a rate) and d dt.
 """
 
 from __future__ import annotations
