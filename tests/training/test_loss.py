@@ -49,23 +49,26 @@ def test_values_and_gradients_equal_the_plain_loss(dtype, tol, chunk):
     assert np.abs(g * (1 - np.asarray(m))[..., None]).max() == 0.0
 
 
+def _ops_on_vocab(jpr, names, V: int) -> int:
+    """Equations of the primitives `names` with the vocabulary (V) in an operand's shape, at any
+    nesting depth of the jaxpr."""
+    n = 0
+    for eqn in jpr.eqns:
+        if eqn.primitive.name in names:
+            n += any(V in getattr(v.aval, "shape", ()) for v in eqn.invars)
+        for p in eqn.params.values():
+            inner = getattr(p, "jaxpr", p)
+            if hasattr(inner, "eqns"):
+                n += _ops_on_vocab(inner, names, V)
+    return n
+
+
 def test_head_matmuls_run_three_times_per_token_under_grad():
     h, w, t, m = _inputs(jnp.bfloat16, V=37)
     jaxpr = jax.make_jaxpr(jax.grad(lambda h, w: chunked_cross_entropy(h, w, t, m, 8)[0],
                                     (0, 1)))(h, w)
 
-    def dots(jpr):  # dot_generals with the vocabulary (37) in an operand, any nesting depth
-        n = 0
-        for eqn in jpr.eqns:
-            if eqn.primitive.name == "dot_general":
-                n += any(37 in getattr(v.aval, "shape", ()) for v in eqn.invars)
-            for p in eqn.params.values():
-                inner = getattr(p, "jaxpr", p)
-                if hasattr(inner, "eqns"):
-                    n += dots(inner)
-        return n
-
-    assert dots(jaxpr.jaxpr) == 3  # logits, dh, dw: no recomputed logits
+    assert _ops_on_vocab(jaxpr.jaxpr, {"dot_general"}, 37) == 3  # logits, dh, dw: no recompute
 
 
 def test_no_gradient_path_forms_no_gradients():
@@ -80,16 +83,6 @@ def test_two_passes_over_the_logits():
     """max and sum of exponentials: no argmax (a third read of the (B, chunk, V) slab)."""
     h, w, t, m = _inputs(jnp.float32, V=37)
 
-    def reductions(jpr):
-        n = 0
-        for eqn in jpr.eqns:
-            if eqn.primitive.name in ("reduce_max", "reduce_sum", "argmax", "reduce_min"):
-                n += any(37 in getattr(v.aval, "shape", ()) for v in eqn.invars)
-            for p in eqn.params.values():
-                inner = getattr(p, "jaxpr", p)
-                if hasattr(inner, "eqns"):
-                    n += reductions(inner)
-        return n
-
-    assert reductions(jax.make_jaxpr(lambda h, w: chunked_cross_entropy(h, w, t, m, 8))(
-        h, w).jaxpr) == 2
+    jaxpr = jax.make_jaxpr(lambda h, w: chunked_cross_entropy(h, w, t, m, 8))(h, w)
+    reductions = {"reduce_max", "reduce_sum", "argmax", "reduce_min"}
+    assert _ops_on_vocab(jaxpr.jaxpr, reductions, 37) == 2
