@@ -13,7 +13,11 @@ import jax.numpy as jnp
 from mamba3_jax.config import ModelConfig
 from mamba3_jax.ops.discretization import discretize, fixed_rope_frequencies
 from mamba3_jax.ops.norms import rms_norm
-from mamba3_jax.ops.rotary import data_dependent_increments, data_dependent_rate
+from mamba3_jax.ops.rotary import (
+    data_dependent_increments,
+    data_dependent_rate,
+    increments_from,
+)
 from mamba3_jax.ops.ssm import SSMInputs, SSMState, lift
 
 f32 = jnp.float32
@@ -112,12 +116,14 @@ def prepare(parts: dict, p: dict, cfg: ModelConfig, reset: Optional[jax.Array]):
                       a_activation_kind=cfg.a_activation, a_floor=cfg.a_floor,
                       discretization=cfg.discretization)
     x = parts["x"].reshape(B, L, H, P)
-    inc = angle_increments(parts, disc.dt, cfg)
     factors = {}
     if cfg.rotation == "data_dependent" and cfg.num_rope_angles and cfg.rotation_dt:
-        # the same increments as factors (B, L, 1, S) x (B, L, H): the GPU kernels form them
+        # the increments also as factors (B, L, 1, S) x (B, L, H): the GPU kernels form them
         # per head in registers, and XLA drops `inc` when no backend reads it
         factors = dict(angle_rate=data_dependent_rate(parts["angles"]), angle_dt=disc.dt)
+        inc = increments_from(factors["angle_rate"], disc.dt)
+    else:
+        inc = angle_increments(parts, disc.dt, cfg)
     return SSMInputs(q=bc_norm(parts["C"], p["C_norm"], cfg),
                      k=bc_norm(parts["B"], p["B_norm"], cfg), x=x, angle_inc=inc,
                      log_decay=disc.log_decay, gamma=disc.gamma, eta=disc.eta, reset=reset,

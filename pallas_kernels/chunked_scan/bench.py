@@ -186,10 +186,10 @@ def main():
                         fn = jax.jit(fwd_bwd(f))
                         ms = timeit(fn, list(zip(sets, douts, strict=True)), args.reps)
                         note = ""
+                    call = (sets[0],) if mode == "fwd" else (sets[0], douts[0])  # one call
                     if args.profile:
-                        profiled(fn, (sets[0],) if mode == "fwd" else (sets[0], douts[0]))
+                        profiled(fn, call)
                     if args.dump_hlo:
-                        call = (sets[0],) if mode == "fwd" else (sets[0], douts[0])
                         os.makedirs(args.dump_hlo, exist_ok=True)
                         label = re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{tag}_{name}_{mode}")
                         with open(os.path.join(args.dump_hlo, label + ".hlo.txt"), "w") as fh:
