@@ -113,8 +113,40 @@ def model_config(task_name: str, variant: str, p: Preset, vocab_size: int) -> Mo
                        rotation_dt=p.rotation_dt, **VARIANTS[variant])
 
 
-def train_cell(task_name: str, variant: str, p: Preset, seed: int = 0, log=print) -> dict:
-    """Train one (task, variant) cell for every learning rate at once; evaluate each."""
+SAVE_EVERY = 500  # steps between snapshots of an unfinished cell (a few ms each)
+
+
+def save_partial(path: str, sweep: LRSweep, step: int, rng: np.random.Generator,
+                 train_s: float, settings: dict) -> None:
+    """Snapshot of an unfinished cell: every copy's weights and optimizer state, the next step,
+    the batch generator's state and the training seconds so far (written atomically)."""
+    meta = {"step": step, "rng": rng.bit_generator.state, "train_s": train_s,
+            "settings": settings}
+    tmp = path + f".tmp{os.getpid()}.npz"
+    np.savez(tmp, meta=np.array(json.dumps(meta)),
+             **{f"a{i}": a for i, a in enumerate(sweep.state())})
+    os.replace(tmp, path)
+
+
+def load_partial(path: str, sweep: LRSweep, rng: np.random.Generator, settings: dict):
+    """Restore save_partial's snapshot into sweep and rng; returns (next step, seconds)."""
+    with np.load(path) as z:
+        meta = json.loads(str(z["meta"]))
+        if meta["settings"] != settings:
+            raise SystemExit(f"{path} was saved with other settings; remove it or use "
+                             "another --out")
+        sweep.load_state([z[f"a{i}"] for i in range(len(z.files) - 1)])
+    rng.bit_generator.state = meta["rng"]
+    return meta["step"], meta["train_s"]
+
+
+def train_cell(task_name: str, variant: str, p: Preset, seed: int = 0, log=print,
+               partial: str | None = None, stop=lambda step: False) -> dict | None:
+    """Train one (task, variant) cell for every learning rate at once; evaluate each.
+
+    With `partial` (a .npz path) the cell resumes from that snapshot when it exists and saves
+    one every SAVE_EVERY steps; `stop(step)` true ends the run early (after saving): then the
+    result is None and the same call later goes on with the same batches and updates."""
     task = get_task(task_name)
     cfg = model_config(task_name, variant, p, task.vocab_size)
     total = p.steps_per_stage * len(p.stage_lengths)
@@ -128,14 +160,25 @@ def train_cell(task_name: str, variant: str, p: Preset, seed: int = 0, log=print
     lengths_at = curriculum(p.stage_lengths, p.steps_per_stage, p.min_len)
     rng = np.random.default_rng(seed)
     pad_to = max(p.stage_lengths) + 1
+    settings = {"task": task_name, "variant": variant, "seed": seed, **_settings(p)}
+    start, before_s = 0, 0.0
+    if partial and os.path.exists(partial):
+        start, before_s = load_partial(partial, sweep, rng, settings)
+        log(f"  {task_name}/{variant} seed {seed}: resumed at step {start}")
     t0 = time.time()
-    for step in range(total):
+    for step in range(start, total):
+        halt = stop(step)
+        if partial and step > start and (step % SAVE_EVERY == 0 or halt):
+            save_partial(partial, sweep, step, rng, before_s + time.time() - t0, settings)
+        if halt:
+            log(f"  {task_name}/{variant} seed {seed}: stopped at step {step}, saved")
+            return None
         lo, hi = lengths_at(step)
         losses = sweep.step(make_batch(task, rng, p.batch_size, lo, hi, pad_to=pad_to), step)
         if step % max(total // 10, 1) == 0 or step == total - 1:
             log(f"  {task_name}/{variant} step {step} lengths {lo}..{hi} "
                 f"loss per lr {np.round(np.asarray(losses), 3).tolist()}")
-    train_s = time.time() - t0
+    train_s = before_s + time.time() - t0
     evaluate = sweep.apply(predict)
     correct, count = np.zeros(len(p.lrs)), 0
     erng = np.random.default_rng(seed + 12345)
@@ -224,6 +267,12 @@ def cell_file(out: str, task: str, variant: str, seed: int) -> str:
     return os.path.join(out, CELLS, f"{task}__{variant}__seed{seed}.json")
 
 
+def partial_file(out: str, task: str, variant: str, seed: int) -> str:
+    """Where an unfinished cell keeps its snapshot (train_cell's `partial`)."""
+    os.makedirs(os.path.join(out, CELLS), exist_ok=True)
+    return cell_file(out, task, variant, seed)[:-len(".json")] + ".partial.npz"
+
+
 def stored_cells(out: str, preset_name: str, p: Preset) -> list[dict]:
     """The finished cells under out (any process's), after checking that they were trained
     with this preset and these settings (a clear error otherwise: another --out is needed)."""
@@ -278,6 +327,9 @@ def main(argv=None):
     ap.add_argument("--shard", default="0/1", metavar="I/N",
                     help="take every N-th cell from the I-th (one process per GPU, the same "
                          "--out: e.g. CUDA_VISIBLE_DEVICES=1 ... --shard 1/2)")
+    ap.add_argument("--time_budget", type=float, default=None, metavar="SECONDS",
+                    help="stop cleanly after this many seconds, the unfinished cell saved "
+                         "(<out>/cells/*.partial.npz); the same command goes on from there")
     args = ap.parse_args(argv)
     p = PRESETS[args.preset]
     if args.paper_rotation:
@@ -293,14 +345,20 @@ def main(argv=None):
     plan = [(t, v, seed) for t in args.tasks.split(",") for v in args.variants.split(",")
             for seed in seeds][shard::n_shards]
     stored_cells(args.out, args.preset, p)  # another preset's cells there: stop before training
+    deadline = time.time() + args.time_budget if args.time_budget else float("inf")
     for t, v, seed in plan:
         if os.path.exists(cell_file(args.out, t, v, seed)):  # finished by an earlier run
             print(f"{t:20s} {v:16s} seed {seed} done before, kept", flush=True)
             continue
-        r = train_cell(t, v, p, seed)
+        r = train_cell(t, v, p, seed, partial=partial_file(args.out, t, v, seed),
+                       stop=lambda step: time.time() > deadline)
+        if r is None:  # out of --time_budget: the snapshot lets the same command go on
+            break
         print(f"{t:20s} {v:16s} seed {seed} scaled acc {r['scaled_acc']:6.2f}  best lr "
               f"{r['best_lr']:.2e}  ({r['train_seconds']:.0f}s)", flush=True)
         store_cell(args.out, r, args.preset, p)
+        if os.path.exists(partial_file(args.out, t, v, seed)):
+            os.remove(partial_file(args.out, t, v, seed))
         # the report covers every finished cell under --out, other shards' included
         write_results(stored_cells(args.out, args.preset, p), args.out, args.preset, p)
     rows = stored_cells(args.out, args.preset, p)

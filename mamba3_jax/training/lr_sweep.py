@@ -61,6 +61,20 @@ class LRSweep:
                                                          b, step)
         return losses
 
+    def state(self) -> list[np.ndarray]:
+        """Every copy's parameters and optimizer state as host arrays (a resumable snapshot)."""
+        return [np.asarray(x) for x in jax.tree.leaves((self.params, self.opt_state))]
+
+    def load_state(self, arrays: Sequence[np.ndarray]) -> None:
+        """Restore a `state()` snapshot of a sweep built with the same config and rates."""
+        leaves, treedef = jax.tree.flatten((self.params, self.opt_state))
+        if len(arrays) != len(leaves) or any(
+                np.shape(a) != x.shape or np.asarray(a).dtype != x.dtype
+                for a, x in zip(arrays, leaves, strict=True)):
+            raise ValueError("the snapshot was taken from another model or learning-rate list")
+        self.params, self.opt_state = jax.tree.unflatten(
+            treedef, [jnp.asarray(a) for a in arrays])
+
     def apply(self, fn: Callable) -> Callable:
         """A jitted evaluation of fn(model, *args) for every copy: returns (K, ...) outputs."""
         graphdef, frozen = self.graphdef, self.frozen

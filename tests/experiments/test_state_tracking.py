@@ -79,7 +79,7 @@ def test_cells_resume_and_shard(tmp_path, monkeypatch):
     together cover the plan, and another preset's cells in --out stop a run with one line."""
     trained = []
 
-    def fake_cell(task, variant, p, seed=0, log=print):
+    def fake_cell(task, variant, p, seed=0, log=print, **resume):
         trained.append((task, variant, seed))
         return {"task": task, "variant": variant, "seed": seed, "scaled_acc": 50.0 + seed,
                 "acc": 0.75, "best_lr": 1e-3, "train_seconds": 1.0, "steps": 1, "params": 1}
@@ -100,3 +100,25 @@ def test_cells_resume_and_shard(tmp_path, monkeypatch):
         state_tracking.main(["--preset", "cpu", "--tasks", "parity", "--out", out])
     with pytest.raises(SystemExit, match="needs 0 <= i < n"):
         state_tracking.main(args + ["--shard", "2/2"])
+
+
+def test_a_stopped_cell_resumes_with_the_same_batches_and_updates(tmp_path, monkeypatch):
+    """A cell cut off mid-training (a 10-minute call's end) and started again ends with the very
+    losses and accuracies of one uninterrupted run: weights, optimizer state, step and the batch
+    generator all come back from the snapshot."""
+    import dataclasses
+    monkeypatch.setattr(state_tracking, "SAVE_EVERY", 10)
+    p = dataclasses.replace(state_tracking.PRESETS["ci"], steps_per_stage=30, warmup=5,
+                            stage_lengths=(6, 10))
+    quiet = lambda *_: None  # noqa: E731
+    whole = state_tracking.train_cell("parity", "mamba3", p, seed=3, log=quiet)
+    snap = str(tmp_path / "cell.partial.npz")
+    assert state_tracking.train_cell("parity", "mamba3", p, seed=3, log=quiet, partial=snap,
+                                     stop=lambda step: step == 37) is None
+    assert os.path.exists(snap)  # saved at the stop (37), between two periodic snapshots
+    resumed = state_tracking.train_cell("parity", "mamba3", p, seed=3, log=quiet, partial=snap)
+    assert resumed["final_loss_per_lr"] == whole["final_loss_per_lr"]
+    assert resumed["scaled_acc_per_lr"] == whole["scaled_acc_per_lr"]
+    other = dataclasses.replace(p, batch_size=32)
+    with pytest.raises(SystemExit, match="saved with other settings"):
+        state_tracking.train_cell("parity", "mamba3", other, seed=3, log=quiet, partial=snap)
