@@ -69,7 +69,7 @@ PRESETS = {
 def train_cell(model: str, d_model: int, d_state: int, p: Preset, seed: int = 0) -> dict:
     task = MQARTask(seq_len=p.seq_len, num_kv_pairs=p.num_kv_pairs, vocab_size=p.vocab_size)
     cfg = ModelConfig(vocab_size=p.vocab_size, d_model=d_model, n_layer=p.n_layer,
-                      d_state=d_state, headdim=p.headdim, scan_backend="chunked",
+                      d_state=d_state, headdim=p.headdim, scan_backend="auto",
                       **MODELS[model])
     sweep = LRSweep(cfg, p.lrs, p.steps, warmup=p.warmup, seed=seed)
     rng = np.random.default_rng(seed)

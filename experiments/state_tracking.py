@@ -107,9 +107,11 @@ PRESETS = {
 
 
 def model_config(task_name: str, variant: str, p: Preset, vocab_size: int) -> ModelConfig:
+    # scan_backend auto: the Pallas kernels on a GPU (fast parity cell, H200: 12.0 ms a step,
+    # against 21.3 ms with the chunked XLA form), the chunked form on a CPU
     return ModelConfig(vocab_size=vocab_size, d_model=p.d_model, n_layer=LAYERS[task_name],
                        d_state=p.d_state, headdim=p.headdim, chunk_size=16,
-                       scan_backend="chunked", tie_embeddings=p.tie_embeddings,
+                       scan_backend="auto", tie_embeddings=p.tie_embeddings,
                        rotation_dt=p.rotation_dt, **VARIANTS[variant])
 
 
