@@ -125,7 +125,11 @@ def get_config(arg: str = "180m"):
     c.train.grad_accum = 1  # raise it when 256 x 2048 does not fit (must divide the batch)
     c.train.loss_chunk = 512  # 100K-vocab logits 512 positions at a time (memory)
     # keep the big matmul outputs, recompute the SSM internals and elementwise work (~3% more
-    # FLOPs, ~10x less activation memory than "none"; docs/training.md "Throughput")
-    c.train.remat = REMAT
+    # FLOPs, ~10x less activation memory than "none"; docs/training.md "Throughput"). SISO also
+    # keeps the kernels' outputs (the core is not run again in the backward): on one H200,
+    # 1.5B 970 vs 1015 ms a step (72 vs 51 GiB), 180M 751 vs 755 ms (44 vs 28 GiB); MIMO was
+    # 7% slower with them (session 6, beside a since-removed gradient barrier: to re-measure),
+    # so it recomputes them
+    c.train.remat = REMAT + (",kernels" if variant == "siso" else "")
     c.mesh.fsdp = 1  # e.g. 8 on one 8-GPU host for the larger sizes
     return c

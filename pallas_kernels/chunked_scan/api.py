@@ -188,14 +188,14 @@ def _scalars(inp: SSMInputs, state: SSMState, mimo_x, C: int, R: int, Lp: int):
 
 def prepare_rows(inp: SSMInputs, state: SSMState, mimo_x, C: int, cdt, *, interpret: bool,
                  rotary: str = "kernel", warps_rotary: int = 4, angle_mode: str = "tf32x3",
-                 rotary_chunk: int = 0, factored_angles: bool = False):
+                 rotary_chunk: int = 0, factored_angles: int = 0):
     """The pre-pass: the core's operands, the angle at the last token, k rows, padded length and
     whether q, k and the state have their channels in `to_pair_blocks` order.
     rotary: 'kernel' (bias + rotation in `rotate_qk`) or 'xla'. rotary_chunk: tokens per
     program of the rotation kernels (0: C; else min(rotary_chunk, C)): the rotation's chunks
     are independent of the core's (their own carried angles), and smaller ones hold fewer
-    registers. factored_angles: the rotation kernels take `inp.angle_rate` and `inp.angle_dt`
-    (when given) and form the per-head increments themselves."""
+    registers. factored_angles (TritonBlocks'): the rotation kernels take `inp.angle_rate` and
+    `inp.angle_dt` (when given) and form the per-head increments themselves; 1 SISO, 2 any R."""
     B, L, R, G, N = inp.q.shape
     H = inp.x.shape[2]
     S = inp.angle_inc.shape[-1]
@@ -207,7 +207,8 @@ def prepare_rows(inp: SSMInputs, state: SSMState, mimo_x, C: int, cdt, *, interp
         Cr = min(rotary_chunk, C) if rotary_chunk else C
         seg_r = seg if Cr == C else _chunk_segments(
             jnp.zeros((B, L), bool) if inp.reset is None else inp.reset, padt, Lp, Cr)
-        factored = factored_angles and inp.angle_rate is not None
+        factored = inp.angle_rate is not None and (
+            factored_angles >= 2 or (factored_angles == 1 and R == 1))
         inc, carry, theta_last = _carried_angles(inp, state, seg_r, padt, Cr, L, factored)
         dt = None
         if factored:  # the rate and dt (B, H, Lp), the kernels' layout for per-head scalars
@@ -282,7 +283,7 @@ def _rows_path(o: _Opts, inp, state, z, D, mimo_x=None, mimo_z=None, mimo_o=None
     ops, theta_last, k_rows, Lp, permuted = prepare_rows(
         inp, state, mimo_x, o.C, cdt, interpret=o.interpret, rotary=o.rotary,
         warps_rotary=o.blocks.warps_rotary, angle_mode=o.blocks.angle_mode,
-        rotary_chunk=o.blocks.rotary_chunk, factored_angles=bool(o.blocks.factored_angles))
+        rotary_chunk=o.blocks.rotary_chunk, factored_angles=o.blocks.factored_angles)
     shape = CoreShape(B=B, H=H, nc=Lp // o.C, C=o.C, R=R, N=N, P=P, cdt=cdt.name,
                       interpret=o.interpret, blocks=o.blocks)
     if gate_in_kernel:

@@ -65,11 +65,13 @@ class TritonBlocks:
     # of the rotation kernel: 1.90 vs 2.29 ms at B8 L2048 H32 R4 on an H200; under autodiff
     # the kernel's rotation stays (fwd+bwd 9.27 vs 10.03 ms with XLA's)
     mimo_xla_rotation: int = 1
-    # 1: the rotation kernels take the increments' factors (`SSMInputs.angle_rate`, `angle_dt`,
+    # The rotation kernels take the increments' factors (`SSMInputs.angle_rate`, `angle_dt`,
     # when the caller gives them) and form rate * dt per head in registers, so XLA neither
-    # writes the (B, L, H, S) float32 increments nor reduces their gradient over S for d dt
-    # (the 180M step's largest XLA kernel, session 6); not yet timed
-    factored_angles: int = 0
+    # writes the (B, L, H, S) float32 increments nor reduces their gradient over S for d dt.
+    # 1: SISO only, 2: MIMO too, 0: never. H200 (session 7), fwd+bwd: SISO 2.27 vs 2.39 ms
+    # (B8 L2048 H32), 4.48 vs 4.63 (H64), 5.03 vs 5.14 (B1 L16384); 180M step 750 vs 755 ms;
+    # but MIMO R4 9.63 vs 9.27 ms, so MIMO keeps the (B, L, H, S) increments by default
+    factored_angles: int = 1
     angle_mode: str = "tf32x3"  # rotation kernels' prefix-sum dots: 'tf32x3' or 'ieee'
     f32_mode: str = "tf32x3"
 

@@ -172,7 +172,7 @@ def test_factored_angles(R, rate_heads):
     inp, state, p = make_problem(7, B, 44, R, H, N, P, S, jnp.float32, True, groups=1)
     inp = _with_factors(inp, rate_heads, 8)
     fn = _dense(functools.partial(kernel, chunk=32 // R, blocks=TritonBlocks(
-        factored_angles=1, rotary_chunk=8 if INTERPRET else 16)))
+        factored_angles=2, rotary_chunk=8 if INTERPRET else 16)))
     ref = _dense(reference)
     want, want_state = ref(inp, state, **p)
     got, got_state = fn(inp, state, **p)
@@ -258,11 +258,13 @@ def test_registry_and_fallback():
     assert rel(out, want) < 1e-4
 
 
-@pytest.mark.parametrize("blocks", ["", "factored_angles=1"])
-def test_mamba3_layer_gradients_match_chunked(blocks, monkeypatch):
+@pytest.mark.parametrize("blocks,rank", [("", 1), ("", 2), ("factored_angles=2", 2),
+                                         ("factored_angles=0", 1)])
+def test_mamba3_layer_gradients_match_chunked(blocks, rank, monkeypatch):
     """The Mamba3 layer on the kernel backend (group-level q/k + biases, resets, MIMO):
     loss and every parameter gradient equal those of the XLA chunked backend; also with the
-    rotation kernels on the model's shared increment factors ($MAMBA3_TRITON_BLOCKS)."""
+    rotation kernels on the model's shared increment factors (by default SISO only; MIMO too
+    with factored_angles=2) and on the (B, L, H, S) increments ($MAMBA3_TRITON_BLOCKS)."""
     import dataclasses
 
     monkeypatch.setenv("MAMBA3_TRITON_BLOCKS", blocks)
@@ -272,7 +274,7 @@ def test_mamba3_layer_gradients_match_chunked(blocks, monkeypatch):
     from mamba3_jax.config import ModelConfig
     from mamba3_jax.layers import Mamba3
 
-    cfg = ModelConfig(d_model=32, n_layer=1, d_state=N, headdim=16, mimo_rank=2,
+    cfg = ModelConfig(d_model=32, n_layer=1, d_state=N, headdim=16, mimo_rank=rank,
                       scan_backend="pallas_interpret" if INTERPRET else "pallas")
     model = Mamba3(cfg, rngs=nnx.Rngs(0))
     ref = Mamba3(dataclasses.replace(cfg, scan_backend="chunked"), rngs=nnx.Rngs(0))
@@ -304,5 +306,5 @@ def test_blocks_from_a_string_and_the_environment(monkeypatch):
     for bad in ("rotary_chunks=32", "rotary_chunk"):
         with pytest.raises(ValueError, match="bad TritonBlocks option"):
             parse_blocks(bad)
-    monkeypatch.setenv("MAMBA3_TRITON_BLOCKS", "factored_angles=1")
-    assert default_blocks() == TritonBlocks(factored_angles=1)
+    monkeypatch.setenv("MAMBA3_TRITON_BLOCKS", "factored_angles=0")
+    assert default_blocks() == TritonBlocks(factored_angles=0) != TritonBlocks()
