@@ -30,6 +30,7 @@ import argparse
 import math
 import os
 import sys
+import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -151,16 +152,24 @@ def main(argv=None):
     ap.add_argument("--dry_run", action="store_true")
     ap.add_argument("--collect_only", action="store_true")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--shard", default="0/1", metavar="I/N",
+                    help="train every N-th run from the I-th (one process per GPU, the same "
+                         "--workdir); the tables cover every finished run")
+    ap.add_argument("--time_budget", type=float, default=None, metavar="SECONDS",
+                    help="start a run only while more time is left than the longest run "
+                         "took (a lent machine's limit); the same command goes on later")
     args = ap.parse_args(argv)
     fixed = dict(sweep.parse_fixed(s) for s in args.set)
     runs = plan(args.study, args.config, args.workdir, [int(s) for s in args.seeds.split(",")],
                 fixed)
+    shard, n_shards = sweep.parse_shard(args.shard)
     if args.dry_run:
-        for r in runs:
+        for r in runs[shard::n_shards]:
             print(sweep.shell_line(r["command"]))
         return
     if not args.collect_only:
-        sweep.run_all(runs)
+        deadline = time.time() + args.time_budget if args.time_budget else None
+        sweep.run_all(runs[shard::n_shards], deadline=deadline)
     rows = sweep.collect(runs)
     for row, r in zip(rows, runs, strict=True):
         row["variant"] = r["variant"]

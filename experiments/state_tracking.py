@@ -42,6 +42,7 @@ import numpy as np
 from mamba3_jax.config import ModelConfig
 from mamba3_jax.tasks import curriculum, get_task, make_batch, scaled_accuracy
 from mamba3_jax.training.lr_sweep import LRSweep
+from mamba3_jax.training.sweep import parse_shard
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from report import write_report  # noqa: E402
@@ -300,17 +301,6 @@ def store_cell(out: str, row: dict, preset_name: str, p: Preset) -> None:
     with open(tmp, "w") as f:
         json.dump({**row, "preset": preset_name, "settings": _settings(p)}, f)
     os.replace(tmp, path)
-
-
-def parse_shard(text: str) -> tuple[int, int]:
-    """'i/n' -> (i, n): this process takes every n-th cell of the plan, starting at i."""
-    try:
-        i, n = (int(x) for x in text.split("/"))
-    except ValueError:
-        raise SystemExit(f"--shard takes i/n (e.g. 0/2), got {text!r}") from None
-    if not (n >= 1 and 0 <= i < n):
-        raise SystemExit(f"--shard i/n needs 0 <= i < n, got {text!r}")
-    return i, n
 
 
 def main(argv=None):

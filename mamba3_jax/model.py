@@ -28,6 +28,7 @@ from flax import nnx
 from mamba3_jax.config import STACKED, ModelConfig, parse_remat
 from mamba3_jax.layers import Block
 from mamba3_jax.nn import Frozen, RMSNorm
+from mamba3_jax.ops.embedding import embed_lookup
 from mamba3_jax.ops.ssm import reset_from_positions, reset_from_segment_ids
 
 
@@ -151,7 +152,8 @@ class Mamba3LM(nnx.Module):
         (B, L, V) logits out of memory (see `mamba3_jax.training.step`). `remat` (a
         config.parse_remat spec) rematerialises each block in the backward pass."""
         reset = segment_reset(segment_ids, positions)
-        h = self.embed(tokens).astype(jnp.float32)  # residual stream kept in float32
+        # residual stream kept in float32; the lookup's own gradient (ops/embedding.py)
+        h = embed_lookup(self.embed.embedding[...], tokens, jnp.dtype(self.cfg.dtype))
         if self.cfg.scan_layers:
             return self._scan_layers(h, reset, cache, backend, remat)
         caches = [None] * self.cfg.n_layer if cache is None else cache

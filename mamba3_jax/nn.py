@@ -58,5 +58,5 @@ class SwiGLU(nnx.Module):
 
     def __call__(self, x):
         h = checkpoint_name(self.fc1(x), "mlp_hidden")
-        value, gate = h[..., :self.hidden], h[..., self.hidden:]
+        value, gate = jnp.split(h, [self.hidden], axis=-1)  # gradient: one concatenate
         return checkpoint_name(self.fc2(value * jax.nn.silu(gate)), "mlp_out")

@@ -31,17 +31,31 @@ def _chunks(x: jax.Array, chunk: int) -> jax.Array:
     return jnp.moveaxis(x.reshape((B, (L + pad) // chunk, chunk) + x.shape[2:]), 1, 0)
 
 
+def _max_and_sum_exp(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(max over the last axis, sum of exp(x - max)) in one reduction (the online softmax's
+    rescaling: a pair (m, s) absorbs (m', s') as (max, s e^(m - max) + s' e^(m' - max)))."""
+    def combine(a, b):
+        (ma, sa), (mb, sb) = a, b
+        m = jnp.maximum(ma, mb)
+        # the larger side keeps its sum (exp(0)): never -inf - -inf when both are the init
+        scale = lambda mx: jnp.exp(jnp.where(mx == m, 0.0, mx - m))  # noqa: E731
+        return m, sa * scale(ma) + sb * scale(mb)
+    return jax.lax.reduce((x, jnp.ones_like(x)), (jnp.array(-jnp.inf, x.dtype),
+                                                   jnp.array(0.0, x.dtype)),
+                          combine, (x.ndim - 1,))
+
+
 def _scan(h, w, targets, mask, chunk: int, with_grads: bool):
     wc = w.astype(h.dtype)
 
     def body(dw, xs):
         hc, tc, mc = xs
         logits = jnp.einsum("bcd,dv->bcv", hc, wc, preferred_element_type=f32)
-        # two passes over the (B, chunk, V) slab (its max, then the sum of exponentials): the
-        # max also decides a hit (the target's logit is the largest; a tie counts), where an
-        # argmax would read the slab a third time
-        top = jnp.max(logits, axis=-1)
-        lse = top + jnp.log(jnp.sum(jnp.exp(logits - top[..., None]), axis=-1))
+        # one pass over the (B, chunk, V) slab for its max and sum of exponentials; the max also
+        # decides a hit (the target's logit is the largest; a tie counts), where an argmax
+        # would read the slab again
+        top, total = _max_and_sum_exp(logits)
+        lse = top + jnp.log(total)
         target = jnp.take_along_axis(logits, tc[..., None], axis=-1)[..., 0]
         nll = lse - target
         hits = (target >= top).astype(f32)

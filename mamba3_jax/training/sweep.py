@@ -21,6 +21,7 @@ import re
 import shlex
 import subprocess
 import sys
+import time
 from typing import Iterable, Optional, Sequence
 
 from mamba3_jax.training.metrics import METRICS_FILE, read_jsonl
@@ -109,6 +110,18 @@ def shell_line(cmd: Sequence[str]) -> str:
     return " ".join(shlex.quote(c) for c in cmd)
 
 
+def parse_shard(text: str) -> tuple[int, int]:
+    """'i/n' -> (i, n): this process takes every n-th cell (or run) of a plan from the i-th
+    (one process per GPU sharing the output folder)."""
+    try:
+        i, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise SystemExit(f"--shard takes i/n (e.g. 0/2), got {text!r}") from None
+    if not (n >= 1 and 0 <= i < n):
+        raise SystemExit(f"--shard i/n needs 0 <= i < n, got {text!r}")
+    return i, n
+
+
 def is_complete(workdir: str) -> bool:
     path = os.path.join(workdir, "summary.json")
     cfg_path = os.path.join(workdir, "config.json")
@@ -122,19 +135,28 @@ def is_complete(workdir: str) -> bool:
 
 
 def run_all(runs: Iterable[dict], *, keep_going: bool = True, skip_complete: bool = True,
-            echo=print) -> dict[str, int]:
-    """Launch the runs one after another (output to <workdir>/train.log). Returns exit codes."""
-    codes = {}
+            echo=print, deadline: Optional[float] = None) -> dict[str, int]:
+    """Launch the runs one after another (output to <workdir>/train.log). Returns exit codes.
+
+    deadline (a time.time() value): start a run only while the time left exceeds the longest
+    run so far (a machine lent for a fixed time: a run cut off there would be lost)."""
+    codes, longest = {}, 0.0
     for r in runs:
         if skip_complete and is_complete(r["workdir"]):
             echo(f"[sweep] {r['name']}: complete, skipped")
             codes[r["name"]] = 0
             continue
+        if deadline is not None and time.time() + longest > deadline:
+            echo(f"[sweep] {r['name']}: not started, {deadline - time.time():.0f} s left and "
+                 f"the longest run took {longest:.0f} s")
+            break
+        started = time.time()
         os.makedirs(r["workdir"], exist_ok=True)
         echo(f"[sweep] {r['name']}: {shell_line(r['command'])}")
         with open(os.path.join(r["workdir"], "train.log"), "a", encoding="utf-8") as log:
             proc = subprocess.run(r["command"], stdout=log, stderr=subprocess.STDOUT)
         codes[r["name"]] = proc.returncode
+        longest = max(longest, time.time() - started)
         echo(f"[sweep] {r['name']}: exit code {proc.returncode}")
         if proc.returncode and not keep_going:
             break

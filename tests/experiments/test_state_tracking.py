@@ -4,6 +4,7 @@
 import os
 import sys
 
+import numpy as np
 import pytest
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "experiments"))
@@ -122,3 +123,14 @@ def test_a_stopped_cell_resumes_with_the_same_batches_and_updates(tmp_path, monk
     other = dataclasses.replace(p, batch_size=32)
     with pytest.raises(SystemExit, match="saved with other settings"):
         state_tracking.train_cell("parity", "mamba3", other, seed=3, log=quiet, partial=snap)
+
+
+def test_bench_state_tracking_rows_agree_across_chunks():
+    """The step-time script times each setting; the first step's loss is the same maths."""
+    import bench_state_tracking
+
+    rows = bench_state_tracking.main(["--preset", "ci", "--backends", "chunked",
+                                      "--chunks", "8,16", "--steps", "2"])
+    assert [(r["backend"], r["chunk"]) for r in rows] == [("chunked", 8), ("chunked", 16)]
+    assert all(r["ms"] > 0 for r in rows)
+    np.testing.assert_allclose(rows[0]["first_loss"], rows[1]["first_loss"], rtol=1e-5)

@@ -102,3 +102,36 @@ def test_cli_exit_code_when_a_run_fails(tmp_path):
     assert "1 of 1 runs failed: ['d_state=7']" in r.stderr
     assert "d_state must be even" in (tmp_path / "d_state=7" / "train.log").read_text()
     assert (tmp_path / "results.md").exists()
+
+
+def test_run_all_starts_no_run_that_would_outlast_the_deadline(tmp_path):
+    """With a deadline, a run starts only while the time left exceeds the longest run so far."""
+    import time
+
+    def run(name, seconds):
+        return {"name": name, "workdir": str(tmp_path / name),
+                "command": [sys.executable, "-c", f"import time; time.sleep({seconds})"]}
+
+    lines = []
+    codes = sweep.run_all([run("a", 1.0), run("b", 0.0)], echo=lines.append,
+                          deadline=time.time() + 0.5)
+    assert codes == {"a": 0}  # a started (nothing timed yet); b would not fit after it
+    assert "b: not started" in lines[-1]
+    assert sweep.run_all([run("c", 0.0), run("d", 0.0)], echo=lines.append,
+                         deadline=time.time() + 60) == {"c": 0, "d": 0}
+
+
+def test_lm_compare_shards_split_the_plan(tmp_path, capsys):
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "experiments"))
+    import lm_compare
+
+    base = ["--study", "ablations", "--workdir", str(tmp_path), "--dry_run"]
+    lm_compare.main(base)
+    every = capsys.readouterr().out.splitlines()
+    halves = []
+    for i in (0, 1):
+        lm_compare.main(base + ["--shard", f"{i}/2"])
+        halves.append(capsys.readouterr().out.splitlines())
+    assert halves[0] == every[0::2] and halves[1] == every[1::2] and len(every) >= 4
+    with pytest.raises(SystemExit, match="needs 0 <= i < n"):
+        lm_compare.main(base + ["--shard", "2/2"])
