@@ -49,7 +49,9 @@ def get_config(arg: str = "siso"):
     c.optim.warmup_steps = 200
     c.optim.schedule = "cosine"
 
-    c.train.remat = "names:in_proj,ssm_out,mixer_out,mlp_hidden"  # as configs/paper.py
+    # the paper configs' names (their SISO runs also keep the kernels' outputs: 1.5B 4.5% faster,
+    # 180M a tie; not timed at this size)
+    c.train.remat = "names:in_proj,ssm_out,mixer_out,mlp_hidden"
     c.train.steps = 3000
     c.train.log_every = 20
     c.train.eval_every = 500
