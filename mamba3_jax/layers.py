@@ -71,6 +71,23 @@ class Mamba3(nnx.Module):
     def _value(v):
         return None if v is None else v[...]
 
+    def _in_proj_parts(self, u: jax.Array) -> dict:
+        """in_proj as two matmuls over its columns: z, x, B, C, then the per-head scalars and
+        angles. With one matmul XLA stored the whole (B, L, 3432) output time-minor on the 180M
+        step, so that the kernels' (B, H, L) per-head scalars came for free, and every wide part
+        was transposed instead (docs/step_hlo_180m.md). Same parameter, same maths."""
+        cfg, dtype = self.cfg, jnp.dtype(self.cfg.dtype)
+        splits = cfg.in_proj_splits
+        wide = sum(w for _, w in splits[:4])  # z, x, B, C
+        kernel = self.in_proj.kernel[...]
+        parts = {}
+        for cols, group in ((slice(None, wide), splits[:4]), (slice(wide, None), splits[4:])):
+            out = jax.lax.dot_general(u.astype(dtype), kernel[:, cols].astype(dtype),
+                                      (((u.ndim - 1,), (0,)), ((), ())))
+            # checkpoint_name: what a "names:..." remat policy may keep (config.REMAT_NAMES)
+            parts.update(split_in_proj(checkpoint_name(out, "in_proj"), cfg, group))
+        return parts
+
     def init_cache(self, batch: int) -> MixerCache:
         cfg = self.cfg
         ssm = SSMState.zeros(batch, cfg.nheads, cfg.headdim, cfg.d_state, cfg.num_rope_angles,
@@ -85,8 +102,7 @@ class Mamba3(nnx.Module):
         B, L, _ = u.shape
         if cache is None:
             cache = self.init_cache(B)
-        # checkpoint_name tags: what a "names:..." remat policy may keep (config.REMAT_NAMES)
-        parts = split_in_proj(checkpoint_name(self.in_proj(u), "in_proj"), cfg)
+        parts = self._in_proj_parts(u)
         conv_window = None
         if cfg.d_conv:
             e, w = cfg.d_inner, cfg.bc_width

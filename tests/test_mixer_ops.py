@@ -60,3 +60,24 @@ def test_split_in_proj_equals_slices_and_its_gradient_is_one_concatenate():
     jaxpr = str(jax.make_jaxpr(jax.grad(
         lambda v: sum(jnp.sum(p ** 2) for p in split_in_proj(v, cfg).values())))(v))
     assert "concatenate" in jaxpr and " pad" not in jaxpr
+
+
+@pytest.mark.parametrize("kw", [dict(dtype="bfloat16"), dict(dtype="float32", mimo_rank=2),
+                                dict(dtype="bfloat16", d_conv=4, discretization="euler",
+                                     rotation="none")])
+def test_in_proj_as_two_matmuls_equals_one(kw):
+    """The Mamba-3 layer's in_proj runs as two matmuls (the wide parts, then the per-head
+    scalars and angles): each part equals that slice of the one-matmul output."""
+    from flax import nnx
+
+    from mamba3_jax.layers import Mamba3
+
+    cfg = ModelConfig(d_model=32, n_layer=1, d_state=16, headdim=16, **kw)
+    layer = Mamba3(cfg, rngs=nnx.Rngs(0))
+    u = jax.random.normal(jax.random.PRNGKey(2), (2, 5, 32))
+    got, want = layer._in_proj_parts(u), split_in_proj(layer.in_proj(u), cfg)
+    assert list(got) == [name for name, _ in cfg.in_proj_splits]
+    for name in want:
+        assert got[name].dtype == want[name].dtype
+        np.testing.assert_allclose(np.asarray(got[name], np.float32),
+                                   np.asarray(want[name], np.float32), rtol=1e-6, atol=1e-6)

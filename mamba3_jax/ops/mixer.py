@@ -31,12 +31,13 @@ class MixerCache(NamedTuple):
     conv: Optional[jax.Array] = None  # (B, d_conv - 1, conv_channels): last raw conv inputs
 
 
-def split_in_proj(zxbc: jax.Array, cfg: ModelConfig) -> dict:
-    """Split in_proj's output along its last axis by `cfg.in_proj_splits`.
+def split_in_proj(zxbc: jax.Array, cfg: ModelConfig, splits=None) -> dict:
+    """Split in_proj's output along its last axis by `cfg.in_proj_splits` (or `splits`, a run
+    of them, for an output that holds only those parts).
 
     One `split` (not slices): its gradient is one concatenate, where slices' gradients are pads
     added together (on the 180M step XLA built that sum time-minor, then transposed it twice)."""
-    names, widths = zip(*cfg.in_proj_splits, strict=True)
+    names, widths = zip(*(cfg.in_proj_splits if splits is None else splits), strict=True)
     cuts = list(itertools.accumulate(widths))[:-1]
     return dict(zip(names, jnp.split(zxbc, cuts, axis=-1), strict=True))
 
