@@ -163,13 +163,14 @@ def main(argv=None):
     runs = plan(args.study, args.config, args.workdir, [int(s) for s in args.seeds.split(",")],
                 fixed)
     shard, n_shards = sweep.parse_shard(args.shard)
+    mine = runs[shard::n_shards]  # this process trains these; the tables cover all runs
     if args.dry_run:
-        for r in runs[shard::n_shards]:
+        for r in mine:
             print(sweep.shell_line(r["command"]))
         return
     if not args.collect_only:
         deadline = time.time() + args.time_budget if args.time_budget else None
-        sweep.run_all(runs[shard::n_shards], deadline=deadline)
+        sweep.run_all(mine, deadline=deadline)
     rows = sweep.collect(runs)
     for row, r in zip(rows, runs, strict=True):
         row["variant"] = r["variant"]

@@ -125,6 +125,7 @@ def save_partial(path: str, sweep: LRSweep, step: int, rng: np.random.Generator,
     the batch generator's state and the training seconds so far (written atomically)."""
     meta = {"step": step, "rng": rng.bit_generator.state, "train_s": train_s,
             "settings": settings}
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     tmp = path + f".tmp{os.getpid()}.npz"
     np.savez(tmp, meta=np.array(json.dumps(meta)),
              **{f"a{i}": a for i, a in enumerate(sweep.state())})
@@ -272,7 +273,6 @@ def cell_file(out: str, task: str, variant: str, seed: int) -> str:
 
 def partial_file(out: str, task: str, variant: str, seed: int) -> str:
     """Where an unfinished cell keeps its snapshot (train_cell's `partial`)."""
-    os.makedirs(os.path.join(out, CELLS), exist_ok=True)
     return cell_file(out, task, variant, seed)[:-len(".json")] + ".partial.npz"
 
 
@@ -342,15 +342,15 @@ def main(argv=None):
         if os.path.exists(cell_file(args.out, t, v, seed)):  # finished by an earlier run
             print(f"{t:20s} {v:16s} seed {seed} done before, kept", flush=True)
             continue
-        r = train_cell(t, v, p, seed, partial=partial_file(args.out, t, v, seed),
-                       stop=lambda step: time.time() > deadline)
+        snapshot = partial_file(args.out, t, v, seed)
+        r = train_cell(t, v, p, seed, partial=snapshot, stop=lambda step: time.time() > deadline)
         if r is None:  # out of --time_budget: the snapshot lets the same command go on
             break
         print(f"{t:20s} {v:16s} seed {seed} scaled acc {r['scaled_acc']:6.2f}  best lr "
               f"{r['best_lr']:.2e}  ({r['train_seconds']:.0f}s)", flush=True)
         store_cell(args.out, r, args.preset, p)
-        if os.path.exists(partial_file(args.out, t, v, seed)):
-            os.remove(partial_file(args.out, t, v, seed))
+        if os.path.exists(snapshot):
+            os.remove(snapshot)
         # the report covers every finished cell under --out, other shards' included
         write_results(stored_cells(args.out, args.preset, p), args.out, args.preset, p)
     rows = stored_cells(args.out, args.preset, p)
