@@ -127,8 +127,8 @@ def get_config(arg: str = "180m"):
     # keep the big matmul outputs, recompute the SSM internals and elementwise work (~3% more
     # FLOPs, ~10x less activation memory than "none"; docs/training.md "Throughput"). SISO also
     # keeps the kernels' outputs (the core is not run again in the backward): on one H200,
-    # 1.5B 970 vs 1015 ms a step (72 vs 51 GiB), 180M 751 vs 755 ms (44 vs 28 GiB); MIMO was
-    # 7% slower with them (session 6, beside a since-removed gradient barrier: to re-measure),
+    # 1.5B 970 vs 1015 ms a step (72 vs 51 GiB), 180M 751 vs 755 ms (44 vs 28 GiB); MIMO is
+    # 14% slower with them (1329 vs 1163 ms, 98 vs 36 GiB: their copies across the layer scan),
     # so it recomputes them
     c.train.remat = REMAT + (",kernels" if variant == "siso" else "")
     c.mesh.fsdp = 1  # e.g. 8 on one 8-GPU host for the larger sizes

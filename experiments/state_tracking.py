@@ -199,7 +199,8 @@ def train_cell(task_name: str, variant: str, p: Preset, seed: int = 0, log=print
             "scaled_acc_per_lr": [float(s) for s in scaled],
             "final_loss_per_lr": [float(x) for x in np.asarray(losses)],
             "train_seconds": round(train_s, 1), "steps": total,
-            "params": int(cfg.num_params()), "config": cfg.to_dict()}
+            "params": int(cfg.num_params()), "config": cfg.to_dict(),
+            "device": jax.devices()[0].device_kind}
 
 
 def write_results(rows: list[dict], out: str, preset_name: str, p: Preset) -> None:
@@ -210,10 +211,12 @@ def write_results(rows: list[dict], out: str, preset_name: str, p: Preset) -> No
     for r in rows:
         cell.setdefault((r["task"], r["variant"]), []).append(r)
     seeds = sorted({r.get("seed", 0) for r in rows})
+    # the devices that trained the cells (cells from before this field: "not recorded")
+    devices = sorted({r.get("device", "not recorded") for r in rows})
     lines = [f"# State tracking (paper Table 5b), preset `{preset_name}`", "",
              f"Scaled accuracy % at length {p.eval_length}, best of {len(p.lrs)} learning "
              f"rates; seeds {seeds}. Model options: tie_embeddings={p.tie_embeddings}, "
-             f"rotation_dt={p.rotation_dt}. Device: {jax.devices()[0].device_kind}.", "",
+             f"rotation_dt={p.rotation_dt}. Trained on: {', '.join(devices)}.", "",
              "| model | " + " | ".join(tasks) + " |", "|---|" + "---|" * len(tasks)]
     for v in variants:
         vals = []
@@ -224,13 +227,15 @@ def write_results(rows: list[dict], out: str, preset_name: str, p: Preset) -> No
                 continue
             acc = np.array([r["scaled_acc"] for r in rs])
             secs = np.mean([r["train_seconds"] for r in rs])
-            span = f" [{acc.min():.2f}, {acc.max():.2f}]" if len(rs) > 1 else ""
+            span = (f" [{acc.min():.2f}, {acc.max():.2f}] n={len(rs)}" if len(rs) > 1
+                    else f" (seed {rs[0].get('seed', 0)})")
             paper = PAPER.get(v, {}).get(t)
             ref = "-" if paper is None else f"{paper:.2f}"
             vals.append(f"{acc.mean():.2f}{span} / {ref} ({secs:.0f}s)")
         lines.append(f"| {v} | " + " | ".join(vals) + " |")
-    lines += ["", "Cells: ours, mean [min, max] over the seeds when more than one / paper "
-              "(mean wall seconds of training per seed, all learning rates together). Every "
+    lines += ["", "Cells: ours, mean [min, max] n=<seeds> over the seeds when more than one "
+              "(else the seed) / paper (mean wall seconds of training per seed, all learning "
+              "rates together). Every "
               "seed's number: results.csv."]
 
     def plot(plt):
@@ -251,10 +256,11 @@ def write_results(rows: list[dict], out: str, preset_name: str, p: Preset) -> No
     write_report(
         out, markdown="\n".join(lines),
         header=["task", "variant", "seed", "scaled_acc", "acc", "best_lr", "paper",
-                "train_seconds", "steps", "params"],
+                "train_seconds", "steps", "params", "device"],
         rows=[[r["task"], r["variant"], r.get("seed", 0), f"{r['scaled_acc']:.2f}",
                f"{r['acc']:.4f}", r["best_lr"], PAPER.get(r["variant"], {}).get(r["task"], ""),
-               r["train_seconds"], r["steps"], r["params"]] for r in rows],
+               r["train_seconds"], r["steps"], r["params"], r.get("device", "not recorded")]
+              for r in rows],
         configs={"preset": preset_name, "settings": dataclasses.asdict(p), "seeds": seeds,
                  "runs": rows},
         plot=plot)

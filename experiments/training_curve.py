@@ -85,8 +85,13 @@ def main(argv=None) -> dict:
           f"{s['loss_first_tenth']} (first tenth) -> {s['loss_last_tenth']} (last tenth); "
           f"max grad norm {s['max_grad_norm']:.3g}; spikes (> {args.spike_factor:g}x the "
           f"median of the {args.window} logged steps before): "
-          f"{s['spike_steps'] or 'none'}; final eval bits/byte {s['final_eval_bpb']}. "
+          f"{s['spike_steps'] or 'none'}; final eval bits/byte "
+          f"{'-' if s['final_eval_bpb'] is None else format(s['final_eval_bpb'], '.4f')}. "
           f"**{verdict}**."]
+    if len(curve["eval_steps"]):
+        md += ["", "| step | eval bits/byte |", "|---|---|"] + [
+            f"| {int(a)} | {b:.4f} |" for a, b in zip(curve["eval_steps"], curve["eval_bpb"],
+                                                       strict=True)]
     cfg_path = os.path.join(args.workdir, "config.json")
     config = json.load(open(cfg_path)) if os.path.exists(cfg_path) else None
 

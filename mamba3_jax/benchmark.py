@@ -9,6 +9,7 @@ over it were too lenient. `python -m mamba3_jax.benchmark` prints every method's
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import time
@@ -267,20 +268,45 @@ def measure_matmul_rate(n: int = 8192) -> float:
 
 class CompileWatch:
     """Counts XLA compilations (and their seconds) while active: a benchmark's timed region
-    should have none. `with CompileWatch() as w: ...; w.count, w.seconds`."""
+    should have none. `with CompileWatch() as w: ...; w.count, w.seconds, w.what` (`what`:
+    the compiled functions with their argument shapes, from jax's compile log)."""
 
     _active: list = []
     _registered = False
+    _LOGGERS = ("jax._src.interpreters.pxla", "jax._src.dispatch")
+
+    class _Names(logging.Handler):
+        def __init__(self, sink: list):
+            super().__init__(logging.WARNING)
+            self.sink = sink
+
+        def emit(self, record):
+            msg = record.getMessage()
+            if msg.startswith("Compiling "):
+                self.sink.append(msg.split(". Argument mapping")[0][len("Compiling "):][:300])
 
     def __enter__(self):
         if not CompileWatch._registered:
             jax.monitoring.register_event_duration_secs_listener(CompileWatch._on_event)
             CompileWatch._registered = True
-        self.count, self.seconds = 0, 0.0
+        self.count, self.seconds, self.what = 0, 0.0, []
         CompileWatch._active.append(self)
+        self._handler = CompileWatch._Names(self.what)
+        # jax's compile log, read by our handler and kept off the console
+        self._loggers = [logging.getLogger(n) for n in CompileWatch._LOGGERS]
+        self._propagate = [lg.propagate for lg in self._loggers]
+        for lg in self._loggers:
+            lg.addHandler(self._handler)
+            lg.propagate = False
+        self._log = jax.log_compiles(True)
+        self._log.__enter__()
         return self
 
     def __exit__(self, *exc):
+        self._log.__exit__(*exc)
+        for lg, prop in zip(self._loggers, self._propagate, strict=True):
+            lg.removeHandler(self._handler)
+            lg.propagate = prop
         CompileWatch._active.remove(self)
 
     @staticmethod

@@ -32,3 +32,22 @@ def test_roofline_maths():
     assert c.floor_s(nbytes=4e9) == pytest.approx(1e-3)  # memory bound
     assert c.floor_s(nbytes=4e9, flops=1.6e12) == pytest.approx(2e-3)  # compute bound
     assert benchmark.percent_of_floor(2e-3, 1e-3) == pytest.approx(50.0)
+
+
+def test_compile_watch_counts_and_names_compiles_in_its_region_only():
+    import logging
+
+    import jax.numpy as jnp
+
+    f = jax.jit(lambda x: x * 3 + 1)
+    x = jnp.ones((5, 7))
+    with benchmark.CompileWatch() as first:
+        f(x).block_until_ready()
+    assert first.count >= 1 and first.seconds > 0
+    assert any("float32[5,7]" in w and "<lambda>" in w for w in first.what), first.what
+    with benchmark.CompileWatch() as again:  # cached: nothing compiles
+        f(x).block_until_ready()
+    assert again.count == 0 and again.what == []
+    # jax's compile log is left as it was found
+    assert logging.getLogger("jax._src.dispatch").propagate
+    assert not jax.config.jax_log_compiles

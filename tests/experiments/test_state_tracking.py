@@ -27,17 +27,21 @@ def test_mamba3_learns_parity_and_no_rope_does_not(tmp_path):
 def test_results_over_seeds_give_mean_min_max_and_every_seed_in_the_csv(tmp_path):
     p = state_tracking.PRESETS["ci"]
     rows = [{"task": "parity", "variant": v, "seed": s, "scaled_acc": a, "acc": 0.5 + a / 200,
-             "best_lr": 1e-3, "train_seconds": 10.0, "steps": 1, "params": 1}
+             "best_lr": 1e-3, "train_seconds": 10.0, "steps": 1, "params": 1,
+             "device": "NVIDIA H200"}
             for v, accs in (("mamba3", (100.0, 90.0, 80.0)), ("mamba2", (1.0, -1.0, 3.0)))
             for s, a in zip((0, 1, 2), accs, strict=True)]
     state_tracking.write_results(rows, str(tmp_path), "ci", p)
     md = (tmp_path / "results.md").read_text()
-    assert "| mamba3 | 90.00 [80.00, 100.00] / 100.00 (10s) |" in md
-    assert "| mamba2 | 1.00 [-1.00, 3.00] / 0.90 (10s) |" in md
+    assert "| mamba3 | 90.00 [80.00, 100.00] n=3 / 100.00 (10s) |" in md
+    assert "| mamba2 | 1.00 [-1.00, 3.00] n=3 / 0.90 (10s) |" in md
     assert "seeds [0, 1, 2]" in md and "rotation_dt=False" in md
+    # the device named is the one that trained the cells, not the one writing the table
+    assert "Trained on: NVIDIA H200." in md
     csv_rows = (tmp_path / "results.csv").read_text().strip().splitlines()
-    assert csv_rows[0].startswith("task,variant,seed,scaled_acc")
+    assert csv_rows[0].startswith("task,variant,seed,scaled_acc") and csv_rows[0].endswith("device")
     assert len(csv_rows) == 7 and csv_rows[3].startswith("parity,mamba3,2,80.00")
+    assert csv_rows[3].endswith("NVIDIA H200")
 
 
 def test_state_tracking_models_use_the_parity_options_unless_paper_rotation():
@@ -72,7 +76,9 @@ def test_baseline_rows_build_and_report(tmp_path):
             for v in ("gdn", "transformer")]
     state_tracking.write_results(rows, str(tmp_path), "ci", p)
     md = (tmp_path / "results.md").read_text()
-    assert "| gdn | 50.00 / 100.00 (1s) |" in md and "| transformer | 50.00 / - (1s) |" in md
+    assert "| gdn | 50.00 (seed 0) / 100.00 (1s) |" in md
+    assert "| transformer | 50.00 (seed 0) / - (1s) |" in md
+    assert "Trained on: not recorded." in md  # cells from before the device was stored
 
 
 def test_cells_resume_and_shard(tmp_path, monkeypatch):
