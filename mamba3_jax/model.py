@@ -29,6 +29,7 @@ from mamba3_jax.config import STACKED, ModelConfig, parse_remat
 from mamba3_jax.layers import Block
 from mamba3_jax.nn import Frozen, RMSNorm
 from mamba3_jax.ops.embedding import embed_lookup
+from mamba3_jax.ops.matmul import einsum_f32
 from mamba3_jax.ops.ssm import reset_from_positions, reset_from_segment_ids
 
 
@@ -140,8 +141,7 @@ class Mamba3LM(nnx.Module):
 
     def logits(self, h: jax.Array) -> jax.Array:
         h = self.head_input(h)
-        return jnp.einsum("...d,dv->...v", h, self.head_weight().astype(h.dtype),
-                          preferred_element_type=jnp.float32)
+        return einsum_f32("...d,dv->...v", h, self.head_weight().astype(h.dtype))
 
     def features(self, tokens: jax.Array, *, segment_ids: Optional[jax.Array] = None,
                  positions: Optional[jax.Array] = None, cache=None,

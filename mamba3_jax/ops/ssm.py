@@ -24,6 +24,7 @@ from typing import Callable, NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 
+from mamba3_jax.ops.matmul import einsum_f32
 from mamba3_jax.ops.rotary import TWO_PI, cumulative_angles, linear_scan, rotate
 
 f32 = jnp.float32
@@ -252,18 +253,15 @@ def ssm_chunked(inp: SSMInputs, state: SSMState, mimo_x=None, chunk_size: int = 
     diff = cs[..., :, None] - cs[..., None, :]
     decay = jnp.exp(jnp.where(strict, diff, -jnp.inf))
     W = decay * sc[..., None, :] + jnp.eye(C, dtype=f32) * gm[..., :, None]  # (B, nc, H, C, C)
-    scores = jnp.einsum("bctrhn,bcsuhn->bchtrsu", qc, kc, precision=prec,
-                        preferred_element_type=f32)
+    scores = einsum_f32("bctrhn,bcsuhn->bchtrsu", qc, kc, precision=prec)
     scores = (scores * W[:, :, :, :, None, :, None]).astype(cdt)
-    y = jnp.einsum("bchtrsu,bcsuhp->bctrhp", scores, vc, precision=prec,
-                   preferred_element_type=f32)
+    y = einsum_f32("bchtrsu,bcsuhp->bctrhp", scores, vc, precision=prec)
 
     # chunk-local end states and the carried state across chunks
     last_seg = seg[..., -1:]
     to_end = jnp.exp(cs[..., -1:] - cs) * sc * (seg == last_seg)[:, :, None]  # (B, nc, H, C)
     kc_w = (kc.astype(f32) * jnp.moveaxis(to_end, 2, -1)[:, :, :, None, :, None]).astype(cdt)
-    local = jnp.einsum("bcsuhp,bcsuhn->bchpn", vc, kc_w, precision=prec,
-                       preferred_element_type=f32)
+    local = einsum_f32("bcsuhp,bcsuhn->bchpn", vc, kc_w, precision=prec)
     chunk_decay = jnp.exp(cs[..., -1]) * (last_seg[..., 0] == 0)[:, :, None]  # (B, nc, H)
 
     kv0 = jnp.einsum("brhp,brhn->bhpn", lift(state.x_prev, mimo_x), state.k_prev.astype(f32),

@@ -20,6 +20,8 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 
+from mamba3_jax.ops.matmul import einsum_f32
+
 f32 = jnp.float32
 
 
@@ -50,7 +52,7 @@ def _scan(h, w, targets, mask, chunk: int, with_grads: bool):
 
     def body(dw, xs):
         hc, tc, mc = xs
-        logits = jnp.einsum("bcd,dv->bcv", hc, wc, preferred_element_type=f32)
+        logits = einsum_f32("bcd,dv->bcv", hc, wc)
         # one pass over the (B, chunk, V) slab for its max and sum of exponentials; the max also
         # decides a hit (the target's logit is the largest; a tie counts), where an argmax
         # would read the slab again
@@ -66,8 +68,8 @@ def _scan(h, w, targets, mask, chunk: int, with_grads: bool):
         p = jnp.exp(logits - lse[..., None])
         is_target = jnp.arange(logits.shape[-1]) == tc[..., None]
         dlogits = (jnp.where(is_target, p - 1.0, p) * mc[..., None]).astype(h.dtype)
-        dh = jnp.einsum("bcv,dv->bcd", dlogits, wc, preferred_element_type=f32)
-        dw = dw + jnp.einsum("bcd,bcv->dv", hc, dlogits, preferred_element_type=f32)
+        dh = einsum_f32("bcv,dv->bcd", dlogits, wc)
+        dw = dw + einsum_f32("bcd,bcv->dv", hc, dlogits)
         return dw, (sums, dh.astype(h.dtype))
 
     dw0 = jnp.zeros(w.shape, f32) if with_grads else None
