@@ -138,6 +138,7 @@ def test_paper_configs(arg):
     assert c.optim.peak_lr == lr and c.data.seq_len == 2048
     assert c.data.batch_size * c.data.seq_len == 524288
     assert mc.dtype == "bfloat16" and mc.param_dtype == "float32"
+    assert mc.scan_layers == (n_layer > 12)  # the 12-layer 180M runs unrolled (faster step)
     with pytest.raises(ValueError, match="unknown paper config"):
         mod.get_config("2b")
 
