@@ -50,7 +50,9 @@ def test_plan_devices_meshes_and_overrides():
     c = bench_train.case_config(cases[2])  # 180m on 2 devices, fsdp
     assert (c.mesh.data, c.mesh.fsdp) == (1, 2) and c.train.remat == "dots"
     assert c.data.batch_size == cases[2]["micro"] * 2 * 3 and c.train.grad_accum == 3
-    assert c.model.scan_layers and c.model.vocab_size == 100352
+    # the paper config's layout: the 12-layer 180M unrolled, the 24-layer 1.5B scanned
+    assert not c.model.scan_layers and c.model.vocab_size == 100352
+    assert bench_train.case_config(cases[3]).model.scan_layers
 
 
 def test_scaling_is_per_device_throughput_relative_to_one_device():
