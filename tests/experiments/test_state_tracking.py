@@ -140,3 +140,9 @@ def test_bench_state_tracking_rows_agree_across_chunks():
     assert [(r["backend"], r["chunk"]) for r in rows] == [("chunked", 8), ("chunked", 16)]
     assert all(r["ms"] > 0 for r in rows)
     np.testing.assert_allclose(rows[0]["first_loss"], rows[1]["first_loss"], rtol=1e-5)
+    # other copy counts: that many learning rates over the preset's range, ends included
+    more = bench_state_tracking.main(["--preset", "ci", "--backends", "chunked", "--chunks", "8",
+                                      "--steps", "1", "--copies", "2,3"])
+    assert [r["copies"] for r in more] == [2, 3] and all(r["ms"] > 0 for r in more)
+    # two copies are the ci preset's two rates (3e-3, 1e-2): the first loss of the rows above
+    np.testing.assert_allclose(more[0]["first_loss"], rows[0]["first_loss"], rtol=1e-5)
