@@ -99,3 +99,15 @@ def test_max_and_sum_exp_equal_the_two_pass_form(scale):
     np.testing.assert_array_equal(top, jnp.max(x, axis=-1))
     want = jnp.sum(jnp.exp(x - jnp.max(x, axis=-1, keepdims=True)), axis=-1)
     np.testing.assert_allclose(total, want, rtol=2e-6)
+
+
+def test_max_and_sum_exp_with_infinite_logits():
+    """Masked (-inf) logits add nothing, wherever they sit, and ties at the max count each
+    (the combine's -inf - -inf and equal-maxima cases)."""
+    from mamba3_jax.training.loss import _max_and_sum_exp
+
+    x = jnp.array([[0.0, -jnp.inf, 1.0, -jnp.inf], [-jnp.inf, -jnp.inf, -1.0, -jnp.inf],
+                   [2.0, 2.0, -jnp.inf, 2.0]])
+    top, total = jax.jit(_max_and_sum_exp)(x)
+    np.testing.assert_array_equal(top, [1.0, -1.0, 2.0])
+    np.testing.assert_allclose(total, [1.0 + np.exp(-1.0), 1.0, 3.0], rtol=1e-6)
