@@ -48,6 +48,13 @@ def test_compile_watch_counts_and_names_compiles_in_its_region_only():
     with benchmark.CompileWatch() as again:  # cached: nothing compiles
         f(x).block_until_ready()
     assert again.count == 0 and again.what == []
+    # the compile log it turns on is not part of jit's cache key: a function compiled outside
+    # the watch does not compile again inside it
+    g = jax.jit(lambda x: x * 5 - 2)
+    g(x).block_until_ready()
+    with benchmark.CompileWatch() as inside:
+        g(x).block_until_ready()
+    assert inside.count == 0
     # jax's compile log is left as it was found
     assert logging.getLogger("jax._src.dispatch").propagate
     assert not jax.config.jax_log_compiles
