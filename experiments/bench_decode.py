@@ -56,6 +56,7 @@ from mamba3_jax.benchmark import (  # noqa: E402
 )
 from mamba3_jax.config import ModelConfig  # noqa: E402
 from mamba3_jax.layers import Block  # noqa: E402
+from mamba3_jax.training import trace_summary  # noqa: E402
 
 # Paper Table 6 (ms, one H100): (model, dtype, N) -> latency
 PAPER = {
@@ -114,8 +115,9 @@ def decode_fns(graphdef):
             jax.jit(many, donate_argnums=1))
 
 
-def time_cell(cfg: ModelConfig, batch: int, steps: int, reps: int):
-    """(scan ms per step, per-call ms per step, output of one step from a fixed cache)."""
+def time_cell(cfg: ModelConfig, batch: int, steps: int, reps: int, profile: int = 0):
+    """(scan ms per step, per-call ms per step, output of one step from a fixed cache, step
+    bytes); with `profile`, also prints the top kernels of one traced scan call per step."""
     graphdef, params, cache0 = build(cfg, batch)
     one, many = decode_fns(graphdef)
     dt = jnp.dtype(cfg.dtype)
@@ -139,6 +141,9 @@ def time_cell(cfg: ModelConfig, batch: int, steps: int, reps: int):
 
     scan_ms = time_fn(run_scan, [()], reps=reps, warmup=1) / steps
     call_ms = time_fn(run_calls, [()], reps=reps, warmup=1) / steps
+    if profile:
+        rows = trace_summary.trace_rows(run_scan)
+        print(trace_summary.report(rows, steps, profile), flush=True)
     step_bytes = (tree_nbytes(params) + 2 * tree_nbytes(cache0)
                   + 2 * batch * cfg.d_model * dt.itemsize)
     return scan_ms, call_ms, np.asarray(first_out, np.float32), step_bytes
@@ -197,6 +202,8 @@ def main(argv=None):
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--smoke", action="store_true", help="tiny shapes, interpreted kernels (CPU)")
     ap.add_argument("--write-docs", action="store_true")
+    ap.add_argument("--profile", type=int, default=0, metavar="TOP",
+                    help="also trace one scan call per cell and print its TOP kernels per step")
     args = ap.parse_args(argv)
     if args.smoke:
         args.batch, args.steps, args.reps = 4, 3, 2
@@ -220,8 +227,8 @@ def main(argv=None):
                              floor_ms=None, bytes=0, pct=None, ratio=None, paper=paper,
                              paper_pct=None, err="-")
                     try:
-                        scan_ms, call_ms, out, step_bytes = time_cell(cfg, args.batch,
-                                                                      args.steps, args.reps)
+                        scan_ms, call_ms, out, step_bytes = time_cell(
+                            cfg, args.batch, args.steps, args.reps, args.profile)
                     except Exception as e:  # report and go on with the other cells
                         print(f"{model} {dtype} N={n} {label}: FAILED {type(e).__name__}: {e}",
                               flush=True)

@@ -26,6 +26,7 @@ over the fastest device copy measured in this run (`mamba3_jax.benchmark.measure
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -46,9 +47,11 @@ from mamba3_jax.benchmark import (  # noqa: E402
     tree_nbytes,
 )
 from mamba3_jax.ops.mixer import gate_output  # noqa: E402
+from mamba3_jax.ops.rotary import TWO_PI, rotate  # noqa: E402
 from mamba3_jax.ops.ssm import (  # noqa: E402
     SSMInputs,  # noqa: E402
     SSMState,
+    lift,
     per_head,
     ssm_step,
 )
@@ -93,13 +96,39 @@ def make_step(key, B, H, P, N, R, dtype, state_dtype):
     return state, inp, prm
 
 
-def xla_step(state, inp, prm):
+def ssm_step_einsum(state, q, k, x, angle_inc, log_decay, gamma, eta, reset=None,
+                    mimo_x=None):
+    """`ssm_step` as it was until session 9: the rank sums and the readout as float32 einsums
+    (kept to time the two side by side)."""
+    hp = jax.lax.Precision.HIGHEST
+    if reset is not None:
+        keep = ~reset
+        state = SSMState(*(jnp.where(keep.reshape((-1,) + (1,) * (s.ndim - 1)), s,
+                                     jnp.zeros_like(s)) for s in state))
+    angle = jnp.mod(state.angle + angle_inc.astype(f32), TWO_PI)
+    qr = rotate(q, angle[:, None])
+    kr = rotate(k, angle[:, None]).astype(k.dtype)
+    alpha = jnp.exp(log_decay)
+    kv_prev = jnp.einsum("brhp,brhn->bhpn", lift(state.x_prev, mimo_x),
+                         state.k_prev.astype(f32), precision=hp)
+    kv = jnp.einsum("brhp,brhn->bhpn", lift(x, mimo_x), kr.astype(f32), precision=hp)
+    h = (alpha[..., None, None] * state.h.astype(f32)
+         + (eta * alpha)[..., None, None] * kv_prev + gamma[..., None, None] * kv)
+    y = jnp.einsum("bhpn,brhn->brhp", h, qr, precision=hp)
+    return y, SSMState(angle=angle, h=h.astype(state.h.dtype), k_prev=kr,
+                       x_prev=x.astype(state.x_prev.dtype))
+
+
+XLA_FORMS = {"xla step": ssm_step, "xla einsum step": ssm_step_einsum}
+
+
+def xla_step(state, inp, prm, form=ssm_step):
     """The XLA decode step (the 'reference' backend at L = 1): per_head, ssm_step, gate."""
     one = SSMInputs(inp["q"][:, None], inp["k"][:, None], inp["x"][:, None],
                     inp["angle_inc"][:, None], inp["log_decay"][:, None], inp["gamma"][:, None],
                     inp["eta"][:, None], None, prm["q_bias"], prm["k_bias"])
     one = per_head(one)
-    y, new = ssm_step(state, one.q[:, 0], one.k[:, 0], inp["x"], inp["angle_inc"],
+    y, new = form(state, one.q[:, 0], one.k[:, 0], inp["x"], inp["angle_inc"],
                       inp["log_decay"], inp["gamma"], inp["eta"], None, prm.get("mimo_x"))
     out = gate_output(y[:, None], inp["x"][:, None], inp["z"][:, None], prm["D"],
                       prm.get("mimo_x"), prm.get("mimo_z"), prm.get("mimo_o"))
@@ -210,6 +239,8 @@ def main(argv=None):
     ap.add_argument("--ranks", default="1,4")
     ap.add_argument("--variants", default=DEFAULT_VARIANTS,
                     help="kernel variants, comma-separated block_p:num_warps[:noevict]")
+    ap.add_argument("--xla_forms", default="xla einsum step",
+                    help=f"other XLA step formulations beside 'xla step': {sorted(XLA_FORMS)}")
     ap.add_argument("--steps", type=int, default=8, help="chained steps per call")
     ap.add_argument("--calls", type=int, default=8, help="calls dispatched back to back")
     ap.add_argument("--reps", type=int, default=10)
@@ -240,7 +271,9 @@ def main(argv=None):
                               + B * H * P * 4)
                 floor_us = 1e6 * ceil.floor_s(step_bytes)
                 state_floor_us = 1e6 * ceil.floor_s(2 * tree_nbytes(state0.h))
-                impls = [("xla step", xla_step)] + [
+                impls = [(name, functools.partial(xla_step, form=XLA_FORMS[name]))
+                         for name in ["xla step"] + [f for f in args.xla_forms.split(",") if f]]
+                impls += [
                     (f"kernel {v.label()}", kernel_step(v, args.smoke)) for v in variants]
                 if args.official and R == 1 and dtype == "float32":
                     impls.append(("official triton step", None))

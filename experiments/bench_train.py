@@ -182,22 +182,20 @@ def profile_steps(step, state, next_batch, n: int) -> dict:
     (`mamba3_jax.training.trace_summary`), top kernels included; {} for n = 0."""
     if not n:
         return {}
-    import gzip
-
     import jax
 
     from mamba3_jax.training import trace_summary
 
+    def run():
+        nonlocal state
+        for _ in range(n):
+            state, m = step(state, next_batch())
+        jax.block_until_ready((state, m))
+
     # BENCH_TRAIN_TRACE_DIR keeps the trace (e.g. for `trace_summary --top 80` on the machine)
-    folder = (os.environ.get("BENCH_TRAIN_TRACE_DIR") and tempfile.mkdtemp(
-        dir=os.environ["BENCH_TRAIN_TRACE_DIR"])) or tempfile.mkdtemp(prefix="bench_train_trace_")
-    jax.profiler.start_trace(folder)
-    for _ in range(n):
-        state, m = step(state, next_batch())
-    jax.block_until_ready((state, m))
-    jax.profiler.stop_trace()
-    with gzip.open(trace_summary.newest_trace(folder)) as f:
-        rows = trace_summary.summarize(json.load(f))
+    folder = os.environ.get("BENCH_TRAIN_TRACE_DIR") and tempfile.mkdtemp(
+        dir=os.environ["BENCH_TRAIN_TRACE_DIR"])
+    rows = trace_summary.trace_rows(run, folder)
     out = {k: round(us / 1e3 / n, 3) for k, us in trace_summary.by_kind(rows).items() if us}
     out["top"] = [[r.name[:60], r.kind, round(r.total_us / 1e3 / n, 3)] for r in rows[:12]]
     return out

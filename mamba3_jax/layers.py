@@ -75,13 +75,19 @@ class Mamba3(nnx.Module):
         """in_proj as two matmuls over its columns: z, x, B, C, then the per-head scalars and
         angles. With one matmul XLA stored the whole (B, L, 3432) output time-minor on the 180M
         step, so that the kernels' (B, H, L) per-head scalars came for free, and every wide part
-        was transposed instead (docs/step_hlo_180m.md). Same parameter, same maths."""
+        was transposed instead (docs/step_hlo_180m.md). Same parameter, same maths.
+        One token (decode): one matmul. Inside a decode scan XLA copied the two column slices
+        of the weight out of it at every step (22-32 us of a 150-290 us layer step on an H200,
+        more than the matmuls themselves)."""
         cfg, dtype = self.cfg, jnp.dtype(self.cfg.dtype)
         splits = cfg.in_proj_splits
         wide = sum(w for _, w in splits[:4])  # z, x, B, C
         kernel = self.in_proj.kernel[...]
         parts = {}
-        for cols, group in ((slice(None, wide), splits[:4]), (slice(wide, None), splits[4:])):
+        groups = ((slice(None, wide), splits[:4]), (slice(wide, None), splits[4:]))
+        if u.shape[-2] == 1:
+            groups = ((slice(None), splits),)
+        for cols, group in groups:
             out = jax.lax.dot_general(u.astype(dtype), kernel[:, cols].astype(dtype),
                                       (((u.ndim - 1,), (0,)), ((), ())))
             # checkpoint_name: what a "names:..." remat policy may keep (config.REMAT_NAMES)

@@ -65,16 +65,19 @@ def test_split_in_proj_equals_slices_and_its_gradient_is_one_concatenate():
 @pytest.mark.parametrize("kw", [dict(dtype="bfloat16"), dict(dtype="float32", mimo_rank=2),
                                 dict(dtype="bfloat16", d_conv=4, discretization="euler",
                                      rotation="none")])
-def test_in_proj_as_two_matmuls_equals_one(kw):
+@pytest.mark.parametrize("L, matmuls", [(5, 2), (1, 1)])
+def test_in_proj_as_two_matmuls_equals_one(kw, L, matmuls):
     """The Mamba-3 layer's in_proj runs as two matmuls (the wide parts, then the per-head
-    scalars and angles): each part equals that slice of the one-matmul output."""
+    scalars and angles), one for a single token (decode: no weight slices in the step): each
+    part equals that slice of the one-matmul output."""
     from flax import nnx
 
     from mamba3_jax.layers import Mamba3
 
     cfg = ModelConfig(d_model=32, n_layer=1, d_state=16, headdim=16, **kw)
     layer = Mamba3(cfg, rngs=nnx.Rngs(0))
-    u = jax.random.normal(jax.random.PRNGKey(2), (2, 5, 32))
+    u = jax.random.normal(jax.random.PRNGKey(2), (2, L, 32))
+    assert str(jax.make_jaxpr(layer._in_proj_parts)(u)).count("dot_general") == matmuls
     got, want = layer._in_proj_parts(u), split_in_proj(layer.in_proj(u), cfg)
     assert list(got) == [name for name, _ in cfg.in_proj_splits]
     for name in want:

@@ -89,6 +89,23 @@ def summarize(trace: dict) -> list[Row]:
                   key=lambda r: -r.total_us)
 
 
+def trace_rows(run, folder: str | None = None) -> list[Row]:
+    """Call run() once under `jax.profiler` and summarise the device kernels it launched (the
+    trace goes to a temporary folder unless one is given)."""
+    import tempfile
+
+    import jax
+
+    folder = folder or tempfile.mkdtemp(prefix="trace_rows_")
+    jax.profiler.start_trace(folder)
+    try:
+        run()
+    finally:
+        jax.profiler.stop_trace()
+    with gzip.open(newest_trace(folder)) as f:
+        return summarize(json.load(f))
+
+
 def by_kind(rows: list[Row]) -> dict[str, float]:
     out = {k: 0.0 for k in KINDS}
     for r in rows:

@@ -143,6 +143,8 @@ def main():
     ap.add_argument("--shapes", default="a,b,c")
     ap.add_argument("--modes", default="fwd,fwd+bwd")
     ap.add_argument("--mimo", action="store_true", help="also MIMO R=4 at shape a")
+    ap.add_argument("--mimo_chunks", default="16",
+                    help="MIMO chunk sizes in tokens (rows per chunk: chunk x 4)")
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--smoke", action="store_true")
     ap.add_argument("--json", default=None)
@@ -160,11 +162,13 @@ def main():
     shapes = [(t, s) for t, s in PREFILL_SHAPES.items() if t in args.shapes.split(",")]
     if args.smoke:
         shapes = [("smoke", (1, 128, 2))]
-    cases = [(t, s, 1) for t, s in shapes]
+    cases = [(t, s, 1, 64) for t, s in shapes]
     if args.mimo:
-        cases += [(t + "_mimo", s, 4) for t, s in shapes if t == "a"]
+        mimo_chunks = [int(c) for c in args.mimo_chunks.split(",")]
+        cases += [(t + "_mimo" + ("" if c == 16 else f"_c{c}"), s, 4, c)
+                  for t, s in shapes if t == "a" for c in mimo_chunks]
     rows = []
-    for tag, (B, L, H), R in cases:
+    for tag, (B, L, H), R, chunk in cases:
         N, P = (32, 16) if args.smoke else (128, 64)
         sets = [official_like_inputs(s, B, L, H, N=N, P=P, R=R) for s in range(2)]
         douts = [jax.random.normal(jax.random.PRNGKey(9 + s), (B, L, H, P)).astype(bf16)
@@ -172,7 +176,7 @@ def main():
         off = official.get("prefill", {}).get(f"{tag}_B{B}_L{L}_H{H}", {})
         ref = None
         for name, core in impls(args).items():
-            chunk = 64 // R if not args.smoke else 16 // R
+            chunk = chunk if not args.smoke else 16 // R
             f = layer_fn(functools.partial(core, chunk_size=chunk))
             for mode in args.modes.split(","):
                 try:

@@ -38,3 +38,10 @@ def test_mimo_siso_ratio_and_target_summary():
     assert bench_decode.target_summary(rows) == (
         "Targets: 1 of 3 cells at >= 85% of the roofline (best implementation per cell); 1 of 2 "
         "MIMO rows at <= 1.15x SISO.")
+
+
+def test_bench_decode_profile_prints_top_kernels(capsys):
+    bench_decode.main(["--smoke", "--models", "mamba3_siso", "--dtypes", "float32",
+                       "--d_states", "32", "--profile", "3"])
+    out = capsys.readouterr().out
+    assert out.count("ms per step over 3 step(s)") == 2  # one traced scan per implementation

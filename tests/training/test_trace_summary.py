@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from mamba3_jax.training.trace_summary import by_kind, main, summarize
+from mamba3_jax.training.trace_summary import by_kind, main, summarize, trace_rows
 
 
 def _meta(pid, tid, kind, name):
@@ -76,6 +76,15 @@ def test_cpu_trace_of_a_jitted_function(tmp_path):
     path = next(tmp_path.rglob("*.trace.json.gz"))
     rows = summarize(json.load(gzip.open(path)))
     assert rows and sum(r.total_us for r in rows) > 0, rows
+
+
+def test_trace_rows_of_a_call(tmp_path):
+    f = jax.jit(lambda a: jnp.tanh(a @ a).sum())
+    a = jnp.ones((256, 256))
+    f(a).block_until_ready()
+    rows = trace_rows(lambda: f(a).block_until_ready(), str(tmp_path))
+    assert rows and sum(r.total_us for r in rows) > 0, rows
+    assert next(tmp_path.rglob("*.trace.json.gz"))  # kept where asked
 
 
 def test_missing_trace_is_one_line(tmp_path):
