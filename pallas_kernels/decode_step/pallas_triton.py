@@ -64,16 +64,18 @@ class DecodeBlocks:
 # One NVIDIA H200, jax 0.11.2, commit 97a0de3, B=128 H=64 P=64 (one B/C group, per-head biases):
 #   PYTHONPATH=. python experiments/bench_decode_step.py --official .official
 # Every row of that run is in docs/benchmarks.md ("Decode step alone"). MIMO was timed at R=4.
+# The XLA step's us are session 9's (same device and shapes, `ssm_step` with broadcast-product
+# rank sums, the kernels' times within 3% of these in the same call).
 # key -> (fastest DecodeBlocks, its us, the XLA step's us)
 MEASURED = {
-    ("float32", 128, 1): (DecodeBlocks(16, 4), 171.7, 126.1),
-    ("float32", 128, 4): (DecodeBlocks(16, 4), 291.4, 451.0),
-    ("bfloat16", 128, 1): (DecodeBlocks(16, 2), 96.4, 104.7),
-    ("bfloat16", 128, 4): (DecodeBlocks(None, 4, evict_first=False), 181.2, 467.4),
-    ("float32", 64, 1): (DecodeBlocks(16, 2), 92.1, 88.4),
-    ("float32", 64, 4): (DecodeBlocks(16, 2), 144.3, 235.1),
-    ("bfloat16", 64, 1): (DecodeBlocks(16, 2), 58.4, 66.7),
-    ("bfloat16", 64, 4): (DecodeBlocks(16, 2), 106.6, 257.8),
+    ("float32", 128, 1): (DecodeBlocks(16, 4), 171.7, 113.9),
+    ("float32", 128, 4): (DecodeBlocks(16, 4), 291.4, 410.8),
+    ("bfloat16", 128, 1): (DecodeBlocks(16, 2), 96.4, 105.6),
+    ("bfloat16", 128, 4): (DecodeBlocks(None, 4, evict_first=False), 181.2, 392.7),
+    ("float32", 64, 1): (DecodeBlocks(16, 2), 92.1, 79.3),
+    ("float32", 64, 4): (DecodeBlocks(16, 2), 144.3, 232.0),
+    ("bfloat16", 64, 1): (DecodeBlocks(16, 2), 58.4, 63.9),
+    ("bfloat16", 64, 4): (DecodeBlocks(16, 2), 106.6, 216.5),
 }
 # unmeasured (dtype, N): bp=16 w=2 was within 6% of the best in every measured case (the old
 # default, whole P on 4 warps, was up to 1.6x slower)
