@@ -145,12 +145,16 @@ def load_partial(path: str, sweep: LRSweep, rng: np.random.Generator, settings: 
 
 
 def train_cell(task_name: str, variant: str, p: Preset, seed: int = 0, log=print,
-               partial: str | None = None, stop=lambda step: False) -> dict | None:
+               partial: str | None = None, stop=lambda step: False,
+               lrs: tuple | None = None) -> dict | None:
     """Train one (task, variant) cell for every learning rate at once; evaluate each.
 
     With `partial` (a .npz path) the cell resumes from that snapshot when it exists and saves
     one every SAVE_EVERY steps; `stop(step)` true ends the run early (after saving): then the
-    result is None and the same call later goes on with the same batches and updates."""
+    result is None and the same call later goes on with the same batches and updates.
+    `lrs` trains those learning rates instead of the preset's (the reduced protocol's seeds)."""
+    if lrs is not None:
+        p = dataclasses.replace(p, lrs=tuple(lrs))
     task = get_task(task_name)
     cfg = model_config(task_name, variant, p, task.vocab_size)
     total = p.steps_per_stage * len(p.stage_lengths)
@@ -213,9 +217,14 @@ def write_results(rows: list[dict], out: str, preset_name: str, p: Preset) -> No
     seeds = sorted({r.get("seed", 0) for r in rows})
     # the devices that trained the cells (cells from before this field: "not recorded")
     devices = sorted({r.get("device", "not recorded") for r in rows})
+    reused = sum("lr_from_seed" in r for r in rows)
+    lr_rule = f"best of {len(p.lrs)} learning rates" + (
+        "" if not reused else f" (for {reused} of the {len(rows)} runs, those with an "
+        "`lr_from_seed` in results.csv: the best rate of that seed of the same cell, the only "
+        "one trained: the reduced protocol of `--lr_from_seed`)")
     lines = [f"# State tracking (paper Table 5b), preset `{preset_name}`", "",
-             f"Scaled accuracy % at length {p.eval_length}, best of {len(p.lrs)} learning "
-             f"rates; seeds {seeds}. Model options: tie_embeddings={p.tie_embeddings}, "
+             f"Scaled accuracy % at length {p.eval_length}, {lr_rule}; seeds {seeds}. "
+             f"Model options: tie_embeddings={p.tie_embeddings}, "
              f"rotation_dt={p.rotation_dt}. Trained on: {', '.join(devices)}.", "",
              "| model | " + " | ".join(tasks) + " |", "|---|" + "---|" * len(tasks)]
     for v in variants:
@@ -255,10 +264,11 @@ def write_results(rows: list[dict], out: str, preset_name: str, p: Preset) -> No
 
     write_report(
         out, markdown="\n".join(lines),
-        header=["task", "variant", "seed", "scaled_acc", "acc", "best_lr", "paper",
-                "train_seconds", "steps", "params", "device"],
+        header=["task", "variant", "seed", "scaled_acc", "acc", "best_lr", "lr_from_seed",
+                "paper", "train_seconds", "steps", "params", "device"],
         rows=[[r["task"], r["variant"], r.get("seed", 0), f"{r['scaled_acc']:.2f}",
-               f"{r['acc']:.4f}", r["best_lr"], PAPER.get(r["variant"], {}).get(r["task"], ""),
+               f"{r['acc']:.4f}", r["best_lr"], r.get("lr_from_seed", ""),
+               PAPER.get(r["variant"], {}).get(r["task"], ""),
                r["train_seconds"], r["steps"], r["params"], r.get("device", "not recorded")]
               for r in rows],
         configs={"preset": preset_name, "settings": dataclasses.asdict(p), "seeds": seeds,
@@ -328,6 +338,9 @@ def main(argv=None):
     ap.add_argument("--time_budget", type=float, default=None, metavar="SECONDS",
                     help="stop cleanly after this many seconds, the unfinished cell saved "
                          "(<out>/cells/*.partial.npz); the same command goes on from there")
+    ap.add_argument("--lr_from_seed", type=int, default=None, metavar="S",
+                    help="reduced protocol: seed S of each (task, variant) sweeps the preset's "
+                         "learning rates, the other seeds train only at S's best one")
     args = ap.parse_args(argv)
     p = PRESETS[args.preset]
     if args.paper_rotation:
@@ -340,8 +353,14 @@ def main(argv=None):
     for v in args.variants.split(","):
         if v not in VARIANTS:
             raise SystemExit(f"unknown variant {v!r}; choose from {list(VARIANTS)}")
-    plan = [(t, v, seed) for t in args.tasks.split(",") for v in args.variants.split(",")
-            for seed in seeds][shard::n_shards]
+    groups = [(t, v) for t in args.tasks.split(",") for v in args.variants.split(",")]
+    if args.lr_from_seed is None:
+        plan = [(t, v, seed) for t, v in groups for seed in seeds][shard::n_shards]
+    else:  # a group's seeds in one process, the sweeping seed first
+        if args.lr_from_seed not in seeds:
+            raise SystemExit(f"--lr_from_seed {args.lr_from_seed} is not in the seeds {seeds}")
+        order = [args.lr_from_seed] + [x for x in seeds if x != args.lr_from_seed]
+        plan = [(t, v, seed) for t, v in groups[shard::n_shards] for seed in order]
     stored_cells(args.out, args.preset, p)  # another preset's cells there: stop before training
     deadline = time.time() + args.time_budget if args.time_budget else float("inf")
     for t, v, seed in plan:
@@ -349,9 +368,16 @@ def main(argv=None):
             print(f"{t:20s} {v:16s} seed {seed} done before, kept", flush=True)
             continue
         snapshot = partial_file(args.out, t, v, seed)
-        r = train_cell(t, v, p, seed, partial=snapshot, stop=lambda step: time.time() > deadline)
+        lrs, reduced = None, {}
+        if args.lr_from_seed is not None and seed != args.lr_from_seed:
+            with open(cell_file(args.out, t, v, args.lr_from_seed)) as f:  # trained just before
+                lrs = (json.load(f)["best_lr"],)
+            reduced = {"lr_from_seed": args.lr_from_seed}
+        r = train_cell(t, v, p, seed, partial=snapshot, stop=lambda step: time.time() > deadline,
+                       **({"lrs": lrs} if lrs else {}))
         if r is None:  # out of --time_budget: the snapshot lets the same command go on
             break
+        r.update(reduced)
         print(f"{t:20s} {v:16s} seed {seed} scaled acc {r['scaled_acc']:6.2f}  best lr "
               f"{r['best_lr']:.2e}  ({r['train_seconds']:.0f}s)", flush=True)
         store_cell(args.out, r, args.preset, p)

@@ -109,6 +109,40 @@ def test_cells_resume_and_shard(tmp_path, monkeypatch):
         state_tracking.main(args + ["--shard", "2/2"])
 
 
+def test_reduced_protocol_reuses_the_sweeping_seeds_learning_rate(tmp_path, monkeypatch):
+    """--lr_from_seed S: seed S of each (task, variant) sweeps every learning rate and runs
+    first; the other seeds train at its best rate alone (recorded per run); a shard takes whole
+    (task, variant) groups; S must be one of the seeds."""
+    trained = []
+
+    def fake_cell(task, variant, p, seed=0, log=print, lrs=None, **resume):
+        trained.append((variant, seed, lrs))
+        best = {"mamba3": 3e-3, "mamba2": 1e-4}[variant] if lrs is None else lrs[0]
+        return {"task": task, "variant": variant, "seed": seed, "scaled_acc": 90.0 + seed,
+                "acc": 0.95, "best_lr": best, "train_seconds": 1.0, "steps": 1, "params": 1}
+
+    monkeypatch.setattr(state_tracking, "train_cell", fake_cell)
+    args = ["--preset", "ci", "--tasks", "parity", "--variants", "mamba3,mamba2", "--seeds",
+            "0,1,2", "--lr_from_seed", "1", "--out", str(tmp_path)]
+    state_tracking.main(args + ["--shard", "1/2"])
+    assert trained == [("mamba2", 1, None), ("mamba2", 0, (1e-4,)), ("mamba2", 2, (1e-4,))]
+    rows = state_tracking.main(args + ["--shard", "0/2"])
+    assert trained[3:] == [("mamba3", 1, None), ("mamba3", 0, (3e-3,)), ("mamba3", 2, (3e-3,))]
+    assert sorted((r["variant"], r["seed"], r.get("lr_from_seed")) for r in rows) == [
+        ("mamba2", 0, 1), ("mamba2", 1, None), ("mamba2", 2, 1),
+        ("mamba3", 0, 1), ("mamba3", 1, None), ("mamba3", 2, 1)]
+    assert "for 4 of the 6 runs" in (tmp_path / "results.md").read_text()
+    assert ",3e-03,1," in (tmp_path / "results.csv").read_text().replace("0.003", "3e-03")
+    with pytest.raises(SystemExit, match="--lr_from_seed 5 is not in the seeds"):
+        state_tracking.main(args[:-4] + ["--lr_from_seed", "5", "--out", str(tmp_path)])
+    monkeypatch.undo()  # the real cell given lrs: that one learning rate trained and reported
+    import dataclasses
+    p = dataclasses.replace(state_tracking.PRESETS["ci"], steps_per_stage=3, warmup=1)
+    one = state_tracking.train_cell("parity", "mamba3", p, seed=2, log=lambda *_: None,
+                                    lrs=(2e-3,))
+    assert one["best_lr"] == 2e-3 and len(one["scaled_acc_per_lr"]) == 1
+
+
 def test_a_stopped_cell_resumes_with_the_same_batches_and_updates(tmp_path, monkeypatch):
     """A cell cut off mid-training (a 10-minute call's end) and started again ends with the very
     losses and accuracies of one uninterrupted run: weights, optimizer state, step and the batch
