@@ -56,19 +56,16 @@ from mamba3_jax.ops.ssm import (  # noqa: E402
     ssm_step,
 )
 from pallas_kernels import DecodeBlocks, decode_step  # noqa: E402
+from pallas_kernels.decode_step.pallas_triton import parse_blocks  # noqa: E402
 
 f32 = jnp.float32
-# block_p:num_warps[:noevict]; "P" = all rows of the state per program
-DEFAULT_VARIANTS = "P:4,P:8,32:4,16:2,16:4,8:2,P:4:noevict"
+# block_p:num_warps[:noevict][:loop]; "P" = all rows of the state per program; loop = one
+# program per head walking P in blocks of block_p rows (`DecodeBlocks.row_loop`)
+DEFAULT_VARIANTS = "P:4,32:4,16:2,16:4,8:2,P:4:noevict,16:2:loop,16:4:loop,32:4:loop,8:2:loop"
 
 
 def parse_variants(spec: str) -> list[DecodeBlocks]:
-    out = []
-    for item in spec.split(","):
-        bp, warps, *flags = item.split(":")
-        out.append(DecodeBlocks(block_p=None if bp == "P" else int(bp), num_warps=int(warps),
-                                evict_first="noevict" not in flags))
-    return out
+    return [parse_blocks(item) for item in spec.split(",")]
 
 
 def make_step(key, B, H, P, N, R, dtype, state_dtype):
