@@ -46,17 +46,16 @@ from mamba3_jax.benchmark import (  # noqa: E402
     percent_of_floor,
     tree_nbytes,
 )
-from mamba3_jax.ops.mixer import gate_output  # noqa: E402
 from mamba3_jax.ops.rotary import TWO_PI, rotate  # noqa: E402
 from mamba3_jax.ops.ssm import (  # noqa: E402
-    SSMInputs,  # noqa: E402
     SSMState,
     lift,
-    per_head,
     ssm_step,
 )
 from pallas_kernels import DecodeBlocks, decode_step  # noqa: E402
 from pallas_kernels.decode_step.pallas_triton import parse_blocks  # noqa: E402
+from pallas_kernels.decode_step.reference import reference_step  # noqa: E402
+from pallas_kernels.decode_step.shapes import STEP_D_STATES, STEP_SHAPE  # noqa: E402
 
 f32 = jnp.float32
 # block_p:num_warps[:noevict][:loop]; "P" = all rows of the state per program; loop = one
@@ -120,16 +119,13 @@ XLA_FORMS = {"xla step": ssm_step, "xla einsum step": ssm_step_einsum}
 
 
 def xla_step(state, inp, prm, form=ssm_step):
-    """The XLA decode step (the 'reference' backend at L = 1): per_head, ssm_step, gate."""
-    one = SSMInputs(inp["q"][:, None], inp["k"][:, None], inp["x"][:, None],
-                    inp["angle_inc"][:, None], inp["log_decay"][:, None], inp["gamma"][:, None],
-                    inp["eta"][:, None], None, prm["q_bias"], prm["k_bias"])
-    one = per_head(one)
-    y, new = form(state, one.q[:, 0], one.k[:, 0], inp["x"], inp["angle_inc"],
-                      inp["log_decay"], inp["gamma"], inp["eta"], None, prm.get("mimo_x"))
-    out = gate_output(y[:, None], inp["x"][:, None], inp["z"][:, None], prm["D"],
-                      prm.get("mimo_x"), prm.get("mimo_z"), prm.get("mimo_o"))
-    return out[:, 0], new
+    """The XLA decode step (the 'reference' backend at L = 1; `decode_step.reference`), with
+    `form` as its SSM step."""
+    return reference_step(state, inp["q"], inp["k"], inp["x"], inp["z"], inp["angle_inc"],
+                          inp["log_decay"], inp["gamma"], inp["eta"], None, D=prm["D"],
+                          mimo_x=prm.get("mimo_x"), mimo_z=prm.get("mimo_z"),
+                          mimo_o=prm.get("mimo_o"), q_bias=prm["q_bias"], k_bias=prm["k_bias"],
+                          step=form)
 
 
 def kernel_step(blocks: DecodeBlocks, interpret: bool):
@@ -228,10 +224,10 @@ COLUMNS = ["N", "state", "R", "implementation", "us / step", "% copy bw", "floor
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--batch", type=int, default=128)
-    ap.add_argument("--heads", type=int, default=64)
-    ap.add_argument("--headdim", type=int, default=64)
-    ap.add_argument("--d_states", default="128,64")
+    ap.add_argument("--batch", type=int, default=STEP_SHAPE["B"])
+    ap.add_argument("--heads", type=int, default=STEP_SHAPE["H"])
+    ap.add_argument("--headdim", type=int, default=STEP_SHAPE["P"])
+    ap.add_argument("--d_states", default=",".join(str(n) for n in STEP_D_STATES))
     ap.add_argument("--dtypes", default="float32,bfloat16", help="state (and activation) dtypes")
     ap.add_argument("--ranks", default="1,4")
     ap.add_argument("--variants", default=DEFAULT_VARIANTS,

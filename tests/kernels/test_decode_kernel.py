@@ -14,22 +14,21 @@ import pytest
 from kernel_cases import INTERPRET, TOL, make_problem, rel
 
 from mamba3_jax.ops.mixer import gate_output
-from mamba3_jax.ops.ssm import per_head, ssm_reference, ssm_step
+from mamba3_jax.ops.ssm import per_head, ssm_reference
 from pallas_kernels import DecodeBlocks, KernelUnsupported, chunked_scan, decode_step
+from pallas_kernels.decode_step.reference import reference_step
+from pallas_kernels.decode_step.shapes import TEST_SHAPE
 
 B, H, N, P, S = 3, 2, 64, 16, 16
 STATE_TOL = {"float32": 1e-5, "bfloat16": 1e-2}
 
 
-def _epilogue(y, x, p):
-    return gate_output(y[:, None], x[:, None], p["z"], p["D"], p.get("mimo_x"), p.get("mimo_z"),
-                       p.get("mimo_o"), p.get("norm_weight"))[:, 0]
-
-
 @jax.jit
 def ref_step(state, q, k, x, inc, ld, gm, eta, reset, p):
-    y, new = ssm_step(state, q, k, x, inc, ld, gm, eta, reset, p.get("mimo_x"))
-    return _epilogue(y, x, dict(p, z=p["z"][:, None])), new
+    """The oracle (`decode_step.reference`): `ssm_step` then `gate_output`."""
+    return reference_step(state, q, k, x, p["z"], inc, ld, gm, eta, reset, D=p["D"],
+                          mimo_x=p.get("mimo_x"), mimo_z=p.get("mimo_z"), mimo_o=p.get("mimo_o"),
+                          norm_weight=p.get("norm_weight"))
 
 
 @jax.jit
@@ -86,9 +85,10 @@ VARIANTS = [(1, "float32", DecodeBlocks(), 8), (1, "bfloat16", DecodeBlocks(8, 2
 def test_decode_variants(R, state_dtype, blocks, S):
     """Every launch shape == the XLA step, group-level q/k + biases, a reset, with and without
     rotation (S = 0), SISO and MIMO, float32 and bfloat16 state."""
-    inp, state, p = make_problem(12, 3, 1, R, 4, 32, 32, S, jnp.float32, groups=1,
-                                 state_dtype=jnp.dtype(state_dtype))
-    inp = inp._replace(reset=jnp.array([[False], [True], [False]]))
+    T = TEST_SHAPE
+    inp, state, p = make_problem(12, T["B"], 1, R, T["H"], T["N"], T["P"], S, jnp.float32,
+                                 groups=1, state_dtype=jnp.dtype(state_dtype))
+    inp = inp._replace(reset=(jnp.arange(T["B"]) == 1)[:, None])  # a segment starts in row 1
     want, want_state = ref_step(state, *_token(per_head(inp), p, 0)[0], dict(p, z=p["z"][:, 0]))
     got, got_state = jax.jit(functools.partial(_group_step, blocks=blocks))(inp, state, p)
     assert rel(got, want) < TOL["float32"], rel(got, want)
