@@ -46,11 +46,11 @@ from mamba3_jax.benchmark import (  # noqa: E402
     percent_of_floor,
     tree_nbytes,
 )
-from mamba3_jax.ops.rotary import TWO_PI, rotate  # noqa: E402
 from mamba3_jax.ops.ssm import (  # noqa: E402
     SSMState,
     lift,
     ssm_step,
+    step_start,
 )
 from pallas_kernels import DecodeBlocks, decode_step  # noqa: E402
 from pallas_kernels.decode_step.pallas_triton import parse_blocks  # noqa: E402
@@ -97,13 +97,7 @@ def ssm_step_einsum(state, q, k, x, angle_inc, log_decay, gamma, eta, reset=None
     """`ssm_step` as it was until session 9: the rank sums and the readout as float32 einsums
     (kept to time the two side by side)."""
     hp = jax.lax.Precision.HIGHEST
-    if reset is not None:
-        keep = ~reset
-        state = SSMState(*(jnp.where(keep.reshape((-1,) + (1,) * (s.ndim - 1)), s,
-                                     jnp.zeros_like(s)) for s in state))
-    angle = jnp.mod(state.angle + angle_inc.astype(f32), TWO_PI)
-    qr = rotate(q, angle[:, None])
-    kr = rotate(k, angle[:, None]).astype(k.dtype)
+    state, angle, qr, kr = step_start(state, q, k, angle_inc, reset)
     alpha = jnp.exp(log_decay)
     kv_prev = jnp.einsum("brhp,brhn->bhpn", lift(state.x_prev, mimo_x),
                          state.k_prev.astype(f32), precision=hp)

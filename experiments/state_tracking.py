@@ -368,16 +368,16 @@ def main(argv=None):
             print(f"{t:20s} {v:16s} seed {seed} done before, kept", flush=True)
             continue
         snapshot = partial_file(args.out, t, v, seed)
-        lrs, reduced = None, {}
+        lrs = None
         if args.lr_from_seed is not None and seed != args.lr_from_seed:
             with open(cell_file(args.out, t, v, args.lr_from_seed)) as f:  # trained just before
                 lrs = (json.load(f)["best_lr"],)
-            reduced = {"lr_from_seed": args.lr_from_seed}
         r = train_cell(t, v, p, seed, partial=snapshot, stop=lambda step: time.time() > deadline,
-                       **({"lrs": lrs} if lrs else {}))
+                       lrs=lrs)
         if r is None:  # out of --time_budget: the snapshot lets the same command go on
             break
-        r.update(reduced)
+        if lrs:
+            r["lr_from_seed"] = args.lr_from_seed
         print(f"{t:20s} {v:16s} seed {seed} scaled acc {r['scaled_acc']:6.2f}  best lr "
               f"{r['best_lr']:.2e}  ({r['train_seconds']:.0f}s)", flush=True)
         store_cell(args.out, r, args.preset, p)

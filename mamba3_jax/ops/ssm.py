@@ -116,6 +116,18 @@ def _dot_precision(dtype):
 # ----------------------------------------------------------------------------- step / reference
 
 
+def step_start(state: SSMState, q, k, angle_inc, reset=None):
+    """What every form of the decode step does first: the state cleared where a segment
+    starts, the new angle and q, k rotated by it (q float32, k at its input precision, as it is
+    stored and used). Returns (state, angle, q rotated, k rotated)."""
+    if reset is not None:
+        keep = ~reset
+        state = SSMState(*(jnp.where(keep.reshape((-1,) + (1,) * (s.ndim - 1)), s,
+                                     jnp.zeros_like(s)) for s in state))
+    angle = jnp.mod(state.angle + angle_inc.astype(f32), TWO_PI)
+    return state, angle, rotate(q, angle[:, None]), rotate(k, angle[:, None]).astype(k.dtype)
+
+
 def ssm_step(state: SSMState, q, k, x, angle_inc, log_decay, gamma, eta, reset=None,
              mimo_x=None):
     """One token for a batch. q, k (B, R, H, N); x (B, H, P); angle_inc (B, H, S);
@@ -125,13 +137,7 @@ def ssm_step(state: SSMState, q, k, x, angle_inc, log_decay, gamma, eta, reset=N
     update and readout into one pass over h (an einsum over R became float32 GEMMs and extra
     passes). H200, B 128 H 64 P 64 N 128: 114 vs 125 us (SISO, float32 state), 393 vs 463 us
     (R 4, bfloat16; `experiments/bench_decode_step.py`, docs/benchmarks.md)."""
-    if reset is not None:
-        keep = ~reset
-        state = SSMState(*(jnp.where(keep.reshape((-1,) + (1,) * (s.ndim - 1)), s,
-                                     jnp.zeros_like(s)) for s in state))
-    angle = jnp.mod(state.angle + angle_inc.astype(f32), TWO_PI)
-    qr = rotate(q, angle[:, None])
-    kr = rotate(k, angle[:, None]).astype(k.dtype)  # stored and used at the input precision
+    state, angle, qr, kr = step_start(state, q, k, angle_inc, reset)
     alpha = jnp.exp(log_decay)
     xl, xpl = lift(x, mimo_x), lift(state.x_prev, mimo_x)  # (B, R, H, P)
     kp, kf = state.k_prev.astype(f32), kr.astype(f32)

@@ -226,9 +226,10 @@ def _decode_kernel(*refs, in_names, out_names, R, N, S, has_norm, eps, interpret
     for i in range(n_blocks):  # the row loop (one block without it)
         sl = block(i)
         h = h_first if i == 0 else _load(ref["h"], sl, evict_first).astype(f32)
-        x = _rows_of(ref["x"], sl).astype(f32)  # (bp,)
+        x_in = _rows_of(ref["x"], sl)  # (bp,), stored as the next step's x_prev as it came
+        x = x_in.astype(f32)
         x_prev = _rows_of(ref["x_prev"], sl).astype(f32)
-        _put(ref["x_prev_out"], sl, _rows_of(ref["x"], sl).astype(ref["x_prev_out"].dtype))
+        _put(ref["x_prev_out"], sl, x_in.astype(ref["x_prev_out"].dtype))
         mimo_x = ranks("mimo_x", sl) or [1.0] * R
 
         # h' = decay h + beta sum_r x_prev^(r) k_prev_r^T + gamma sum_r x^(r) k_r^T
