@@ -58,9 +58,8 @@ from pallas_kernels.decode_step.reference import reference_step  # noqa: E402
 from pallas_kernels.decode_step.shapes import STEP_D_STATES, STEP_SHAPE  # noqa: E402
 
 f32 = jnp.float32
-# block_p:num_warps[:noevict][:loop]; "P" = all rows of the state per program; loop = one
-# program per head walking P in blocks of block_p rows (`DecodeBlocks.row_loop`)
-DEFAULT_VARIANTS = "P:4,32:4,16:2,16:4,8:2,P:4:noevict,16:2:loop,16:4:loop,32:4:loop,8:2:loop"
+# block_p:num_warps[:noevict]; "P" = all rows of the state per program
+DEFAULT_VARIANTS = "P:4,32:4,16:2,16:4,8:2,P:4:noevict"
 
 
 def parse_variants(spec: str) -> list[DecodeBlocks]:

@@ -188,15 +188,14 @@ def _scalars(inp: SSMInputs, state: SSMState, mimo_x, C: int, R: int, Lp: int):
 
 def prepare_rows(inp: SSMInputs, state: SSMState, mimo_x, C: int, cdt, *, interpret: bool,
                  rotary: str = "kernel", warps_rotary: int = 4, angle_mode: str = "tf32x3",
-                 rotary_chunk: int = 0, factored_angles: int = 0, rank_loop: bool = True):
+                 rotary_chunk: int = 0, factored_angles: int = 0):
     """The pre-pass: the core's operands, the angle at the last token, k rows, padded length and
     whether q, k and the state have their channels in `to_pair_blocks` order.
     rotary: 'kernel' (bias + rotation in `rotate_qk`) or 'xla'. rotary_chunk: tokens per
     program of the rotation kernels (0: C; else min(rotary_chunk, C)): the rotation's chunks
     are independent of the core's (their own carried angles), and smaller ones hold fewer
     registers. factored_angles (TritonBlocks'): the rotation kernels take `inp.angle_rate` and
-    `inp.angle_dt` (when given) and form the per-head increments themselves; 1 SISO, 2 any R.
-    rank_loop: MIMO's rotation programs take all R ranks (`RotShape.rank_loop`)."""
+    `inp.angle_dt` (when given) and form the per-head increments themselves; 1 SISO, 2 any R."""
     B, L, R, G, N = inp.q.shape
     H = inp.x.shape[2]
     S = inp.angle_inc.shape[-1]
@@ -218,7 +217,7 @@ def prepare_rows(inp: SSMInputs, state: SSMState, mimo_x, C: int, cdt, *, interp
                       cdt=jnp.dtype(cdt).name, interpret=interpret, angle_mode=angle_mode,
                       # a (C, N) tile: 4 warps on MIMO's 16-token chunks spilled (compile_check)
                       warps=min(warps_rotary, max(1, Cr // 8)),
-                      rate_heads=inc.shape[2] if factored else 0, rank_loop=rank_loop)
+                      rate_heads=inc.shape[2] if factored else 0)
         permuted = True
 
         def bias(b):
@@ -284,8 +283,7 @@ def _rows_path(o: _Opts, inp, state, z, D, mimo_x=None, mimo_z=None, mimo_o=None
     ops, theta_last, k_rows, Lp, permuted = prepare_rows(
         inp, state, mimo_x, o.C, cdt, interpret=o.interpret, rotary=o.rotary,
         warps_rotary=o.blocks.warps_rotary, angle_mode=o.blocks.angle_mode,
-        rotary_chunk=o.blocks.rotary_chunk, factored_angles=o.blocks.factored_angles,
-        rank_loop=bool(o.blocks.rotary_rank_loop))
+        rotary_chunk=o.blocks.rotary_chunk, factored_angles=o.blocks.factored_angles)
     shape = CoreShape(B=B, H=H, nc=Lp // o.C, C=o.C, R=R, N=N, P=P, cdt=cdt.name,
                       interpret=o.interpret, blocks=o.blocks)
     if gate_in_kernel:

@@ -72,9 +72,6 @@ class TritonBlocks:
     # (B8 L2048 H32), 4.48 vs 4.63 (H64), 5.03 vs 5.14 (B1 L16384); 180M step 750 vs 755 ms;
     # but MIMO R4 9.63 vs 9.27 ms, so MIMO keeps the (B, L, H, S) increments by default
     factored_angles: int = 1
-    # MIMO: all R ranks of a (chunk, head) in one rotation program (angles and their cos / sin
-    # formed once, the angle gradient summed over ranks in registers); 0: one rank per program
-    rotary_rank_loop: int = 1
     angle_mode: str = "tf32x3"  # rotation kernels' prefix-sum dots: 'tf32x3' or 'ieee'
     f32_mode: str = "tf32x3"
 

@@ -13,15 +13,11 @@ then elementwise on two tiles, with no pair shuffles. The SSD core does not care
 state's channel order are permuted alike); the caller permutes the initial state in and the
 final state out.
 
-Forward and backward, grid (B, chunks, R / rp, H): one head's (C, N) tile of rp ranks per
-program (`RotShape.rank_loop`: MIMO takes all R ranks in one program, which forms the angles,
-their cosines and sines once for all ranks, and its backward sums the angle gradient over the
-ranks in registers instead of writing one per rank for XLA to add up; SISO keeps one rank per
-program, the layout measured on the GPU). The backward writes the un-rotated gradient per head
-in the compute dtype (XLA sums a group's heads in float32), d(increments) of the chunk (the
-transposed prefix-sum dot), d A and per-chunk partial sums of the bias gradients. (A loop over
-a group's heads with the sum in registers spilled heavily and left the GPU idle: 256 programs
-at B 8, L 2048.)
+Forward and backward, grid (B, chunks, R, H): one (C, N) tile of one head per program. The
+backward writes the un-rotated gradient per head in the compute dtype (XLA sums a group's heads
+in float32), d(increments) of the chunk (the transposed prefix-sum dot), d A and per-chunk
+partial sums of the bias gradients. (A loop over a group's heads with the sum in registers
+spilled heavily and left the GPU idle: 256 programs at B 8, L 2048.)
 
 With `RotShape.rate_heads` the increments arrive as their factors, a rate (B, Lp, rate_heads,
 S) and the heads' dt (B, H, Lp): each program forms rate * dt of its head, and the backward
@@ -60,13 +56,6 @@ class RotShape:
     # rate_heads, S) and a (B, H, Lp) dt is passed too: the kernels form rate * dt per head
     # (no (B, Lp, H, S) tensor written by XLA) and the backward returns d rate per head and d dt
     rate_heads: int = 0
-    # MIMO: every rank of a (chunk, head) in one program (the angles formed once, the angle
-    # gradient summed over ranks in registers); False: one rank per program
-    rank_loop: bool = True
-
-    @property
-    def rp(self) -> int:  # ranks per program
-        return self.R if self.rank_loop else 1
 
     @property
     def hg(self) -> int:
@@ -110,28 +99,15 @@ def _theta(inc, a_in, seg, prec):
     return th + jnp.where(seg == 0, 1.0, 0.0)[:, None] * a_in[None, :], tri
 
 
-def _biased(rs: RotShape, r: int, ref, b_ref, cols, cdt):
-    """Columns `cols` of rank r of a (C, [rp,] N) ref plus their bias, rounded like `per_head`
-    does (the bias loaded first: SISO's Triton IR as it was measured)."""
-    bias = b_ref[_vec(rs, r, cols)]
-    return (ref[_row(rs, r, cols)].astype(f32) + bias[None, :]).astype(cdt).astype(f32)
+def _biased(ref, bias, off, w, cdt):
+    """Columns [off, off + w) of a (C, N) ref plus the bias, rounded like `per_head` does."""
+    return (ref[:, pl.ds(off, w)].astype(f32) + bias[None, :]).astype(cdt).astype(f32)
 
 
 def _increments(inc_ref, dt_ref):
     """The chunk's (C, S) increments of this head: loaded, or the rate times the head's dt."""
     inc = inc_ref[...].astype(f32)
     return inc if dt_ref is None else inc * dt_ref[...][:, None]
-
-
-def _row(rs: RotShape, r: int, cols):
-    """Index of columns `cols` of rank r in a program's rows, (C, N) or (C, rp, N). One indexer
-    per access: Pallas Triton does not compose ref views."""
-    return (slice(None), cols) if rs.rp == 1 else (slice(None), r, cols)
-
-
-def _vec(rs: RotShape, r: int, cols):
-    """Index of columns `cols` of rank r in a program's bias block, (N,) or (rp, N)."""
-    return (cols,) if rs.rp == 1 else (r, cols)
 
 
 def _fwd_kernel(*refs, rs: RotShape):
@@ -141,16 +117,14 @@ def _fwd_kernel(*refs, rs: RotShape):
     S, N, cdt = rs.S, rs.N, jnp.dtype(rs.cdt)
     th, _ = _theta(_increments(inc_ref, dt_ref), a_ref[...], sg_ref[...], rs.angle_prec)
     cos, sin = jnp.cos(th), jnp.sin(th)
-    col1, col2, plain = pl.ds(0, S), pl.ds(S, S), pl.ds(2 * S, N - 2 * S)
-    for r in range(rs.rp):
-        for src, b_ref, out in ((q_ref, qb_ref, qr_ref), (k_ref, kb_ref, kr_ref)):
-            # pair members 1 and 2 of each rotated pair
-            a = _biased(rs, r, src, b_ref, col1, cdt)
-            b = _biased(rs, r, src, b_ref, col2, cdt)
-            out[_row(rs, r, col1)] = (a * cos - b * sin).astype(out.dtype)
-            out[_row(rs, r, col2)] = (a * sin + b * cos).astype(out.dtype)
-            if N > 2 * S:
-                out[_row(rs, r, plain)] = _biased(rs, r, src, b_ref, plain, cdt).astype(out.dtype)
+    for src, b_ref, out in ((q_ref, qb_ref, qr_ref), (k_ref, kb_ref, kr_ref)):
+        a = _biased(src, b_ref[pl.ds(0, S)], 0, S, cdt)  # pair member 1 of each rotated pair
+        b = _biased(src, b_ref[pl.ds(S, S)], S, S, cdt)  # pair member 2
+        out[:, pl.ds(0, S)] = (a * cos - b * sin).astype(out.dtype)
+        out[:, pl.ds(S, S)] = (a * sin + b * cos).astype(out.dtype)
+        if N > 2 * S:
+            out[:, pl.ds(2 * S, N - 2 * S)] = _biased(
+                src, b_ref[pl.ds(2 * S, N - 2 * S)], 2 * S, N - 2 * S, cdt).astype(out.dtype)
 
 
 def _unrotate(da, db, cos, sin):
@@ -172,23 +146,21 @@ def _bwd_kernel(*refs, rs: RotShape):
     seg = sg_ref[...]
     th, tri = _theta(_increments(inc_ref, dt_ref), a_ref[...], seg, rs.angle_prec)
     cos, sin = jnp.cos(th), jnp.sin(th)
-    col1, col2, plain = pl.ds(0, S), pl.ds(S, S), pl.ds(2 * S, N - 2 * S)
     dth = jnp.zeros(th.shape, f32)
-    for r in range(rs.rp):  # the angle gradient summed over this program's ranks
-        for src, b_ref, d_ref, out, db_ref in parts:
-            a = _biased(rs, r, src, b_ref, col1, cdt)
-            b = _biased(rs, r, src, b_ref, col2, cdt)
-            da = d_ref[_row(rs, r, col1)].astype(f32)
-            db = d_ref[_row(rs, r, col2)].astype(f32)
-            dth = dth + db * (a * cos - b * sin) - da * (a * sin + b * cos)
-            for cols, du in zip((col1, col2), _unrotate(da, db, cos, sin), strict=True):
-                out[_row(rs, r, cols)] = du.astype(out.dtype)
-                db_ref[_vec(rs, r, cols)] = jnp.sum(du, axis=0)
-        if N > 2 * S:  # the unrotated channels pass through
-            for _, _, d_ref, out, db_ref in parts:
-                dp = d_ref[_row(rs, r, plain)]
-                out[_row(rs, r, plain)] = dp.astype(out.dtype)
-                db_ref[_vec(rs, r, plain)] = jnp.sum(dp.astype(f32), axis=0)
+    for src, b_ref, d_ref, out, db_ref in parts:
+        a = _biased(src, b_ref[pl.ds(0, S)], 0, S, cdt)
+        b = _biased(src, b_ref[pl.ds(S, S)], S, S, cdt)
+        da = d_ref[:, pl.ds(0, S)].astype(f32)
+        db = d_ref[:, pl.ds(S, S)].astype(f32)
+        dth = dth + db * (a * cos - b * sin) - da * (a * sin + b * cos)
+        for off, du in zip((0, S), _unrotate(da, db, cos, sin), strict=True):
+            out[:, pl.ds(off, S)] = du.astype(out.dtype)
+            db_ref[pl.ds(off, S)] = jnp.sum(du, axis=0)
+    if N > 2 * S:  # the unrotated channels pass through
+        for _, _, d_ref, out, db_ref in parts:
+            dp = d_ref[:, pl.ds(2 * S, N - 2 * S)]
+            out[:, pl.ds(2 * S, N - 2 * S)] = dp.astype(out.dtype)
+            db_ref[pl.ds(2 * S, N - 2 * S)] = jnp.sum(dp.astype(f32), axis=0)
     # tri^T dth, a transposed-lhs dot. Timed on the H200 against the same kernel with the plain
     # channels first, with (dth^T tri)^T (no spills in an offline compile, 4.4 GB of spills and
     # 2.6x slower under XLA) and with the transposed matrix built directly: none was faster.
@@ -201,20 +173,15 @@ def _bwd_kernel(*refs, rs: RotShape):
     da_ref[...] = jnp.sum(jnp.where(seg == 0, 1.0, 0.0)[:, None] * dth, axis=0)
 
 
-def _rows(rs: RotShape):
-    """The R axis of a block: one rank (squeezed) or the program's rp ranks."""
-    return SQ if rs.rp == 1 else rs.rp
-
-
 def _specs(rs: RotShape):
-    """Input BlockSpecs of both kernels, grid (B, nc, R / rp, H): the head's group rows,
-    biases, increments, carried angle and the chunk's segment ids."""
-    C, N, S, hg, rg, rr = rs.C, rs.N, rs.S, rs.hg, rs.rate_group, _rows(rs)
+    """Input BlockSpecs of both kernels, grid (B, nc, R, H): the head's group rows, biases,
+    increments, carried angle and the chunk's segment ids."""
+    C, N, S, hg, rg = rs.C, rs.N, rs.S, rs.hg, rs.rate_group
     specs = [
-        pl.BlockSpec((SQ, C, rr, SQ, N), lambda b, c, r, h: (b, c, r, h // hg, 0)),
-        pl.BlockSpec((SQ, C, rr, SQ, N), lambda b, c, r, h: (b, c, r, h // hg, 0)),
-        pl.BlockSpec((SQ, rr, N), lambda b, c, r, h: (h, r, 0)),
-        pl.BlockSpec((SQ, rr, N), lambda b, c, r, h: (h, r, 0)),
+        pl.BlockSpec((SQ, C, SQ, SQ, N), lambda b, c, r, h: (b, c, r, h // hg, 0)),
+        pl.BlockSpec((SQ, C, SQ, SQ, N), lambda b, c, r, h: (b, c, r, h // hg, 0)),
+        pl.BlockSpec((SQ, SQ, N), lambda b, c, r, h: (h, r, 0)),
+        pl.BlockSpec((SQ, SQ, N), lambda b, c, r, h: (h, r, 0)),
         pl.BlockSpec((SQ, C, SQ, S), (lambda b, c, r, h: (b, c, h // rg, 0)) if rg > 1
                      else (lambda b, c, r, h: (b, c, h, 0))),
         pl.BlockSpec((SQ, SQ, SQ, S), lambda b, c, r, h: (b, c, h, 0)),
@@ -227,10 +194,10 @@ def _specs(rs: RotShape):
 
 def _forward(rs: RotShape, q, k, qb, kb, inc, a, seg, dt):
     B, nc, C, R, H, N = rs.B, rs.nc, rs.C, rs.R, rs.H, rs.N
-    out = pl.BlockSpec((SQ, C, _rows(rs), SQ, N), lambda b, c, r, h: (b, c, r, h, 0))
+    out = pl.BlockSpec((SQ, C, SQ, SQ, N), lambda b, c, r, h: (b, c, r, h, 0))
     shape = jax.ShapeDtypeStruct((B, nc * C, R, H, N), jnp.dtype(rs.cdt))
     return pl.pallas_call(
-        functools.partial(_fwd_kernel, rs=rs), grid=(B, nc, R // rs.rp, H),
+        functools.partial(_fwd_kernel, rs=rs), grid=(B, nc, R, H),
         in_specs=_specs(rs), out_specs=[out, out], out_shape=[shape, shape],
         interpret=rs.interpret, compiler_params=rs.params, name="mamba3_rotate_qk",
     )(q, k, qb, kb, inc, a, seg, *([dt] if rs.rate_heads else []))
@@ -238,9 +205,9 @@ def _forward(rs: RotShape, q, k, qb, kb, inc, a, seg, dt):
 
 def _backward(rs: RotShape, q, k, qb, kb, inc, a, seg, dt, dqr, dkr):
     B, nc, C, R, G, H, N, S, hg = rs.B, rs.nc, rs.C, rs.R, rs.G, rs.H, rs.N, rs.S, rs.hg
-    head = pl.BlockSpec((SQ, C, _rows(rs), SQ, N), lambda b, c, r, h: (b, c, r, h, 0))
-    bias = pl.BlockSpec((SQ, SQ, _rows(rs), SQ, N), lambda b, c, r, h: (b, c, r, h, 0))
-    per_rank = R > rs.rp  # angle gradients per program's rank, summed over R by XLA
+    head = pl.BlockSpec((SQ, C, SQ, SQ, N), lambda b, c, r, h: (b, c, r, h, 0))
+    bias = pl.BlockSpec((SQ, SQ, SQ, SQ, N), lambda b, c, r, h: (b, c, r, h, 0))
+    per_rank = R > 1  # angle gradients per rank, summed over R by XLA
     if per_rank:
         inc_spec = pl.BlockSpec((SQ, C, SQ, SQ, S), lambda b, c, r, h: (b, c, r, h, 0))
         a_spec = pl.BlockSpec((SQ, SQ, SQ, SQ, S), lambda b, c, r, h: (b, c, r, h, 0))
@@ -258,7 +225,7 @@ def _backward(rs: RotShape, q, k, qb, kb, inc, a, seg, dt, dqr, dkr):
                                               else (B, H, nc * C), f32))
     cdt = jnp.dtype(rs.cdt)
     du_q, du_k, dqb, dkb, dinc, da, *ddt = pl.pallas_call(
-        functools.partial(_bwd_kernel, rs=rs), grid=(B, nc, R // rs.rp, H),
+        functools.partial(_bwd_kernel, rs=rs), grid=(B, nc, R, H),
         in_specs=_specs(rs) + [head, head], out_specs=out_specs,
         out_shape=[jax.ShapeDtypeStruct((B, nc * C, R, H, N), cdt)] * 2
         + [jax.ShapeDtypeStruct((B, nc, R, H, N), f32)] * 2 + out_shape,

@@ -55,14 +55,10 @@ class DecodeBlocks:
     block_p: Optional[int] = None
     num_warps: int = 4
     evict_first: bool = True
-    # one program per head that walks P in blocks of block_p rows: the head's scalars, angles
-    # and rotated q, k formed once (not once per P block), and, with the one program the only
-    # reader of k_prev, x_prev and the angle, those updated in place too (no copies per step)
-    row_loop: bool = False
 
     def label(self) -> str:
         return (f"bp={self.block_p or 'P'} w={self.num_warps}"
-                + ("" if self.evict_first else " no-evict") + (" loop" if self.row_loop else ""))
+                + ("" if self.evict_first else " no-evict"))
 
 
 # The measured best launch shape per (state dtype, N, R), and the XLA step's time beside it.
@@ -92,15 +88,15 @@ def _measured(state_dtype, N: int, R: int):  # any MIMO rank: the R=4 row
 
 
 def parse_blocks(spec: str) -> DecodeBlocks:
-    """'bp:warps[:noevict][:loop]' (bp 'P' for all rows) -> DecodeBlocks, e.g. '16:2:loop'."""
+    """'bp:warps[:noevict]' (bp 'P' for all rows) -> DecodeBlocks, e.g. '16:2'."""
     bp, _, rest = spec.partition(":")
     warps, *flags = rest.split(":") if rest else [""]
-    bad = [f for f in flags if f not in ("noevict", "loop")]
+    bad = [f for f in flags if f != "noevict"]
     if not (bp == "P" or bp.isdigit()) or not warps.isdigit() or bad:
-        raise ValueError(f"bad decode launch shape {spec!r}: want bp:warps[:noevict][:loop] "
+        raise ValueError(f"bad decode launch shape {spec!r}: want bp:warps[:noevict] "
                          "with bp a number or P")
     return DecodeBlocks(block_p=None if bp == "P" else int(bp), num_warps=int(warps),
-                        evict_first="noevict" not in flags, row_loop="loop" in flags)
+                        evict_first="noevict" not in flags)
 
 
 def default_blocks(state_dtype, N: int, R: int, P: int, has_norm: bool = False) -> DecodeBlocks:
@@ -129,41 +125,25 @@ def xla_step_faster(state_dtype, N: int, R: int) -> bool:
     return R == 1 and jnp.dtype(state_dtype) == jnp.float32
 
 
-def _load(ref, rows, evict_first: bool):
-    """Rows `rows` (a pl.ds, or None: all) of a state ref."""
+def _load(ref, evict_first: bool):
     if evict_first and plgpu is not None and hasattr(plgpu, "load"):
-        return plgpu.load(ref if rows is None else ref.at[rows], eviction_policy="evict_first")
-    return _rows_of(ref, rows)
+        return plgpu.load(ref, eviction_policy="evict_first")
+    return ref[...]
 
 
-def _store(ref, rows, value, evict_first: bool):
+def _store(ref, value, evict_first: bool):
     if evict_first and plgpu is not None and hasattr(plgpu, "store"):
-        plgpu.store(ref if rows is None else ref.at[rows], value, eviction_policy="evict_first")
+        plgpu.store(ref, value, eviction_policy="evict_first")
     else:
-        _put(ref, rows, value)
-
-
-def _rows_of(ref, rows):
-    return ref[...] if rows is None else ref[rows]
-
-
-def _put(ref, rows, value):
-    if rows is None:
         ref[...] = value
-    else:
-        ref[rows] = value
 
 
-def _decode_kernel(*refs, in_names, out_names, R, N, S, has_norm, eps, interpret, evict_first,
-                   bp, n_blocks):
-    """One program: n_blocks blocks of bp rows of one head's state (n_blocks > 1: the row
-    loop, the program owns the whole head and updates k_prev, x_prev and the angle in place)."""
+def _decode_kernel(*refs, in_names, out_names, R, N, S, has_norm, eps, interpret, evict_first):
     ref = dict(zip(in_names + out_names, refs, strict=True))
     get = lambda name: ref[name][...].astype(f32)  # noqa: E731
-    block = (lambda i: pl.ds(i * bp, bp)) if n_blocks > 1 else (lambda i: None)
 
-    # the first state rows first: h's buffer is the output's (in place)
-    h_first = _load(ref["h"], block(0), evict_first).astype(f32)  # (bp, N)
+    # the state rows first: h's buffer is the output's (in place)
+    h = _load(ref["h"], evict_first).astype(f32)  # (bp, N)
     if not interpret and plgpu is not None:
         plgpu.debug_barrier()
 
@@ -174,15 +154,6 @@ def _decode_kernel(*refs, in_names, out_names, R, N, S, has_norm, eps, interpret
     gamma = get("gamma")
     first_block = pl.program_id(0) == 0
 
-    def ranks(name, sl=None):  # per-rank rows of an (R, M) block, float32, or None; rows sl
-        if name not in ref:  # of M (Triton cannot index values: one load per rank)
-            return None
-        return [(ref[name][r, :] if sl is None else ref[name][r, sl]).astype(f32)
-                for r in range(R)]
-
-    # read before anything is written: with the row loop k_prev and the angle are updated in
-    # place by this program
-    k_prev = ranks("k_prev")
     n = jax.lax.broadcasted_iota(jnp.int32, (N,), 0)
     if S:
         # per channel n the angle of its pair n // 2 (identity beyond the 2S rotated channels)
@@ -192,11 +163,13 @@ def _decode_kernel(*refs, in_names, out_names, R, N, S, has_norm, eps, interpret
         theta = jnp.where(n < 2 * S, theta, 0.0)
         cos = jnp.cos(theta)
         sin = jnp.sin(theta) * jnp.where(n % 2 == 0, -1.0, 1.0)  # (a, b) -> (a c - b s, b c + a s)
-        angle_new = jnp.mod(get("angle") * keep + get("angle_inc"), TWO_PI)
 
         @pl.when(first_block)
         def _():
-            ref["angle_out"][...] = angle_new
+            ref["angle_out"][...] = jnp.mod(get("angle") * keep + get("angle_inc"), TWO_PI)
+
+    def rows(name):  # per-rank rows of a (R, M) block, float32 (Triton cannot index values)
+        return [ref[name][r, :].astype(f32) for r in range(R)] if name in ref else None
 
     # each channel's pair partner is loaded (gather from L1) rather than shuffled in registers:
     # a register shuffle (reshape/split/join) costs layout conversions through shared memory
@@ -222,36 +195,34 @@ def _decode_kernel(*refs, in_names, out_names, R, N, S, has_norm, eps, interpret
             ref["k_prev_out"][r, :] = k[r]
 
     k = [v.astype(f32) for v in k]
+    k_prev = rows("k_prev")
+    x_in = ref["x"][...]  # (bp,), stored as the next step's x_prev as it came
+    x = x_in.astype(f32)
+    x_prev = get("x_prev")
+    ref["x_prev_out"][...] = x_in.astype(ref["x_prev_out"].dtype)
+    mimo_x = rows("mimo_x") or [1.0] * R
+
+    # h' = decay h + beta sum_r x_prev^(r) k_prev_r^T + gamma sum_r x^(r) k_r^T
+    h = h * decay
+    for r in range(R):
+        h = h + (beta * x_prev * mimo_x[r])[:, None] * k_prev[r][None, :]
+        h = h + (gamma * x * mimo_x[r])[:, None] * k[r][None, :]
+    _store(ref["h_out"], h.astype(ref["h_out"].dtype), evict_first)
+
+    # y^(r) = h' q_r + D x^(r) -> [RMSNorm] -> * silu(z mimo_z[r]) -> sum_r mimo_o[r] (.)
     D = get("D")
-    for i in range(n_blocks):  # the row loop (one block without it)
-        sl = block(i)
-        h = h_first if i == 0 else _load(ref["h"], sl, evict_first).astype(f32)
-        x_in = _rows_of(ref["x"], sl)  # (bp,), stored as the next step's x_prev as it came
-        x = x_in.astype(f32)
-        x_prev = _rows_of(ref["x_prev"], sl).astype(f32)
-        _put(ref["x_prev_out"], sl, x_in.astype(ref["x_prev_out"].dtype))
-        mimo_x = ranks("mimo_x", sl) or [1.0] * R
-
-        # h' = decay h + beta sum_r x_prev^(r) k_prev_r^T + gamma sum_r x^(r) k_r^T
-        h = h * decay
-        for r in range(R):
-            h = h + (beta * x_prev * mimo_x[r])[:, None] * k_prev[r][None, :]
-            h = h + (gamma * x * mimo_x[r])[:, None] * k[r][None, :]
-        _store(ref["h_out"], sl, h.astype(ref["h_out"].dtype), evict_first)
-
-        # y^(r) = h' q_r + D x^(r) -> [RMSNorm] -> * silu(z mimo_z[r]) -> sum_r mimo_o[r] (.)
-        z = _rows_of(ref["z"], sl).astype(f32)
-        mimo_z = ranks("mimo_z", sl) or [1.0] * R
-        mimo_o = ranks("mimo_o", sl)
-        out = jnp.zeros_like(x)
-        for r in range(R if mimo_o else 1):  # without mimo_o only rank 0 is read out
-            u = jnp.sum(h * q[r][None, :], axis=1) + D * x * mimo_x[r]
-            if has_norm:
-                u = u * jax.lax.rsqrt(jnp.mean(u * u) + eps) * get("norm_weight")
-            zr = z * mimo_z[r]
-            u = u * zr / (1.0 + jnp.exp(-zr))
-            out = out + (u * mimo_o[r] if mimo_o else u)
-        _put(ref["out"], sl, out)
+    z = get("z")
+    mimo_z = rows("mimo_z") or [1.0] * R
+    mimo_o = rows("mimo_o")
+    out = jnp.zeros_like(x)
+    for r in range(R if mimo_o else 1):  # without mimo_o only rank 0 is read out (gate_output)
+        u = jnp.sum(h * q[r][None, :], axis=1) + D * x * mimo_x[r]
+        if has_norm:
+            u = u * jax.lax.rsqrt(jnp.mean(u * u) + eps) * get("norm_weight")
+        zr = z * mimo_z[r]
+        u = u * zr / (1.0 + jnp.exp(-zr))
+        out = out + (u * mimo_o[r] if mimo_o else u)
+    ref["out"][...] = out
 
 
 def decode_step(state: SSMState, q, k, x, z, angle_inc, log_decay, gamma, eta, reset=None, *,
@@ -276,8 +247,6 @@ def decode_step(state: SSMState, q, k, x, z, angle_inc, log_decay, gamma, eta, r
         raise KernelUnsupported(f"block_p {bp} must be a power of two <= P ({P})")
     if norm_weight is not None and bp != P:
         raise KernelUnsupported("the per-head RMSNorm needs block_p == P")
-    # the row loop: one program per head (blocks of P rows), walking it bp rows at a time
-    blk, n_blocks = (P, P // bp) if blocks.row_loop else (bp, 1)
     if H % Hq:
         raise KernelUnsupported(f"{Hq} B/C groups do not divide {H} heads")
     if R > 1 and mimo_x is None:
@@ -292,15 +261,15 @@ def decode_step(state: SSMState, q, k, x, z, angle_inc, log_decay, gamma, eta, r
     ins = {  # name -> (array, BlockSpec); optional ones only when present
         "q": (q, spec((SQ, R, SQ, N), lambda p, h, b: (b, 0, h // heads_per_group, 0))),
         "k": (k, spec((SQ, R, SQ, N), lambda p, h, b: (b, 0, h // heads_per_group, 0))),
-        "x": (x, spec((SQ, SQ, blk), lambda p, h, b: (b, h, p))),
-        "z": (z, spec((SQ, SQ, blk), lambda p, h, b: (b, h, p))),
+        "x": (x, spec((SQ, SQ, bp), lambda p, h, b: (b, h, p))),
+        "z": (z, spec((SQ, SQ, bp), lambda p, h, b: (b, h, p))),
         "log_decay": (log_decay, spec((SQ, SQ), lambda p, h, b: (b, h))),
         "gamma": (gamma, spec((SQ, SQ), lambda p, h, b: (b, h))),
         "eta": (eta, spec((SQ, SQ), lambda p, h, b: (b, h))),
         "D": (D, spec((SQ,), lambda p, h, b: (h,))),
         "k_prev": (state.k_prev, spec((SQ, R, SQ, N), lambda p, h, b: (b, 0, h, 0))),
-        "x_prev": (state.x_prev, spec((SQ, SQ, blk), lambda p, h, b: (b, h, p))),
-        "h": (state.h, spec((SQ, SQ, blk, N), lambda p, h, b: (b, h, p, 0))),
+        "x_prev": (state.x_prev, spec((SQ, SQ, bp), lambda p, h, b: (b, h, p))),
+        "h": (state.h, spec((SQ, SQ, bp, N), lambda p, h, b: (b, h, p, 0))),
     }
     if S:
         ins["angle_inc"] = (angle_inc, spec((SQ, SQ, S), lambda p, h, b: (b, h, 0)))
@@ -312,9 +281,9 @@ def decode_step(state: SSMState, q, k, x, z, angle_inc, log_decay, gamma, eta, r
             ins[name] = (bias, spec((SQ, R, N), lambda p, h, b: (h, 0, 0)))
     for name, w in (("mimo_x", mimo_x), ("mimo_z", mimo_z), ("mimo_o", mimo_o)):
         if w is not None:
-            ins[name] = (w, spec((SQ, R, blk), lambda p, h, b: (h, 0, p)))
+            ins[name] = (w, spec((SQ, R, bp), lambda p, h, b: (h, 0, p)))
     if norm_weight is not None:
-        ins["norm_weight"] = (norm_weight, spec((SQ, blk), lambda p, h, b: (h, p)))
+        ins["norm_weight"] = (norm_weight, spec((SQ, bp), lambda p, h, b: (h, p)))
 
     outs = {  # name -> (ShapeDtypeStruct, BlockSpec)
         "out": (jax.ShapeDtypeStruct((B, H, P), f32), ins["x"][1]),
@@ -328,22 +297,17 @@ def decode_step(state: SSMState, q, k, x, z, angle_inc, log_decay, gamma, eta, r
         outs["angle_out"] = (jax.ShapeDtypeStruct(state.angle.shape, f32), ins["angle"][1])
 
     in_names, out_names = tuple(ins), tuple(outs)
-    aliases = {"h": "h_out"}
-    if blocks.row_loop:  # the one program of a head is the only reader of its small state
-        aliases.update(k_prev="k_prev_out", x_prev="x_prev_out")
-        if S and state.angle.dtype == f32:
-            aliases["angle"] = "angle_out"
     kernel = functools.partial(
         _decode_kernel, in_names=in_names, out_names=out_names, R=R, N=N, S=S,
         has_norm=norm_weight is not None, eps=float(norm_eps), interpret=bool(interpret),
-        evict_first=blocks.evict_first and not interpret, bp=bp, n_blocks=n_blocks)
+        evict_first=blocks.evict_first and not interpret)
     results = pl.pallas_call(
         kernel,
-        grid=(P // blk, H, B),
+        grid=(P // bp, H, B),
         in_specs=[s for _, s in ins.values()],
         out_specs=[s for _, s in outs.values()],
         out_shape=[a for a, _ in outs.values()],
-        input_output_aliases={in_names.index(i): out_names.index(o) for i, o in aliases.items()},
+        input_output_aliases={in_names.index("h"): out_names.index("h_out")},
         interpret=interpret,
         compiler_params=None if interpret else compiler_params(blocks.num_warps, 1),
         name="mamba3_decode",

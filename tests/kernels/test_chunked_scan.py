@@ -127,16 +127,15 @@ def test_gradients(R, dtype, resets, norm, groups, split):
     check_grads(got, want, GRAD_TOL[dtype])
 
 
-@pytest.mark.parametrize("R,rank_loop", [(1, 1), (2, 1), (2, 0)])
-def test_rotary_chunk(R, rank_loop):
+@pytest.mark.parametrize("R", [1, 2])
+def test_rotary_chunk(R):
     """The rotation kernels on their own, smaller chunks (TritonBlocks.rotary_chunk; their own
     carried angles and segment ids): forward, state and every gradient == the reference's,
-    with resets inside and on the edges of rotation chunks; MIMO with all ranks in one program
-    (the angle gradient summed over them in the kernel) and with one rank per program."""
+    with resets inside and on the edges of rotation chunks."""
     inp, state, p = make_problem(5, B, 44, R, H, N, P, S, jnp.float32, True, groups=1)
     inp = inp._replace(reset=inp.reset.at[:, 8].set(True).at[:, 23].set(True))
     # compiled tiles: >= 16 rows
-    blocks = TritonBlocks(rotary_chunk=8 if INTERPRET else 16, rotary_rank_loop=rank_loop)
+    blocks = TritonBlocks(rotary_chunk=8 if INTERPRET else 16)
     fn = functools.partial(kernel, chunk=32, blocks=blocks)
     want, want_state = reference(inp, state, **p)
     got, got_state = fn(inp, state, **p)
