@@ -218,7 +218,8 @@ def write_results(rows: list[dict], out: str, preset_name: str, p: Preset) -> No
     # the devices that trained the cells (cells from before this field: "not recorded")
     devices = sorted({r.get("device", "not recorded") for r in rows})
     reused = sum("lr_from_seed" in r for r in rows)
-    lr_rule = f"best of {len(p.lrs)} learning rates" + (
+    lr_rule = (f"best of {len(p.lrs)} learning rates" if len(p.lrs) > 1
+               else f"one learning rate ({p.lrs[0]:.3g}, `--lrs`)") + (
         "" if not reused else f" (for {reused} of the {len(rows)} runs, those with an "
         "`lr_from_seed` in results.csv: the best rate of that seed of the same cell, the only "
         "one trained: the reduced protocol of `--lr_from_seed`)")
@@ -319,6 +320,17 @@ def store_cell(out: str, row: dict, preset_name: str, p: Preset) -> None:
     os.replace(tmp, path)
 
 
+def parse_lrs(text: str) -> tuple:
+    """'3e-3,1e-2' -> (0.003, 0.01); anything but positive finite numbers: one clear error."""
+    try:
+        lrs = tuple(float(x) for x in text.split(","))
+    except ValueError:
+        lrs = ()
+    if not lrs or not all(np.isfinite(x) and x > 0 for x in lrs):
+        raise SystemExit(f"--lrs wants positive numbers separated by commas, got {text!r}")
+    return lrs
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--preset", default="fast", choices=sorted(PRESETS))
@@ -341,8 +353,13 @@ def main(argv=None):
     ap.add_argument("--lr_from_seed", type=int, default=None, metavar="S",
                     help="reduced protocol: seed S of each (task, variant) sweeps the preset's "
                          "learning rates, the other seeds train only at S's best one")
+    ap.add_argument("--lrs", default=None, metavar="LR[,LR...]",
+                    help="train these learning rates instead of the preset's (e.g. one rate "
+                         "found at a shorter preset); part of the cells' settings: use a new --out")
     args = ap.parse_args(argv)
     p = PRESETS[args.preset]
+    if args.lrs is not None:
+        p = dataclasses.replace(p, lrs=parse_lrs(args.lrs))
     if args.paper_rotation:
         p = dataclasses.replace(p, tie_embeddings=True, rotation_dt=True)
     seeds = ([int(x) for x in args.seeds.split(",")] if args.seeds else [args.seed])

@@ -143,6 +143,29 @@ def test_reduced_protocol_reuses_the_sweeping_seeds_learning_rate(tmp_path, monk
     assert one["best_lr"] == 2e-3 and len(one["scaled_acc_per_lr"]) == 1
 
 
+def test_learning_rates_from_the_command_line(tmp_path, monkeypatch):
+    """--lrs replaces the preset's rates (what a cell trains, its settings, the table's rule);
+    anything but positive numbers is one clear error before any training."""
+    seen = []
+
+    def fake_cell(task, variant, p, seed=0, log=print, lrs=None, **resume):
+        seen.append(p.lrs)
+        return {"task": task, "variant": variant, "seed": seed, "scaled_acc": 99.0,
+                "acc": 0.99, "best_lr": p.lrs[0], "train_seconds": 1.0, "steps": 1, "params": 1}
+
+    monkeypatch.setattr(state_tracking, "train_cell", fake_cell)
+    args = ["--preset", "ci", "--tasks", "parity", "--variants", "mamba3", "--out", str(tmp_path)]
+    state_tracking.main(args + ["--lrs", "5e-3"])
+    assert seen == [(5e-3,)]
+    assert "one learning rate (0.005, `--lrs`)" in (tmp_path / "results.md").read_text()
+    with pytest.raises(SystemExit, match="another preset or settings"):  # the preset's rates
+        state_tracking.main(args)
+    for bad in ("0", "-1e-3", "nan", "fast", ""):
+        with pytest.raises(SystemExit, match="--lrs wants positive numbers"):
+            state_tracking.main(args + [f"--lrs={bad}"])
+    assert len(seen) == 1
+
+
 def test_a_stopped_cell_resumes_with_the_same_batches_and_updates(tmp_path, monkeypatch):
     """A cell cut off mid-training (a 10-minute call's end) and started again ends with the very
     losses and accuracies of one uninterrupted run: weights, optimizer state, step and the batch
