@@ -19,8 +19,10 @@ A step is a stream over the state h (B, H, P, N): everything else is ~1% of the 
 
 The small state (angle, k_prev, x_prev) is written to fresh arrays, not in place: with several
 P blocks per head, one program would overwrite k_prev or the angle while another still reads
-them. The P block 0 program writes angle and k_prev. The state h may be float32 or bfloat16;
-the arithmetic is float32.
+them. The P block 0 program writes angle and k_prev. With `DecodeBlocks.xla_trig` XLA forms the
+new angle and its cos / sin (B, H, S) before the kernel instead (a small elementwise pass that
+XLA can fuse with whatever forms the increments), and the kernel only reads them. The state h
+may be float32 or bfloat16; the arithmetic is float32.
 """
 
 from __future__ import annotations
@@ -55,10 +57,16 @@ class DecodeBlocks:
     block_p: Optional[int] = None
     num_warps: int = 4
     evict_first: bool = True
+    # the new angle and its cos / sin per (b, h, pair) from XLA (fused with what forms the
+    # increments) instead of in every program: the kernel issues instructions, not bytes, at
+    # bf16 (offline SASS: the accurate sin / cos of N channels, replicated per warp and P block,
+    # are ~1/4 of a program's instructions); no angle output then (XLA's value is the state)
+    xla_trig: bool = False
 
     def label(self) -> str:
         return (f"bp={self.block_p or 'P'} w={self.num_warps}"
-                + ("" if self.evict_first else " no-evict"))
+                + ("" if self.evict_first else " no-evict")
+                + (" xla-trig" if self.xla_trig else ""))
 
 
 # The measured best launch shape per (state dtype, N, R), and the XLA step's time beside it.
@@ -88,15 +96,15 @@ def _measured(state_dtype, N: int, R: int):  # any MIMO rank: the R=4 row
 
 
 def parse_blocks(spec: str) -> DecodeBlocks:
-    """'bp:warps[:noevict]' (bp 'P' for all rows) -> DecodeBlocks, e.g. '16:2'."""
+    """'bp:warps[:noevict][:xlatrig]' (bp 'P' for all rows) -> DecodeBlocks, e.g. '16:2'."""
     bp, _, rest = spec.partition(":")
     warps, *flags = rest.split(":") if rest else [""]
-    bad = [f for f in flags if f != "noevict"]
+    bad = [f for f in flags if f not in ("noevict", "xlatrig")]
     if not (bp == "P" or bp.isdigit()) or not warps.isdigit() or bad:
-        raise ValueError(f"bad decode launch shape {spec!r}: want bp:warps[:noevict] "
+        raise ValueError(f"bad decode launch shape {spec!r}: want bp:warps[:noevict][:xlatrig] "
                          "with bp a number or P")
     return DecodeBlocks(block_p=None if bp == "P" else int(bp), num_warps=int(warps),
-                        evict_first="noevict" not in flags)
+                        evict_first="noevict" not in flags, xla_trig="xlatrig" in flags)
 
 
 def default_blocks(state_dtype, N: int, R: int, P: int, has_norm: bool = False) -> DecodeBlocks:
@@ -158,15 +166,21 @@ def _decode_kernel(*refs, in_names, out_names, R, N, S, has_norm, eps, interpret
     if S:
         # per channel n the angle of its pair n // 2 (identity beyond the 2S rotated channels)
         pair = jnp.minimum(n // 2, S - 1)
-        theta = jnp.mod(ref["angle"][pair].astype(f32) * keep
-                        + ref["angle_inc"][pair].astype(f32), TWO_PI)
-        theta = jnp.where(n < 2 * S, theta, 0.0)
-        cos = jnp.cos(theta)
-        sin = jnp.sin(theta) * jnp.where(n % 2 == 0, -1.0, 1.0)  # (a, b) -> (a c - b s, b c + a s)
+        rotated_channel = n < 2 * S
+        sign = jnp.where(n % 2 == 0, -1.0, 1.0)  # (a, b) -> (a c - b s, b c + a s)
+        if "cos" in ref:  # formed by XLA (`DecodeBlocks.xla_trig`)
+            cos = jnp.where(rotated_channel, ref["cos"][pair], 1.0)
+            sin = jnp.where(rotated_channel, ref["sin"][pair], 0.0) * sign
+        else:
+            theta = jnp.mod(ref["angle"][pair].astype(f32) * keep
+                            + ref["angle_inc"][pair].astype(f32), TWO_PI)
+            theta = jnp.where(rotated_channel, theta, 0.0)
+            cos = jnp.cos(theta)
+            sin = jnp.sin(theta) * sign
 
-        @pl.when(first_block)
-        def _():
-            ref["angle_out"][...] = jnp.mod(get("angle") * keep + get("angle_inc"), TWO_PI)
+            @pl.when(first_block)
+            def _():
+                ref["angle_out"][...] = jnp.mod(get("angle") * keep + get("angle_inc"), TWO_PI)
 
     def rows(name):  # per-rank rows of a (R, M) block, float32 (Triton cannot index values)
         return [ref[name][r, :].astype(f32) for r in range(R)] if name in ref else None
@@ -271,7 +285,13 @@ def decode_step(state: SSMState, q, k, x, z, angle_inc, log_decay, gamma, eta, r
         "x_prev": (state.x_prev, spec((SQ, SQ, bp), lambda p, h, b: (b, h, p))),
         "h": (state.h, spec((SQ, SQ, bp, N), lambda p, h, b: (b, h, p, 0))),
     }
-    if S:
+    angle_new = None
+    if S and blocks.xla_trig:  # the new angle is the state's; the kernel gets its cos / sin
+        keep = 1.0 if reset is None else (~reset).astype(f32)[:, None, None]
+        angle_new = jnp.mod(state.angle.astype(f32) * keep + angle_inc.astype(f32), TWO_PI)
+        ins["cos"] = (jnp.cos(angle_new), spec((SQ, SQ, S), lambda p, h, b: (b, h, 0)))
+        ins["sin"] = (jnp.sin(angle_new), spec((SQ, SQ, S), lambda p, h, b: (b, h, 0)))
+    elif S:
         ins["angle_inc"] = (angle_inc, spec((SQ, SQ, S), lambda p, h, b: (b, h, 0)))
         ins["angle"] = (state.angle, spec((SQ, SQ, S), lambda p, h, b: (b, h, 0)))
     if reset is not None:
@@ -293,7 +313,7 @@ def decode_step(state: SSMState, q, k, x, z, angle_inc, log_decay, gamma, eta, r
         "x_prev_out": (jax.ShapeDtypeStruct(state.x_prev.shape, state.x_prev.dtype),
                        ins["x_prev"][1]),
     }
-    if S:
+    if S and angle_new is None:
         outs["angle_out"] = (jax.ShapeDtypeStruct(state.angle.shape, f32), ins["angle"][1])
 
     in_names, out_names = tuple(ins), tuple(outs)
@@ -313,6 +333,7 @@ def decode_step(state: SSMState, q, k, x, z, angle_inc, log_decay, gamma, eta, r
         name="mamba3_decode",
     )(*(a for a, _ in ins.values()))
     res = dict(zip(out_names, results, strict=True))
-    new = SSMState(angle=res["angle_out"] if S else state.angle, h=res["h_out"],
+    angle = state.angle if not S else res["angle_out"] if angle_new is None else angle_new
+    new = SSMState(angle=angle, h=res["h_out"],
                    k_prev=res["k_prev_out"], x_prev=res["x_prev_out"])
     return res["out"], new

@@ -74,7 +74,11 @@ def _group_step(inp, state, p, blocks, interpret=INTERPRET):
 # (R, state dtype, DecodeBlocks, S): the bench's variants in miniature (P = 32: blocks of 8, 16)
 VARIANTS = [(1, "float32", DecodeBlocks(), 8), (1, "bfloat16", DecodeBlocks(8, 2), 8),
             (4, "float32", DecodeBlocks(16, 4, evict_first=False), 8),
-            (4, "bfloat16", DecodeBlocks(8, 1), 16), (2, "float32", DecodeBlocks(16, 2), 0)]
+            (4, "bfloat16", DecodeBlocks(8, 1), 16), (2, "float32", DecodeBlocks(16, 2), 0),
+            # the new angle and its cos / sin from XLA
+            (1, "float32", DecodeBlocks(8, 2, xla_trig=True), 8),
+            (4, "bfloat16", DecodeBlocks(16, 4, xla_trig=True), 16),
+            (1, "bfloat16", DecodeBlocks(8, 2, xla_trig=True), 0)]
 
 
 @pytest.mark.parametrize("R,state_dtype,blocks,S", VARIANTS)
@@ -106,7 +110,8 @@ def test_decode_norm_needs_whole_rows():
 
 
 @pytest.mark.parametrize("R,state_dtype,blocks,norm", [
-    (1, "float32", DecodeBlocks(), True), (4, "bfloat16", DecodeBlocks(16, 2), False)])
+    (1, "float32", DecodeBlocks(), True), (4, "bfloat16", DecodeBlocks(16, 2), False),
+    (1, "bfloat16", DecodeBlocks(16, 2, xla_trig=True), False)])
 def test_decode_lowers_to_triton(R, state_dtype, blocks, norm):
     """The compiled (not interpreted) kernel lowers to Triton IR on any host, with h aliased
     and nothing else: a program shares k_prev, x_prev and the angle with the other programs of
@@ -193,11 +198,12 @@ def test_default_blocks_follow_the_measurement():
 
 
 def test_launch_shape_from_a_string_and_the_environment(monkeypatch):
-    """'bp:warps[:noevict]' names a launch shape; $MAMBA3_DECODE_BLOCKS sets the default
+    """'bp:warps[:noevict][:xlatrig]' names a launch shape; $MAMBA3_DECODE_BLOCKS sets the default
     (the norm still gets whole rows); a bad string is one clear error."""
     from pallas_kernels.decode_step.pallas_triton import default_blocks, parse_blocks
 
     assert parse_blocks("16:2") == DecodeBlocks(16, 2)
+    assert parse_blocks("32:4:xlatrig") == DecodeBlocks(32, 4, xla_trig=True)
     assert parse_blocks("P:4:noevict") == DecodeBlocks(None, 4, evict_first=False)
     monkeypatch.setenv("MAMBA3_DECODE_BLOCKS", "32:4")
     assert default_blocks("bfloat16", 128, 1, 64) == DecodeBlocks(32, 4)
