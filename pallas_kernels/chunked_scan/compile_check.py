@@ -16,6 +16,7 @@ GPU's own jax/Triton pair may allocate a few registers differently, so treat cou
 from __future__ import annotations
 
 import argparse
+import collections
 import functools
 import os
 import re
@@ -59,8 +60,12 @@ def capture_kernels(fn, *args):
     return [(name, *launch[name], ttir) for name, ttir in captured]
 
 
-def compile_stats(ttir: str, num_warps: int, num_stages: int) -> dict:
-    """Compile Triton IR for sm_90a: registers, spill stores/loads (bytes), shared memory."""
+def compile_stats(ttir: str, num_warps: int, num_stages: int, sass: bool = False) -> dict:
+    """Compile Triton IR for sm_90a: registers, spill stores/loads (bytes), shared memory; with
+    `sass`, also the instructions per thread on the main path (`main_path`: up to the first
+    EXIT, where the cold blocks, e.g. sin / cos for huge arguments, begin) and its opcode counts
+    (`ops`), from `nvdisasm`. A kernel that issues more instructions than its bytes need shows
+    here before any GPU time (docs/kernels.md, "Decode step")."""
     import triton
     from triton.backends.compiler import GPUTarget
 
@@ -74,6 +79,14 @@ def compile_stats(ttir: str, num_warps: int, num_stages: int) -> dict:
         with open(ptx, "w") as f:
             f.write(k.asm["ptx"])
         bin_dir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+        extra = {}
+        if sass:
+            cubin = os.path.join(tmp, "kernel.cubin")
+            with open(cubin, "wb") as f:
+                f.write(k.asm["cubin"])
+            text = subprocess.run([os.path.join(bin_dir, "nvdisasm"), "-c", cubin],
+                                  capture_output=True, text=True, check=True).stdout
+            extra = main_path_ops(text)
         # the newest bundled ptxas: the PTX ISA version Triton emits can be newer than the
         # plain `ptxas` it ships
         ptxas = next(p for p in (os.path.join(bin_dir, n) for n in ("ptxas-blackwell", "ptxas"))
@@ -90,7 +103,21 @@ def compile_stats(ttir: str, num_warps: int, num_stages: int) -> dict:
         return int(m.group(1)) if m else 0
 
     return dict(regs=num(r"Used (\d+) registers"), spill_stores=num(r"(\d+) bytes spill stores"),
-                spill_loads=num(r"(\d+) bytes spill loads"), smem=k.metadata.shared)
+                spill_loads=num(r"(\d+) bytes spill loads"), smem=k.metadata.shared, **extra)
+
+
+def main_path_ops(sass: str) -> dict:
+    """nvdisasm text -> {'main_path': instructions before the first EXIT, 'ops': Counter of
+    their opcodes (predicates and modifiers dropped: FFMA.FTZ counts as FFMA)}."""
+    ops = collections.Counter()
+    for line in sass.splitlines():
+        m = re.search(r"/\*[0-9a-f]{4}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)", line)
+        if not m:
+            continue
+        if m.group(1) == "EXIT":
+            break
+        ops[m.group(1)] += 1
+    return dict(main_path=sum(ops.values()), ops=ops)
 
 
 def check(blocks: TritonBlocks, shape: str = "a", mode: str = "fwd+bwd", R: int = 1,

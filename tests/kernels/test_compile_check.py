@@ -35,3 +35,18 @@ def test_inference_forward_does_not_spill():
     """The forward outside autodiff: D and the gate in the output kernel."""
     for r in check(TritonBlocks(), "b", "fwd"):
         assert r["spill_stores"] == 0, r
+
+
+def test_decode_trig_from_xla_issues_fewer_instructions():
+    """`DecodeBlocks(xla_trig=True)` exists to cut the decode kernel's instructions (it is
+    issue-bound at bf16; docs/kernels.md): the SISO bf16 N=128 kernel's main path must stay well
+    below the in-kernel sin / cos form's, without spills, at the launch shapes it is timed at."""
+    from pallas_kernels.decode_step.compile_check import check as decode_check
+    from pallas_kernels.decode_step.pallas_triton import DecodeBlocks
+
+    for bp, warps in ((16, 2), (32, 4)):
+        base = decode_check(DecodeBlocks(bp, warps))
+        trig = decode_check(DecodeBlocks(bp, warps, xla_trig=True))
+        assert trig["spill_stores"] == base["spill_stores"] == 0, (base, trig)
+        assert trig["main_path"] < 0.85 * base["main_path"], (bp, base["main_path"],
+                                                               trig["main_path"])
