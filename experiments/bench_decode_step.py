@@ -61,7 +61,7 @@ f32 = jnp.float32
 # block_p:num_warps[:noevict][:xlatrig]; "P" = all rows of the state per program; xlatrig =
 # the new angle's cos / sin from XLA (`DecodeBlocks.xla_trig`)
 DEFAULT_VARIANTS = ("P:4,32:4,16:2,16:4,8:2,P:4:noevict,"
-                    "P:4:xlatrig,32:4:xlatrig,16:2:xlatrig,16:4:xlatrig")
+                    "P:4:xlatrig,32:4:xlatrig,16:2:xlatrig,32:2:xlatrig,16:1:xlatrig")
 
 
 def parse_variants(spec: str) -> list[DecodeBlocks]:
