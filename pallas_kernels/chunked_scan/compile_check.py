@@ -6,6 +6,7 @@ sm_90a, and ptxas reports registers and spill bytes. Iterate on spills here; tim
 
     PYTHONPATH=. python -m pallas_kernels.chunked_scan.compile_check            # shape a, fwd+bwd
     PYTHONPATH=. python -m pallas_kernels.chunked_scan.compile_check --variants "ours,split_grad=2"
+    PYTHONPATH=. python -m pallas_kernels.chunked_scan.compile_check --modes fwd --sass
 
 Needs `triton` importable (the GPU machine has it; on a CPU host put a wheel's package on
 PYTHONPATH or pass --triton_path). The jax on this host lowers, the `triton` here compiles: a
@@ -121,9 +122,10 @@ def main_path_ops(sass: str) -> dict:
 
 
 def check(blocks: TritonBlocks, shape: str = "a", mode: str = "fwd+bwd", R: int = 1,
-          chunk: int = 0, **opts):
-    """Rows (kernel, warps, stages, regs, spill bytes, smem) for one variant; chunk in tokens
-    (0: the benchmark's 64 / R)."""
+          chunk: int = 0, sass: bool = False, **opts):
+    """Rows (kernel, warps, stages, regs, spill bytes, smem; with `sass` the main-path
+    instructions per thread and their opcodes) for one variant; chunk in tokens (0: the
+    benchmark's 64 / R)."""
     B, L, H = PREFILL_SHAPES[shape]
     d = jax.eval_shape(lambda: bench.official_like_inputs(0, B, L, H, R=R))
     core = functools.partial(chunked_scan, blocks=blocks, chunk_size=chunk or 64 // R, **opts)
@@ -139,7 +141,7 @@ def check(blocks: TritonBlocks, shape: str = "a", mode: str = "fwd+bwd", R: int 
             continue
         seen.add((name, ttir))
         rows.append(dict(kernel=name, warps=warps, stages=stages,
-                         **compile_stats(ttir, warps, stages)))
+                         **compile_stats(ttir, warps, stages, sass=sass)))
     return rows
 
 
@@ -152,19 +154,26 @@ def main(argv=None):
     ap.add_argument("--mimo", action="store_true", help="R=4 (chunk 16)")
     ap.add_argument("--chunk", type=int, default=0, help="tokens per chunk (0: 64 / R)")
     ap.add_argument("--triton_path", default=None, help="a folder holding the triton package")
+    ap.add_argument("--sass", action="store_true",
+                    help="also the main-path SASS instructions per thread (up to the first EXIT; "
+                         "loops and inlined cold paths make it a static count) and top opcodes")
     args = ap.parse_args(argv)
     if args.triton_path:
         sys.path.insert(0, args.triton_path)
     print(f"{'variant':28} {'mode':8} {'kernel':26} {'w':>2} {'st':>2} {'regs':>4} "
-          f"{'spill st':>8} {'spill ld':>8} {'smem':>6}")
+          f"{'spill st':>8} {'spill ld':>8} {'smem':>6}" + ("  main path, top ops" if args.sass
+                                                           else ""))
     for spec in args.variants.split(","):
         for mode in args.modes.split(","):
             blocks, opts = bench.parse_variant(spec)
-            for r in check(blocks, args.shape, mode, 4 if args.mimo else 1, args.chunk, **opts):
+            for r in check(blocks, args.shape, mode, 4 if args.mimo else 1, args.chunk,
+                           sass=args.sass, **opts):
                 flag = "  <- spills" if r["spill_stores"] else ""
+                ops = (f"  {r['main_path']}: " + ", ".join(
+                    f"{k} {v}" for k, v in r["ops"].most_common(6))) if args.sass else ""
                 print(f"{spec[:28]:28} {mode:8} {r['kernel'][:26]:26} {r['warps']:>2} "
                       f"{r['stages']:>2} {r['regs']:>4} {r['spill_stores']:>8} "
-                      f"{r['spill_loads']:>8} {r['smem']:>6}{flag}", flush=True)
+                      f"{r['spill_loads']:>8} {r['smem']:>6}{ops}{flag}", flush=True)
 
 
 if __name__ == "__main__":
