@@ -60,7 +60,7 @@ class DecodeBlocks:
     # the new angle and its cos / sin per (b, h, pair) from XLA (fused with what forms the
     # increments) instead of in every program: the kernel issues instructions, not bytes, at
     # bf16 (offline SASS: the accurate sin / cos of N channels, replicated per warp and P block,
-    # are 20-39% of a SISO program's instructions); no angle output (XLA's value is the state)
+    # are 25-39% of a SISO program's main path); no angle output (XLA's value is the state)
     xla_trig: bool = False
 
     def label(self) -> str:
