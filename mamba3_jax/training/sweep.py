@@ -19,8 +19,10 @@ import math
 import os
 import re
 import shlex
+import signal
 import subprocess
 import sys
+import threading
 import time
 from typing import Iterable, Optional, Sequence
 
@@ -139,27 +141,51 @@ def run_all(runs: Iterable[dict], *, keep_going: bool = True, skip_complete: boo
     """Launch the runs one after another (output to <workdir>/train.log). Returns exit codes.
 
     deadline (a time.time() value): start a run only while the time left exceeds the longest
-    run so far (a machine lent for a fixed time: a run cut off there would be lost)."""
+    run so far (a machine lent for a fixed time: a run cut off there would be lost).
+    SIGTERM or SIGINT to this process (e.g. `timeout -s TERM`) is passed on to the running
+    training, which checkpoints and stops (the same command resumes it); no run starts after."""
     codes, longest = {}, 0.0
-    for r in runs:
-        if skip_complete and is_complete(r["workdir"]):
-            echo(f"[sweep] {r['name']}: complete, skipped")
-            codes[r["name"]] = 0
-            continue
-        if deadline is not None and time.time() + longest > deadline:
-            echo(f"[sweep] {r['name']}: not started, {deadline - time.time():.0f} s left and "
-                 f"the longest run took {longest:.0f} s")
-            break
-        started = time.time()
-        os.makedirs(r["workdir"], exist_ok=True)
-        echo(f"[sweep] {r['name']}: {shell_line(r['command'])}")
-        with open(os.path.join(r["workdir"], "train.log"), "a", encoding="utf-8") as log:
-            proc = subprocess.run(r["command"], stdout=log, stderr=subprocess.STDOUT)
-        codes[r["name"]] = proc.returncode
-        longest = max(longest, time.time() - started)
-        echo(f"[sweep] {r['name']}: exit code {proc.returncode}")
-        if proc.returncode and not keep_going:
-            break
+    current: dict = {"proc": None, "signal": None}
+
+    def forward(signum, frame):
+        current["signal"] = signum
+        if current["proc"] is not None and current["proc"].poll() is None:
+            current["proc"].send_signal(signum)
+
+    handlers = {}
+    if threading.current_thread() is threading.main_thread():
+        handlers = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        for r in runs:
+            if current["signal"] is not None:
+                break
+            if skip_complete and is_complete(r["workdir"]):
+                echo(f"[sweep] {r['name']}: complete, skipped")
+                codes[r["name"]] = 0
+                continue
+            if deadline is not None and time.time() + longest > deadline:
+                echo(f"[sweep] {r['name']}: not started, {deadline - time.time():.0f} s left "
+                     f"and the longest run took {longest:.0f} s")
+                break
+            started = time.time()
+            os.makedirs(r["workdir"], exist_ok=True)
+            echo(f"[sweep] {r['name']}: {shell_line(r['command'])}")
+            with open(os.path.join(r["workdir"], "train.log"), "a", encoding="utf-8") as log:
+                current["proc"] = subprocess.Popen(r["command"], stdout=log,
+                                                   stderr=subprocess.STDOUT)
+                returncode = current["proc"].wait()
+                current["proc"] = None
+            codes[r["name"]] = returncode
+            longest = max(longest, time.time() - started)
+            echo(f"[sweep] {r['name']}: exit code {returncode}")
+            if returncode and not keep_going:
+                break
+        if current["signal"] is not None:
+            echo(f"[sweep] stopped by signal {current['signal']}: the run in progress was "
+                 "told to checkpoint; the same command goes on from there")
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
     return codes
 
 

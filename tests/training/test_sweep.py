@@ -121,6 +121,38 @@ def test_run_all_starts_no_run_that_would_outlast_the_deadline(tmp_path):
                          deadline=time.time() + 60) == {"c": 0, "d": 0}
 
 
+def test_a_terminated_sweep_passes_the_signal_to_its_run_and_starts_no_other(tmp_path):
+    """`timeout -s TERM` on a sweep (a device call's limit): the training in progress gets the
+    signal (it checkpoints and stops), and no later run starts."""
+    import signal
+    import time
+
+    child = ("import pathlib, signal, sys, time\n"
+             "def stop(*_):\n"
+             "    pathlib.Path('got_term').write_text('checkpointed'); sys.exit(143)\n"
+             "signal.signal(signal.SIGTERM, stop)\n"
+             "pathlib.Path('started').write_text('1')\n"
+             "time.sleep(60)\n")
+    driver = (
+        "import sys, json\n"
+        "from mamba3_jax.training import sweep\n"
+        f"runs = [dict(name=n, workdir={str(tmp_path)!r} + '/' + n, "
+        f"command=[sys.executable, '-c', {child!r}]) for n in ('a', 'b')]\n"
+        "print(json.dumps(sweep.run_all(runs)), flush=True)\n")
+    proc = subprocess.Popen([sys.executable, "-c", driver], cwd=tmp_path, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            env={**os.environ, "PYTHONPATH": REPO})
+    deadline = time.time() + 60
+    while not (tmp_path / "started").exists():
+        assert time.time() < deadline and proc.poll() is None, proc.communicate()[0]
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    out = proc.communicate(timeout=60)[0]
+    assert (tmp_path / "got_term").read_text() == "checkpointed", out
+    assert '{"a": 143}' in out and "stopped by signal" in out, out
+    assert not (tmp_path / "b").exists()  # no run started after the signal
+
+
 def test_lm_compare_shards_split_the_plan(tmp_path, capsys):
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "experiments"))
     import lm_compare
