@@ -142,14 +142,17 @@ def run_all(runs: Iterable[dict], *, keep_going: bool = True, skip_complete: boo
 
     deadline (a time.time() value): start a run only while the time left exceeds the longest
     run so far (a machine lent for a fixed time: a run cut off there would be lost).
-    SIGTERM or SIGINT to this process (e.g. `timeout -s TERM`) is passed on to the running
-    training, which checkpoints and stops (the same command resumes it); no run starts after."""
+    SIGTERM to this process (e.g. `timeout -s TERM`) is passed on to the running training,
+    which checkpoints and stops (the same command resumes it); after it, or Ctrl-C, no run
+    starts. SIGINT is not passed on: a terminal's Ctrl-C reaches the training itself (one process
+    group), and a second SIGINT would stop it without its checkpoint."""
     codes, longest = {}, 0.0
     current: dict = {"proc": None, "signal": None}
 
     def forward(signum, frame):
         current["signal"] = signum
-        if current["proc"] is not None and current["proc"].poll() is None:
+        if (signum == signal.SIGTERM and current["proc"] is not None
+                and current["proc"].poll() is None):
             current["proc"].send_signal(signum)
 
     handlers = {}
@@ -181,8 +184,8 @@ def run_all(runs: Iterable[dict], *, keep_going: bool = True, skip_complete: boo
             if returncode and not keep_going:
                 break
         if current["signal"] is not None:
-            echo(f"[sweep] stopped by signal {current['signal']}: the run in progress was "
-                 "told to checkpoint; the same command goes on from there")
+            echo(f"[sweep] stopped by signal {current['signal']}: the run in progress "
+                 "checkpointed; the same command goes on from there")
     finally:
         for sig, handler in handlers.items():
             signal.signal(sig, handler)

@@ -153,6 +153,39 @@ def test_a_terminated_sweep_passes_the_signal_to_its_run_and_starts_no_other(tmp
     assert not (tmp_path / "b").exists()  # no run started after the signal
 
 
+def test_ctrl_c_reaches_the_run_once_and_starts_no_other(tmp_path):
+    """Ctrl-C signals the whole foreground group: the training gets that one SIGINT (a second
+    would make it stop without its checkpoint), and the sweep starts no later run."""
+    import signal
+    import time
+
+    child = ("import pathlib, signal, sys, time\n"
+             "seen = []\n"
+             "signal.signal(signal.SIGINT, lambda *_: seen.append(1))\n"
+             "pathlib.Path('started').write_text('1')\n"
+             "t = time.time()\n"
+             "while not seen and time.time() < t + 60: time.sleep(0.05)\n"
+             "time.sleep(0.5)\n"
+             "pathlib.Path('sigints').write_text(str(len(seen))); sys.exit(130)\n")
+    driver = (
+        "import sys, json\n"
+        "from mamba3_jax.training import sweep\n"
+        f"runs = [dict(name=n, workdir={str(tmp_path)!r} + '/' + n, "
+        f"command=[sys.executable, '-c', {child!r}]) for n in ('a', 'b')]\n"
+        "print(json.dumps(sweep.run_all(runs)), flush=True)\n")
+    proc = subprocess.Popen([sys.executable, "-c", driver], cwd=tmp_path, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            env={**os.environ, "PYTHONPATH": REPO}, start_new_session=True)
+    deadline = time.time() + 60
+    while not (tmp_path / "started").exists():
+        assert time.time() < deadline and proc.poll() is None, proc.communicate()[0]
+        time.sleep(0.1)
+    os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does
+    out = proc.communicate(timeout=60)[0]
+    assert (tmp_path / "sigints").read_text() == "1", out
+    assert '{"a": 130}' in out and not (tmp_path / "b").exists(), out
+
+
 def test_lm_compare_shards_split_the_plan(tmp_path, capsys):
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "experiments"))
     import lm_compare
