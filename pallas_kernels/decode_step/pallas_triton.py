@@ -70,21 +70,23 @@ class DecodeBlocks:
 
 
 # The measured best launch shape per (state dtype, N, R), and the XLA step's time beside it.
-# One NVIDIA H200, jax 0.11.2, commit 97a0de3, B=128 H=64 P=64 (one B/C group, per-head biases):
+# One NVIDIA H200, jax 0.11.2, B=128 H=64 P=64 (one B/C group, per-head biases):
 #   PYTHONPATH=. python experiments/bench_decode_step.py --official .official
-# Every row of that run is in docs/benchmarks.md ("Decode step alone"). MIMO was timed at R=4.
-# The XLA step's us are session 9's (same device and shapes, `ssm_step` with broadcast-product
-# rank sums, the kernels' times within 3% of these in the same call).
+# Every row of those runs is in docs/benchmarks.md ("Decode step alone"). MIMO was timed at R=4.
+# Rows without xla_trig: commit 97a0de3, the XLA step's us from session 9 (`ssm_step` with
+# broadcast-product rank sums). Rows with xla_trig: session 11 (commit e9086af), where it beat
+# every launch shape without it in the same call by >= 3% (N=64, and MIMO bf16 N=128); where it
+# did not (SISO N=128, MIMO fp32 N=128) the older row stands (this call within 1-2% of it).
 # key -> (fastest DecodeBlocks, its us, the XLA step's us)
 MEASURED = {
     ("float32", 128, 1): (DecodeBlocks(16, 4), 171.7, 113.9),
     ("float32", 128, 4): (DecodeBlocks(16, 4), 291.4, 410.8),
     ("bfloat16", 128, 1): (DecodeBlocks(16, 2), 96.4, 105.6),
-    ("bfloat16", 128, 4): (DecodeBlocks(None, 4, evict_first=False), 181.2, 392.7),
+    ("bfloat16", 128, 4): (DecodeBlocks(32, 4, xla_trig=True), 178.3, 395.0),
     ("float32", 64, 1): (DecodeBlocks(16, 2), 92.1, 79.3),
-    ("float32", 64, 4): (DecodeBlocks(16, 2), 144.3, 232.0),
-    ("bfloat16", 64, 1): (DecodeBlocks(16, 2), 58.4, 63.9),
-    ("bfloat16", 64, 4): (DecodeBlocks(16, 2), 106.6, 216.5),
+    ("float32", 64, 4): (DecodeBlocks(16, 2, xla_trig=True), 138.9, 231.3),
+    ("bfloat16", 64, 1): (DecodeBlocks(32, 2, xla_trig=True), 54.2, 60.3),
+    ("bfloat16", 64, 4): (DecodeBlocks(32, 2, xla_trig=True), 89.3, 220.9),
 }
 # unmeasured (dtype, N): bp=16 w=2 was within 6% of the best in every measured case (the old
 # default, whole P on 4 warps, was up to 1.6x slower)
