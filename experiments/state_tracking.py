@@ -188,19 +188,29 @@ def train_cell(task_name: str, variant: str, p: Preset, seed: int = 0, log=print
                 f"loss per lr {np.round(np.asarray(losses), 3).tolist()}")
     train_s = before_s + time.time() - t0
     evaluate = sweep.apply(predict)
-    correct, count = np.zeros(len(p.lrs)), 0
-    erng = np.random.default_rng(seed + 12345)
-    for _ in range(p.eval_batches):
-        b = make_batch(task, erng, p.batch_size, p.eval_length, p.eval_length)
-        pred = np.asarray(evaluate(b["inputs"], b["positions"]))
-        correct += (pred == b["answers"][None]).sum(axis=1)
-        count += len(b["answers"])
-    acc = correct / count
+
+    def accuracy(length: int):  # accuracy per learning rate on strings of that length
+        correct, count = np.zeros(len(p.lrs)), 0
+        erng = np.random.default_rng(seed + 12345)
+        for _ in range(p.eval_batches):
+            b = make_batch(task, erng, p.batch_size, length, length)
+            pred = np.asarray(evaluate(b["inputs"], b["positions"]))
+            correct += (pred == b["answers"][None]).sum(axis=1)
+            count += len(b["answers"])
+        return correct / count
+
+    acc = accuracy(p.eval_length)
     scaled = 100.0 * np.asarray(scaled_accuracy(acc, task.num_classes))
     best = int(np.argmax(scaled))
+    # the same at the longest training length: tells a rate that never learned the task from
+    # one that learned it on the training lengths and does not carry it to the evaluation's
+    scaled_train = 100.0 * np.asarray(scaled_accuracy(accuracy(max(p.stage_lengths)),
+                                                      task.num_classes))
     return {"task": task_name, "variant": variant, "seed": seed, "best_lr": p.lrs[best],
             "scaled_acc": float(scaled[best]), "acc": float(acc[best]),
             "scaled_acc_per_lr": [float(s) for s in scaled],
+            "train_length": max(p.stage_lengths),
+            "scaled_acc_train_length_per_lr": [float(s) for s in scaled_train],
             "final_loss_per_lr": [float(x) for x in np.asarray(losses)],
             "train_seconds": round(train_s, 1), "steps": total,
             "params": int(cfg.num_params()), "config": cfg.to_dict(),
@@ -241,11 +251,15 @@ def write_results(rows: list[dict], out: str, preset_name: str, p: Preset) -> No
                     else f" (seed {rs[0].get('seed', 0)})")
             paper = PAPER.get(v, {}).get(t)
             ref = "-" if paper is None else f"{paper:.2f}"
-            vals.append(f"{acc.mean():.2f}{span} / {ref} ({secs:.0f}s)")
+            at_train = [float(x) for x in map(_at_train_length, rs) if x]
+            seen = ("" if len(at_train) < len(rs)
+                    else f"; {np.mean(at_train):.2f} at length {rs[0]['train_length']}")
+            vals.append(f"{acc.mean():.2f}{span} / {ref} ({secs:.0f}s{seen})")
         lines.append(f"| {v} | " + " | ".join(vals) + " |")
     lines += ["", "Cells: ours, mean [min, max] n=<seeds> over the seeds when more than one "
               "(else the seed) / paper (mean wall seconds of training per seed, all learning "
-              "rates together). Every "
+              "rates together; and, for cells that recorded it, the mean scaled accuracy of the "
+              "chosen rate at the longest training length). Every "
               "seed's number: results.csv."]
 
     def plot(plt):
@@ -266,15 +280,27 @@ def write_results(rows: list[dict], out: str, preset_name: str, p: Preset) -> No
     write_report(
         out, markdown="\n".join(lines),
         header=["task", "variant", "seed", "scaled_acc", "acc", "best_lr", "lr_from_seed",
-                "paper", "train_seconds", "steps", "params", "device"],
+                "scaled_acc_train_length", "paper", "train_seconds", "steps", "params",
+                "device"],
         rows=[[r["task"], r["variant"], r.get("seed", 0), f"{r['scaled_acc']:.2f}",
                f"{r['acc']:.4f}", r["best_lr"], r.get("lr_from_seed", ""),
+               _at_train_length(r),
                PAPER.get(r["variant"], {}).get(r["task"], ""),
                r["train_seconds"], r["steps"], r["params"], r.get("device", "not recorded")]
               for r in rows],
         configs={"preset": preset_name, "settings": dataclasses.asdict(p), "seeds": seeds,
                  "runs": rows},
         plot=plot)
+
+
+def _at_train_length(row: dict) -> str:
+    """Scaled accuracy at the longest training length of the rate chosen at the evaluation
+    length ('' for cells stored before that field)."""
+    per_lr = row.get("scaled_acc_train_length_per_lr")
+    if not per_lr:
+        return ""
+    best = int(np.argmax(row["scaled_acc_per_lr"]))
+    return f"{per_lr[best]:.2f}"
 
 
 CELLS = "cells"  # <out>/cells/<task>__<variant>__seed<seed>.json: one finished cell each

@@ -44,6 +44,25 @@ def test_results_over_seeds_give_mean_min_max_and_every_seed_in_the_csv(tmp_path
     assert csv_rows[3].endswith("NVIDIA H200")
 
 
+def test_accuracy_at_the_training_length_follows_the_chosen_rate(tmp_path):
+    """A cell records every rate's accuracy at its longest training length too; the table and
+    the CSV report the one of the rate chosen at the evaluation length."""
+    p = state_tracking.PRESETS["ci"]
+    r = state_tracking.train_cell("parity", "mamba3", p, lrs=(1e-2, 3e-3), log=lambda *_: None)
+    assert r["train_length"] == 10 and len(r["scaled_acc_train_length_per_lr"]) == 2
+    assert all(-100.0 <= x <= 100.0 for x in r["scaled_acc_train_length_per_lr"])
+    rows = [dict(r, seed=s, scaled_acc_per_lr=per, scaled_acc_train_length_per_lr=at)
+            for s, per, at in ((0, [90.0, 10.0], [100.0, 20.0]), (1, [5.0, 30.0], [40.0, 60.0]))]
+    state_tracking.write_results(rows, str(tmp_path), "ci", p)
+    assert "; 80.00 at length 10)" in (tmp_path / "results.md").read_text()  # mean of 100, 60
+    csv_rows = (tmp_path / "results.csv").read_text().strip().splitlines()
+    col = csv_rows[0].split(",").index("scaled_acc_train_length")
+    assert [row.split(",")[col] for row in csv_rows[1:]] == ["100.00", "60.00"]
+    old = {k: v for k, v in r.items() if k != "scaled_acc_train_length_per_lr"}  # older cells
+    state_tracking.write_results([old], str(tmp_path / "old"), "ci", p)
+    assert "at length 10)" not in (tmp_path / "old" / "results.md").read_text()
+
+
 def test_state_tracking_models_use_the_parity_options_unless_paper_rotation():
     p = state_tracking.PRESETS["fast"]
     cfg = state_tracking.model_config("parity", "mamba3", p, 4)
