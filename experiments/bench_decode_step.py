@@ -234,7 +234,15 @@ def main(argv=None):
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--official", default="", help="official tree: also time mamba3_siso_step")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes, interpreted (CPU)")
+    ap.add_argument("--once", action="store_true",
+                    help="no ceilings, no timing: run each step chain once (under ncu: "
+                         f"ncu --clock-control none --csv --metrics $(python {__file__} "
+                         "--ncu_metrics) -k regex:'mamba3_decode|fusion' python ... --once)")
+    ap.add_argument("--ncu_metrics", action="store_true", help="print NCU_METRICS and stop")
     args = ap.parse_args(argv)
+    if args.ncu_metrics:
+        print(NCU_METRICS)
+        return []
     B, H, P = args.batch, args.heads, args.headdim
     if args.smoke:
         B, H, P, args.steps, args.calls, args.reps = 2, 2, 16, 2, 1, 1
@@ -245,6 +253,8 @@ def main(argv=None):
         sys.exit("the benchmark needs a GPU (use --smoke on the CPU)")
     variants = parse_variants(args.variants)
     t_start = time.perf_counter()
+    if args.once:
+        return run_once(args, B, H, P, variants)
     ceil = announce_ceilings(args.smoke)
 
     rows = []
@@ -300,6 +310,45 @@ def main(argv=None):
                            args=vars(args), ceilings=dict(copy=ceil.copy, matmul=ceil.matmul,
                                                           copies=ceil.copies),
                            rows=rows), f, indent=1, default=str)
+    return rows
+
+
+# Nsight Compute metrics of `--once`: time, registers, occupancy (what the registers allow and
+# what was reached), DRAM bytes and throughput, issue activity and the main stall reasons (warps
+# stalled per issued instruction): tells a step bound by latency (long scoreboard at low
+# occupancy) from one bound by issue or by DRAM.
+NCU_METRICS = ",".join([
+    "gpu__time_duration.sum", "launch__registers_per_thread", "launch__grid_size",
+    "launch__occupancy_limit_registers", "sm__maximum_warps_per_active_cycle_pct",
+    "sm__warps_active.avg.pct_of_peak_sustained_active", "dram__bytes_read.sum",
+    "dram__bytes_write.sum", "dram__throughput.avg.pct_of_peak_sustained_elapsed",
+    "smsp__issue_active.avg.pct_of_peak_sustained_active", "smsp__inst_executed.sum",
+] + [f"smsp__average_warps_issue_stalled_{r}_per_issue_active.ratio"
+     for r in ("long_scoreboard", "lg_throttle", "barrier", "wait", "short_scoreboard",
+               "mio_throttle", "math_pipe_throttle", "drain", "not_selected", "no_instruction")])
+
+
+def run_once(args, B, H, P, variants) -> list:
+    """Each (N, dtype, R) case's XLA step and kernel variants: one chained call each, outputs
+    checked against the XLA step's (the `--once` pass that ncu profiles)."""
+    rows = []
+    for n in (int(s) for s in args.d_states.split(",")):
+        for dtype in args.dtypes.split(","):
+            for R in (int(s) for s in args.ranks.split(",")):
+                dt = jnp.dtype(dtype)
+                keys = jax.random.split(jax.random.PRNGKey(n * 10 + R), args.steps + 1)
+                state0, _, prm = make_step(keys[0], B, H, P, n, R, dt, dt)
+                inps = [make_step(k, B, H, P, n, R, dt, dt)[1] for k in keys[1:]]
+                impls = [("xla step", xla_step)] + [
+                    (f"kernel {v.label()}", kernel_step(v, args.smoke)) for v in variants]
+                want = None
+                for label, step in impls:
+                    state = jax.tree.map(jnp.copy, state0)  # the chain donates its state
+                    _, outs = jax.block_until_ready(chained(step)(state, inps, prm))
+                    want = want or outs
+                    err = max(rel_err(g, w) for g, w in zip(outs, want, strict=True))
+                    rows.append(dict(N=n, state=dtype, R=R, impl=label, err=err))
+                    print(f"once: N={n} {dtype} R={R} {label}: max rel err {err:.1e}", flush=True)
     return rows
 
 

@@ -2,6 +2,7 @@
 
     ncu --clock-control none --csv --metrics <see METRICS> python ... > ncu.csv
     python -m pallas_kernels.chunked_scan.ncu_summary ncu.csv
+    python -m pallas_kernels.chunked_scan.ncu_summary ncu.csv --all   # every metric collected
 """
 
 import csv
@@ -12,7 +13,7 @@ METRICS = ("gpu__time_duration.sum,launch__registers_per_thread,dram__bytes_read
            "dram__bytes_write.sum,l1tex__t_bytes_pipe_lsu_mem_local_op_st.sum,launch__grid_size")
 
 
-def main(path):
+def main(path, every_metric=False):
     lines = [ln for ln in open(path).read().splitlines() if ln.startswith('"')]
     rows = defaultdict(dict)
     for r in csv.DictReader(lines):
@@ -27,6 +28,14 @@ def main(path):
                  "Kbyte": 1e3, "Mbyte": 1e6, "Gbyte": 1e9, "KB": 1e3, "MB": 1e6, "GB": 1e9,
                  "nsecond": 1e-3}.get(unit, 1)
         rows[key][r["Metric Name"]] = x * scale
+    if every_metric:  # one block per kernel launch, one metric per line (short names)
+        for (i, name), m in sorted(rows.items()):
+            print(f"{i:>4} {name}")
+            for k, x in m.items():
+                short = k.replace("smsp__average_warps_issue_stalled_", "stall_").replace(
+                    "_per_issue_active.ratio", "")
+                print(f"       {short:55} {x:14.3f}")
+        return
     print(f"{'id':>4} {'kernel':60} {'us':>9} {'regs':>5} {'spillB':>9} {'dramMB':>9} {'grid':>8}")
     tot = 0.0
     for (i, name), m in sorted(rows.items()):
@@ -40,4 +49,4 @@ def main(path):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(sys.argv[1], "--all" in sys.argv[2:])

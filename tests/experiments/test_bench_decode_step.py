@@ -22,6 +22,19 @@ def test_bench_decode_step_smoke():
         assert all(float(e) < 1e-5 for e in r["err"].split(", "))  # outputs, final h vs XLA
 
 
+def test_once_runs_every_variant_without_timing_and_checks_it(capsys):
+    """`--once` (the pass ncu profiles): one chain per variant, checked against the XLA step;
+    `--ncu_metrics` prints the metric list ncu takes."""
+    rows = bench_decode_step.main(["--smoke", "--once", "--dtypes", "bfloat16", "--ranks", "1",
+                                   "--variants", "P:4,8:2:xlatrig"])
+    assert [r["impl"] for r in rows] == ["xla step", "kernel bp=P w=4", "kernel bp=8 w=2 xla-trig"]
+    assert rows[0]["err"] == 0.0 and all(r["err"] < 1e-2 for r in rows)
+    assert "ceilings" not in capsys.readouterr().out  # no timing, no ceiling measurement
+    assert bench_decode_step.main(["--ncu_metrics"]) == []
+    metrics = capsys.readouterr().out.strip().split(",")
+    assert "launch__registers_per_thread" in metrics and len(metrics) == len(set(metrics))
+
+
 @pytest.mark.parametrize("R", [1, 4])
 @pytest.mark.parametrize("form", ["xla einsum step"])
 def test_xla_forms_match_ssm_step(form, R):
