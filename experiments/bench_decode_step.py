@@ -60,8 +60,12 @@ from pallas_kernels.decode_step.shapes import STEP_D_STATES, STEP_SHAPE  # noqa:
 f32 = jnp.float32
 # block_p:num_warps[:noevict][:xlatrig]; "P" = all rows of the state per program; xlatrig =
 # the new angle's cos / sin from XLA (`DecodeBlocks.xla_trig`)
+# the xla_trig shapes with <= 56 registers (16:4, 8:2; offline compile_check) are session 11's
+# candidates for occupancy: its ncu pass put the N = 128 kernels at 36-42% occupancy (72-80
+# registers) with long-scoreboard stalls (docs/kernels.md, "Decode step")
 DEFAULT_VARIANTS = ("P:4,32:4,16:2,16:4,8:2,P:4:noevict,"
-                    "P:4:xlatrig,32:4:xlatrig,16:2:xlatrig,32:2:xlatrig,16:1:xlatrig")
+                    "P:4:xlatrig,32:4:xlatrig,16:2:xlatrig,32:2:xlatrig,16:1:xlatrig,"
+                    "16:4:xlatrig,8:2:xlatrig")
 
 
 def parse_variants(spec: str) -> list[DecodeBlocks]:

@@ -34,3 +34,15 @@ def test_floors_and_paper_fraction():
     r = dict(model="siso", L=512, prefill=0.4, decode=3.6, total=4.0, prefill_floor=0.2,
              decode_floor=2.8, total_floor=3.0, paper=(0.51, 4.39), paper_pct=(40.0, 60.0))
     assert bench_generate.table_row(r)[-1] == f"{75.0 / 60.0:.2f}"  # our 75% over its 60%
+
+
+def test_a_length_is_timed_again_only_when_its_compiles_weigh():
+    """Compiles inside a timed region over 1% of it: timed again; small ones: kept and labelled."""
+    class Watch:
+        def __init__(self, count, seconds):
+            self.count, self.seconds = count, seconds
+
+    assert not bench_generate.retime(Watch(0, 0.0), 10.0)
+    assert not bench_generate.retime(Watch(6, 0.3), 200.0)  # session 11's MIMO L = 16384
+    assert bench_generate.retime(Watch(7, 45.9), 51.4)  # session 8's L = 512
+    assert bench_generate.retime(Watch(1, 0.2), 10.0)
