@@ -28,13 +28,14 @@ from mamba3_jax.tasks.state_tracking import (
     STATE_TRACKING_TASKS,
     ModArithBracketsTask,
     ModArithTask,
+    ModSumTask,
     ParityTask,
     StateTrackingTask,
 )
 
 Task = Union[StateTrackingTask, MQARTask]
 
-TASK_NAMES = ("parity", "mod_arith", "mod_arith_brackets", "mqar")
+TASK_NAMES = ("parity", "mod_arith", "mod_arith_brackets", "mod_sum", "mqar")
 
 
 def get_task(name: str, **kwargs) -> Task:
@@ -114,6 +115,7 @@ __all__ = [
     "MQARTask",
     "ModArithBracketsTask",
     "ModArithTask",
+    "ModSumTask",
     "PAD_ID",
     "ParityTask",
     "StateTrackingTask",

@@ -1,6 +1,7 @@
 """The reduced state-tracking run: Mamba-3 learns parity of short strings, the no-RoPE variant
 (real, non-negative eigenvalues) cannot. A small-scale check of the paper's Table 5b claim."""
 
+import json
 import os
 import sys
 
@@ -162,17 +163,22 @@ def test_reduced_protocol_reuses_the_sweeping_seeds_learning_rate(tmp_path, monk
     assert one["best_lr"] == 2e-3 and len(one["scaled_acc_per_lr"]) == 1
 
 
+def _recording_cell(seen: list, what):
+    """A stand-in for train_cell that records what(preset) of every cell it is asked for."""
+
+    def fake_cell(task, variant, p, seed=0, log=print, lrs=None, **resume):
+        seen.append(what(p))
+        return {"task": task, "variant": variant, "seed": seed, "scaled_acc": 99.0,
+                "acc": 0.99, "best_lr": p.lrs[0], "train_seconds": 1.0, "steps": 1, "params": 1}
+
+    return fake_cell
+
+
 def test_learning_rates_from_the_command_line(tmp_path, monkeypatch):
     """--lrs replaces the preset's rates (what a cell trains, its settings, the table's rule);
     anything but positive numbers is one clear error before any training."""
     seen = []
-
-    def fake_cell(task, variant, p, seed=0, log=print, lrs=None, **resume):
-        seen.append(p.lrs)
-        return {"task": task, "variant": variant, "seed": seed, "scaled_acc": 99.0,
-                "acc": 0.99, "best_lr": p.lrs[0], "train_seconds": 1.0, "steps": 1, "params": 1}
-
-    monkeypatch.setattr(state_tracking, "train_cell", fake_cell)
+    monkeypatch.setattr(state_tracking, "train_cell", _recording_cell(seen, lambda p: p.lrs))
     args = ["--preset", "ci", "--tasks", "parity", "--variants", "mamba3", "--out", str(tmp_path)]
     state_tracking.main(args + ["--lrs", "5e-3"])
     assert seen == [(5e-3,)]
@@ -183,6 +189,24 @@ def test_learning_rates_from_the_command_line(tmp_path, monkeypatch):
         with pytest.raises(SystemExit, match="--lrs wants positive numbers"):
             state_tracking.main(args + [f"--lrs={bad}"])
     assert len(seen) == 1
+
+
+def test_weight_decay_from_the_command_line(tmp_path, monkeypatch):
+    """--weight_decay replaces the preset's (what a cell trains with, its settings); a negative
+    or non-finite value is one clear error before any training."""
+    seen = []
+    monkeypatch.setattr(state_tracking, "train_cell",
+                        _recording_cell(seen, lambda p: p.weight_decay))
+    args = ["--preset", "ci", "--tasks", "parity", "--variants", "mamba3", "--out", str(tmp_path)]
+    state_tracking.main(args + ["--weight_decay", "0"])
+    assert seen == [0.0]
+    assert json.load(open(tmp_path / "configs.json"))["settings"]["weight_decay"] == 0.0
+    with pytest.raises(SystemExit, match="another preset or settings"):  # the preset's 0.1
+        state_tracking.main(args)
+    for bad in ("-0.1", "nan", "inf"):
+        with pytest.raises(SystemExit, match="--weight_decay wants a number >= 0"):
+            state_tracking.main(args + [f"--weight_decay={bad}"])
+    assert seen == [0.0]
 
 
 def test_a_stopped_cell_resumes_with_the_same_batches_and_updates(tmp_path, monkeypatch):

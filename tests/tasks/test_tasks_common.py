@@ -74,7 +74,7 @@ def test_curriculum_configurable_and_validated():
 
 
 def test_registry():
-    assert TASK_NAMES == ("parity", "mod_arith", "mod_arith_brackets", "mqar")
+    assert TASK_NAMES == ("parity", "mod_arith", "mod_arith_brackets", "mod_sum", "mqar")
     for name in TASK_NAMES:
         task = get_task(name)
         assert task.name == name

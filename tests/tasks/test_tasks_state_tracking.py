@@ -14,8 +14,10 @@ ARITH_TABLE = {
     0: None, 1: "0", 2: "1", 3: "2", 4: "3", 5: "4",
     6: "+", 7: "-", 8: "*", 9: "(", 10: ")", 11: "=",
 }  # fmt: skip
-TABLES = {"parity": PARITY_TABLE, "mod_arith": ARITH_TABLE, "mod_arith_brackets": ARITH_TABLE}
-NUM_CLASSES = {"parity": 2, "mod_arith": 5, "mod_arith_brackets": 5}
+TABLES = {"parity": PARITY_TABLE, "mod_arith": ARITH_TABLE, "mod_arith_brackets": ARITH_TABLE,
+          "mod_sum": ARITH_TABLE}
+NUM_CLASSES = {"parity": 2, "mod_arith": 5, "mod_arith_brackets": 5, "mod_sum": 5}
+FLAT = ("mod_arith", "mod_sum")  # d op d ... op d: odd lengths only
 NAMES = tuple(TABLES)
 DIGITS = set("01234")
 
@@ -147,8 +149,9 @@ def reference_answer(task_name, syms):
     if task_name == "parity":
         assert set(syms) <= {"0", "1"}, syms
         return syms.count("1") % 2
-    if task_name == "mod_arith":
+    if task_name in FLAT:
         check_flat_grammar(syms)
+        assert task_name == "mod_arith" or "*" not in syms, syms  # mod_sum: + and - only
     else:
         grammar_value = bracket_grammar_value(syms)[0]
     value = eval_tokens(syms)
@@ -238,7 +241,7 @@ def test_lengths_within_bounds_and_all_reached(name):
     expr_len = (batch["inputs"] != 0).sum(axis=1) - 1
     np.testing.assert_array_equal(expr_len, batch["lengths"])
     got = set(np.unique(expr_len).tolist())
-    want = set(range(lo, hi + 1, 2)) if name == "mod_arith" else set(range(lo, hi + 1))
+    want = set(range(lo, hi + 1, 2)) if name in FLAT else set(range(lo, hi + 1))
     assert got == want
     # Uniform over the realisable lengths: each one close to its share.
     counts = np.bincount(expr_len, minlength=hi + 1)[sorted(want)]
@@ -301,6 +304,8 @@ def test_flat_arith_uses_all_ops_and_no_brackets():
     batch = make_batch("mod_arith", np.random.default_rng(2), 200, 3, 40)
     assert np.isin([6, 7, 8], batch["inputs"]).all()
     assert not np.isin(batch["inputs"], [9, 10]).any()
+    sums = make_batch("mod_sum", np.random.default_rng(2), 200, 3, 40)  # + and - only
+    assert np.isin([6, 7], sums["inputs"]).all() and not np.isin(sums["inputs"], [8, 9, 10]).any()
 
 
 def test_precedence_examples():
