@@ -65,7 +65,7 @@ f32 = jnp.float32
 # registers) with long-scoreboard stalls (docs/kernels.md, "Decode step")
 DEFAULT_VARIANTS = ("P:4,32:4,16:2,16:4,8:2,P:4:noevict,"
                     "P:4:xlatrig,32:4:xlatrig,16:2:xlatrig,32:2:xlatrig,16:1:xlatrig,"
-                    "16:4:xlatrig,8:2:xlatrig")
+                    "16:4:xlatrig,8:2:xlatrig,32:4:fasttrig")
 
 
 def parse_variants(spec: str) -> list[DecodeBlocks]:
@@ -230,7 +230,8 @@ def main(argv=None):
     ap.add_argument("--dtypes", default="float32,bfloat16", help="state (and activation) dtypes")
     ap.add_argument("--ranks", default="1,4")
     ap.add_argument("--variants", default=DEFAULT_VARIANTS,
-                    help="kernel variants, comma-separated block_p:num_warps[:noevict]")
+                    help="kernel variants, comma-separated "
+                         "block_p:num_warps[:noevict][:xlatrig][:fasttrig]")
     ap.add_argument("--xla_forms", default="xla einsum step",
                     help=f"other XLA step formulations beside 'xla step': {sorted(XLA_FORMS)}")
     ap.add_argument("--steps", type=int, default=8, help="chained steps per call")

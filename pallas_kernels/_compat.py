@@ -60,6 +60,42 @@ def dot(a, b, *, ta: bool = False, tb: bool = False, precision=None):
     return jax.lax.dot_general(a, b, dims, precision=precision, preferred_element_type=f32)
 
 
+# 2 pi in two parts for the range reduction of `sincos` (Cody-Waite): the high part has 8
+# significant bits, so k * hi is exact in float32 for |k| < 2^15 and theta - k * hi loses nothing.
+_TWO_PI_HI = 6.28125
+_TWO_PI_LO = 2.0 * math.pi - 6.28125
+
+
+def reduce_angle(theta):
+    """theta - 2 pi round(theta / 2 pi), in [-pi, pi] (the product by 2 pi in two exact steps:
+    float32 keeps ~1e-7 relative accuracy for angles of thousands of turns)."""
+    k = jnp.floor(theta * (1.0 / (2.0 * math.pi)) + 0.5)
+    return (theta - k * _TWO_PI_HI) - k * _TWO_PI_LO
+
+
+def sincos(theta, fast: bool = False, interpret: bool = False):
+    """(cos theta, sin theta) of a float32 tile inside a kernel.
+
+    fast: theta reduced to [-pi, pi] (theta - 2 pi round(theta / 2 pi), in two exact steps),
+    then the GPU's MUFU approximations `cos.approx.f32` / `sin.approx.f32` (absolute error
+    ~1e-6 on [-pi, pi]; a few instructions where libdevice's accurate sinf / cosf take dozens,
+    integer range reduction included). In interpret mode (CPU) the same reduction feeds jnp's
+    exact sin / cos, so only the last ~1e-6 differs from the GPU."""
+    if not fast:
+        return jnp.cos(theta), jnp.sin(theta)
+    r = reduce_angle(theta)
+    if interpret or plgpu is None:
+        return jnp.cos(r), jnp.sin(r)
+    like = [jax.ShapeDtypeStruct(r.shape, r.dtype)]
+    # one asm statement per result: Pallas Triton's lowering of a multi-result statement
+    # returns one value (jax 0.10)
+    cos, sin = (plgpu.elementwise_inline_asm(f"{op}.approx.f32 $0, $1;", args=[r],
+                                             constraints="=f,f", pack=1,
+                                             result_shape_dtypes=like)[0]
+                for op in ("cos", "sin"))
+    return cos, sin
+
+
 def swap_pairs(u):
     """(..., N) -> u with adjacent channels (2i, 2i+1) swapped (register shuffle, no gather)."""
     shape = u.shape

@@ -188,7 +188,7 @@ def _scalars(inp: SSMInputs, state: SSMState, mimo_x, C: int, R: int, Lp: int):
 
 def prepare_rows(inp: SSMInputs, state: SSMState, mimo_x, C: int, cdt, *, interpret: bool,
                  rotary: str = "kernel", warps_rotary: int = 4, angle_mode: str = "tf32x3",
-                 rotary_chunk: int = 0, factored_angles: int = 0):
+                 rotary_chunk: int = 0, factored_angles: int = 0, fast_trig: int = 0):
     """The pre-pass: the core's operands, the angle at the last token, k rows, padded length and
     whether q, k and the state have their channels in `to_pair_blocks` order.
     rotary: 'kernel' (bias + rotation in `rotate_qk`) or 'xla'. rotary_chunk: tokens per
@@ -215,6 +215,7 @@ def prepare_rows(inp: SSMInputs, state: SSMState, mimo_x, C: int, cdt, *, interp
             inc, dt = inc[0], jnp.swapaxes(inc[1], 1, 2)
         rs = RotShape(B=B, nc=Lp // Cr, C=Cr, R=R, G=G, H=H, N=N, S=S,
                       cdt=jnp.dtype(cdt).name, interpret=interpret, angle_mode=angle_mode,
+                      fast_trig=bool(fast_trig),
                       # a (C, N) tile: 4 warps on MIMO's 16-token chunks spilled (compile_check)
                       warps=min(warps_rotary, max(1, Cr // 8)),
                       rate_heads=inc.shape[2] if factored else 0)
@@ -283,7 +284,8 @@ def _rows_path(o: _Opts, inp, state, z, D, mimo_x=None, mimo_z=None, mimo_o=None
     ops, theta_last, k_rows, Lp, permuted = prepare_rows(
         inp, state, mimo_x, o.C, cdt, interpret=o.interpret, rotary=o.rotary,
         warps_rotary=o.blocks.warps_rotary, angle_mode=o.blocks.angle_mode,
-        rotary_chunk=o.blocks.rotary_chunk, factored_angles=o.blocks.factored_angles)
+        rotary_chunk=o.blocks.rotary_chunk, factored_angles=o.blocks.factored_angles,
+        fast_trig=o.blocks.fast_trig)
     shape = CoreShape(B=B, H=H, nc=Lp // o.C, C=o.C, R=R, N=N, P=P, cdt=cdt.name,
                       interpret=o.interpret, blocks=o.blocks)
     if gate_in_kernel:

@@ -73,6 +73,11 @@ class TritonBlocks:
     # but MIMO R4 9.63 vs 9.27 ms, so MIMO keeps the (B, L, H, S) increments by default
     factored_angles: int = 1
     angle_mode: str = "tf32x3"  # rotation kernels' prefix-sum dots: 'tf32x3' or 'ieee'
+    # 1: the rotation kernels' cos / sin from the MUFU approximations after a range reduction
+    # (`_compat.sincos`, ~1e-6 absolute) instead of libdevice's accurate sinf / cosf, whose
+    # integer range reduction is most of the rotation kernels' instructions (offline SASS,
+    # docs/kernels.md); off until timed and checked on the GPU
+    fast_trig: int = 0
     f32_mode: str = "tf32x3"
 
 

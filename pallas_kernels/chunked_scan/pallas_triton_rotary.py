@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from pallas_kernels._compat import SQ, compiler_params, dot, dot_precision
+from pallas_kernels._compat import SQ, compiler_params, dot, dot_precision, sincos
 
 f32 = jnp.float32
 
@@ -56,6 +56,7 @@ class RotShape:
     # rate_heads, S) and a (B, H, Lp) dt is passed too: the kernels form rate * dt per head
     # (no (B, Lp, H, S) tensor written by XLA) and the backward returns d rate per head and d dt
     rate_heads: int = 0
+    fast_trig: bool = False  # cos / sin by `_compat.sincos(fast=True)` (TritonBlocks.fast_trig)
 
     @property
     def hg(self) -> int:
@@ -116,7 +117,7 @@ def _fwd_kernel(*refs, rs: RotShape):
     qr_ref, kr_ref = refs[-2:]
     S, N, cdt = rs.S, rs.N, jnp.dtype(rs.cdt)
     th, _ = _theta(_increments(inc_ref, dt_ref), a_ref[...], sg_ref[...], rs.angle_prec)
-    cos, sin = jnp.cos(th), jnp.sin(th)
+    cos, sin = sincos(th, rs.fast_trig, rs.interpret)
     for src, b_ref, out in ((q_ref, qb_ref, qr_ref), (k_ref, kb_ref, kr_ref)):
         a = _biased(src, b_ref[pl.ds(0, S)], 0, S, cdt)  # pair member 1 of each rotated pair
         b = _biased(src, b_ref[pl.ds(S, S)], S, S, cdt)  # pair member 2
@@ -145,7 +146,7 @@ def _bwd_kernel(*refs, rs: RotShape):
     parts = ((q_ref, qb_ref, dqr_ref, dq_ref, dqb_ref), (k_ref, kb_ref, dkr_ref, dk_ref, dkb_ref))
     seg = sg_ref[...]
     th, tri = _theta(_increments(inc_ref, dt_ref), a_ref[...], seg, rs.angle_prec)
-    cos, sin = jnp.cos(th), jnp.sin(th)
+    cos, sin = sincos(th, rs.fast_trig, rs.interpret)
     dth = jnp.zeros(th.shape, f32)
     for src, b_ref, d_ref, out, db_ref in parts:
         a = _biased(src, b_ref[pl.ds(0, S)], 0, S, cdt)

@@ -63,7 +63,7 @@ def check(blocks: DecodeBlocks, R: int = 1, N: int = 128, state_dtype="bfloat16"
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--variants", default="16:2,32:4,P:4,16:2:xlatrig,32:4:xlatrig,P:4:xlatrig",
-                    help="launch shapes, bp:warps[:noevict][:xlatrig]")
+                    help="launch shapes, bp:warps[:noevict][:xlatrig][:fasttrig]")
     ap.add_argument("--ranks", default="1,4")
     ap.add_argument("--d_states", default="128,64")
     ap.add_argument("--dtypes", default="bfloat16,float32", help="state (and activation) dtypes")

@@ -44,6 +44,7 @@ from pallas_kernels._compat import (
     compiler_params,
     is_pow2,
     plgpu,
+    sincos,
 )
 
 f32 = jnp.float32
@@ -62,11 +63,15 @@ class DecodeBlocks:
     # bf16 (offline SASS: the accurate sin / cos of N channels, replicated per warp and P block,
     # are 25-39% of a SISO program's main path); no angle output (XLA's value is the state)
     xla_trig: bool = False
+    # in-kernel cos / sin (without xla_trig) by the MUFU approximations (`_compat.sincos`):
+    # the accurate sinf / cosf were the largest fixed cost of a program (offline SASS)
+    fast_trig: bool = False
 
     def label(self) -> str:
         return (f"bp={self.block_p or 'P'} w={self.num_warps}"
                 + ("" if self.evict_first else " no-evict")
-                + (" xla-trig" if self.xla_trig else ""))
+                + (" xla-trig" if self.xla_trig else "")
+                + (" fast-trig" if self.fast_trig else ""))
 
 
 # The measured best launch shape per (state dtype, N, R), and the XLA step's time beside it.
@@ -98,15 +103,17 @@ def _measured(state_dtype, N: int, R: int):  # any MIMO rank: the R=4 row
 
 
 def parse_blocks(spec: str) -> DecodeBlocks:
-    """'bp:warps[:noevict][:xlatrig]' (bp 'P' for all rows) -> DecodeBlocks, e.g. '16:2'."""
+    """'bp:warps[:noevict][:xlatrig][:fasttrig]' (bp 'P' for all rows) -> DecodeBlocks, e.g.
+    '16:2'."""
     bp, _, rest = spec.partition(":")
     warps, *flags = rest.split(":") if rest else [""]
-    bad = [f for f in flags if f not in ("noevict", "xlatrig")]
+    bad = [f for f in flags if f not in ("noevict", "xlatrig", "fasttrig")]
     if not (bp == "P" or bp.isdigit()) or not warps.isdigit() or bad:
-        raise ValueError(f"bad decode launch shape {spec!r}: want bp:warps[:noevict][:xlatrig] "
-                         "with bp a number or P")
+        raise ValueError(f"bad decode launch shape {spec!r}: want "
+                         "bp:warps[:noevict][:xlatrig][:fasttrig] with bp a number or P")
     return DecodeBlocks(block_p=None if bp == "P" else int(bp), num_warps=int(warps),
-                        evict_first="noevict" not in flags, xla_trig="xlatrig" in flags)
+                        evict_first="noevict" not in flags, xla_trig="xlatrig" in flags,
+                        fast_trig="fasttrig" in flags)
 
 
 def default_blocks(state_dtype, N: int, R: int, P: int, has_norm: bool = False) -> DecodeBlocks:
@@ -148,7 +155,8 @@ def _store(ref, value, evict_first: bool):
         ref[...] = value
 
 
-def _decode_kernel(*refs, in_names, out_names, R, N, S, has_norm, eps, interpret, evict_first):
+def _decode_kernel(*refs, in_names, out_names, R, N, S, has_norm, eps, interpret, evict_first,
+                   fast_trig=False):
     ref = dict(zip(in_names + out_names, refs, strict=True))
     get = lambda name: ref[name][...].astype(f32)  # noqa: E731
 
@@ -177,8 +185,8 @@ def _decode_kernel(*refs, in_names, out_names, R, N, S, has_norm, eps, interpret
             theta = jnp.mod(ref["angle"][pair].astype(f32) * keep
                             + ref["angle_inc"][pair].astype(f32), TWO_PI)
             theta = jnp.where(rotated_channel, theta, 0.0)
-            cos = jnp.cos(theta)
-            sin = jnp.sin(theta) * sign
+            cos, sin = sincos(theta, fast_trig, interpret)
+            sin = sin * sign
 
             @pl.when(first_block)
             def _():
@@ -322,7 +330,7 @@ def decode_step(state: SSMState, q, k, x, z, angle_inc, log_decay, gamma, eta, r
     kernel = functools.partial(
         _decode_kernel, in_names=in_names, out_names=out_names, R=R, N=N, S=S,
         has_norm=norm_weight is not None, eps=float(norm_eps), interpret=bool(interpret),
-        evict_first=blocks.evict_first and not interpret)
+        evict_first=blocks.evict_first and not interpret, fast_trig=blocks.fast_trig)
     results = pl.pallas_call(
         kernel,
         grid=(P // bp, H, B),

@@ -136,14 +136,55 @@ def test_rotary_chunk(R):
     inp = inp._replace(reset=inp.reset.at[:, 8].set(True).at[:, 23].set(True))
     # compiled tiles: >= 16 rows
     blocks = TritonBlocks(rotary_chunk=8 if INTERPRET else 16)
-    fn = functools.partial(kernel, chunk=32, blocks=blocks)
+    _matches_reference(functools.partial(kernel, chunk=32, blocks=blocks), inp, state, p, 10)
+
+
+def _matches_reference(fn, inp, state, p, seed):
+    """fn's output, final state and every input gradient == the reference's (float32)."""
     want, want_state = reference(inp, state, **p)
     got, got_state = fn(inp, state, **p)
     assert rel(got, want) < TOL["float32"], rel(got, want)
     check_state(got_state, want_state, TOL["float32"])
-    ct = random_like((want, want_state), 10)
+    ct = random_like((want, want_state), seed)
     check_grads(vjp_all(fn, inp, state, p, ct), vjp_all(reference, inp, state, p, ct),
                 GRAD_TOL["float32"])
+
+
+@pytest.mark.parametrize("R", [1, 2])
+def test_fast_trig(R):
+    """The rotation kernels with `TritonBlocks.fast_trig` (range reduction, then MUFU sin / cos
+    on the GPU; the reduction with exact sin / cos when interpreted): forward, state and every
+    gradient == the reference's, with resets and angles carried over many turns."""
+    inp, state, p = make_problem(9, B, 44, R, H, N, P, S, jnp.float32, True, groups=1)
+    inp = inp._replace(angle_inc=inp.angle_inc * 40.0)  # cumulative angles of many turns
+    state = state._replace(angle=state.angle + 300.0)
+    fn = functools.partial(kernel, chunk=32 // R, blocks=TritonBlocks(
+        fast_trig=1, rotary_chunk=8 if INTERPRET else 16))
+    _matches_reference(fn, inp, state, p, 12)
+
+
+def test_sincos_range_reduction():
+    """`_compat.sincos(fast=True)`: theta reduced to [-pi, pi] in two exact steps keeps cos and
+    sin within float32 rounding of the exact values, for angles of thousands of turns."""
+    import numpy as np
+
+    from pallas_kernels._compat import reduce_angle, sincos
+
+    theta = np.concatenate([np.linspace(-2e4, 2e4, 40001), np.pi * np.arange(-3000, 3001),
+                            np.pi * np.arange(-3000, 3001) + 1e-3]).astype(np.float32)
+    r = np.asarray(reduce_angle(jnp.asarray(theta)))
+    # within [-pi, pi] up to the rounding of theta / 2 pi near a half turn (~1e-3 rad at 2e4);
+    # the MUFU approximations are accurate well beyond that
+    assert np.abs(r).max() <= np.pi + 1e-2
+    exact = theta.astype(np.float64)
+    # r is theta less a whole number of turns: to float32 rounding of theta (~1e-3 at 2e4)
+    turns = (exact - r) / (2 * np.pi)
+    assert np.abs(turns - np.round(turns)).max() * 2 * np.pi < 1e-5
+    cos, sin = sincos(jnp.asarray(theta), fast=True, interpret=True)
+    assert np.abs(np.asarray(cos) - np.cos(exact)).max() < 2e-6
+    assert np.abs(np.asarray(sin) - np.sin(exact)).max() < 2e-6
+    c0, s0 = sincos(jnp.asarray(theta))  # the accurate path: jnp's own
+    assert np.array_equal(c0, jnp.cos(theta)) and np.array_equal(s0, jnp.sin(theta))
 
 
 def _with_factors(inp, rate_heads, seed):

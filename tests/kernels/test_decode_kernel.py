@@ -78,7 +78,10 @@ VARIANTS = [(1, "float32", DecodeBlocks(), 8), (1, "bfloat16", DecodeBlocks(8, 2
             # the new angle and its cos / sin from XLA
             (1, "float32", DecodeBlocks(8, 2, xla_trig=True), 8),
             (4, "bfloat16", DecodeBlocks(16, 4, xla_trig=True), 16),
-            (1, "bfloat16", DecodeBlocks(8, 2, xla_trig=True), 0)]
+            (1, "bfloat16", DecodeBlocks(8, 2, xla_trig=True), 0),
+            # in-kernel cos / sin by the MUFU approximations (exact sin / cos when interpreted)
+            (1, "float32", DecodeBlocks(8, 2, fast_trig=True), 8),
+            (4, "bfloat16", DecodeBlocks(16, 2, fast_trig=True), 16)]
 
 
 @pytest.mark.parametrize("R,state_dtype,blocks,S", VARIANTS)
