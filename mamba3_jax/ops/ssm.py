@@ -69,6 +69,11 @@ class SSMInputs(NamedTuple):
     # form the per-head increments in registers); the others read angle_inc.
     angle_rate: Optional[jax.Array] = None
     angle_dt: Optional[jax.Array] = None
+    # Optionally the rate before its activation, angle_rate = pi tanh(angle_pre) (B, L, Ha, S),
+    # in any dtype (given with angle_rate, and equal to it through that map). The GPU rotation
+    # kernels then read it (bf16: a quarter of the bytes XLA spends writing and reading a float32
+    # rate) and apply pi tanh in registers, as the official kernels take their raw angles.
+    angle_pre: Optional[jax.Array] = None
 
 
 def per_head(inp: SSMInputs) -> SSMInputs:

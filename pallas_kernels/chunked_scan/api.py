@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import os
 from typing import Optional
 
@@ -120,16 +121,22 @@ def theta_at(inc, seg, carry, t: int, C: int):
 
 
 def _carried_angles(inp: SSMInputs, state: SSMState, seg, padt, C: int, L: int,
-                    factored: bool = False):
-    """The padded increments (B, Lp, H, S) f32 (factored: the padded rate (B, Lp, Ha, S) and
-    dt (B, Lp, H) instead), the angle entering every chunk (`chunk_carry`) and the cumulative
-    angle at the last token (B, H, S)."""
+                    factored: bool = False, pre: bool = False):
+    """The padded increments (B, Lp, H, S) f32 as the rotation kernels take them (factored: the
+    padded rate (B, Lp, Ha, S) and dt (B, Lp, H); with `pre`, `inp.angle_pre` in its dtype in
+    place of the rate), the angle entering every chunk (`chunk_carry`) and the cumulative angle
+    at the last token (B, H, S)."""
     if factored:
-        inc = (padt(inp.angle_rate.astype(f32)), padt(inp.angle_dt.astype(f32)))
+        dt = padt(inp.angle_dt.astype(f32))
+        # with pre, XLA forms the rate only inside the reductions below (fused, not stored)
+        rate = (math.pi * jnp.tanh(padt(inp.angle_pre).astype(f32)) if pre
+                else padt(inp.angle_rate.astype(f32)))
+        inc = (rate, dt)
     else:
         inc = padt(inp.angle_inc.astype(f32))
     carry = chunk_carry(inc, seg, state.angle, C)
-    return inc, carry, theta_at(inc, seg, carry, L - 1, C)
+    theta_last = theta_at(inc, seg, carry, L - 1, C)
+    return ((padt(inp.angle_pre), inc[1]) if pre else inc), carry, theta_last
 
 
 def _per_head_rows(v, bias, theta, H: int, cdt):
@@ -188,7 +195,8 @@ def _scalars(inp: SSMInputs, state: SSMState, mimo_x, C: int, R: int, Lp: int):
 
 def prepare_rows(inp: SSMInputs, state: SSMState, mimo_x, C: int, cdt, *, interpret: bool,
                  rotary: str = "kernel", warps_rotary: int = 4, angle_mode: str = "tf32x3",
-                 rotary_chunk: int = 0, factored_angles: int = 0, fast_trig: int = 0):
+                 rotary_chunk: int = 0, factored_angles: int = 0, fast_trig: int = 0,
+                 pre_angles: int = 0):
     """The pre-pass: the core's operands, the angle at the last token, k rows, padded length and
     whether q, k and the state have their channels in `to_pair_blocks` order.
     rotary: 'kernel' (bias + rotation in `rotate_qk`) or 'xla'. rotary_chunk: tokens per
@@ -209,13 +217,14 @@ def prepare_rows(inp: SSMInputs, state: SSMState, mimo_x, C: int, cdt, *, interp
             jnp.zeros((B, L), bool) if inp.reset is None else inp.reset, padt, Lp, Cr)
         factored = inp.angle_rate is not None and (
             factored_angles >= 2 or (factored_angles == 1 and R == 1))
-        inc, carry, theta_last = _carried_angles(inp, state, seg_r, padt, Cr, L, factored)
+        pre = factored and bool(pre_angles) and inp.angle_pre is not None
+        inc, carry, theta_last = _carried_angles(inp, state, seg_r, padt, Cr, L, factored, pre)
         dt = None
         if factored:  # the rate and dt (B, H, Lp), the kernels' layout for per-head scalars
             inc, dt = inc[0], jnp.swapaxes(inc[1], 1, 2)
         rs = RotShape(B=B, nc=Lp // Cr, C=Cr, R=R, G=G, H=H, N=N, S=S,
                       cdt=jnp.dtype(cdt).name, interpret=interpret, angle_mode=angle_mode,
-                      fast_trig=bool(fast_trig),
+                      fast_trig=bool(fast_trig), rate_tanh=pre,
                       # a (C, N) tile: 4 warps on MIMO's 16-token chunks spilled (compile_check)
                       warps=min(warps_rotary, max(1, Cr // 8)),
                       rate_heads=inc.shape[2] if factored else 0)
@@ -285,7 +294,7 @@ def _rows_path(o: _Opts, inp, state, z, D, mimo_x=None, mimo_z=None, mimo_o=None
         inp, state, mimo_x, o.C, cdt, interpret=o.interpret, rotary=o.rotary,
         warps_rotary=o.blocks.warps_rotary, angle_mode=o.blocks.angle_mode,
         rotary_chunk=o.blocks.rotary_chunk, factored_angles=o.blocks.factored_angles,
-        fast_trig=o.blocks.fast_trig)
+        fast_trig=o.blocks.fast_trig, pre_angles=o.blocks.pre_angles)
     shape = CoreShape(B=B, H=H, nc=Lp // o.C, C=o.C, R=R, N=N, P=P, cdt=cdt.name,
                       interpret=o.interpret, blocks=o.blocks)
     if gate_in_kernel:

@@ -72,7 +72,7 @@ def layer_fn(core):
         inp = SSMInputs(q=d["Q"], k=d["K"], x=d["V"], angle_inc=increments_from(rate, d["DT"]),
                         log_decay=d["ADT"], gamma=lam * d["DT"], eta=(1 - lam) * d["DT"],
                         q_bias=d["Q_bias"], k_bias=d["K_bias"], angle_rate=rate,
-                        angle_dt=d["DT"])
+                        angle_dt=d["DT"], angle_pre=d["Angles"])
         state = SSMState.zeros(B, H, P, N, d["Angles"].shape[-1], R, dtype=bf16)
         extra = {k: d[k] for k in ("mimo_x", "mimo_z", "mimo_o") if k in d}
         out, _ = core(inp, state, z=d["Z"], D=d["D"], **extra)

@@ -78,6 +78,10 @@ class TritonBlocks:
     # integer range reduction is most of the rotation kernels' instructions (offline SASS,
     # docs/kernels.md); off until timed and checked on the GPU
     fast_trig: int = 0
+    # 1: with factored angles, when the caller gives `SSMInputs.angle_pre`, the rotation kernels
+    # read it and form pi tanh in registers (0: they read the float32 `angle_rate`); off until
+    # timed on the GPU (docs/kernels.md, session 11)
+    pre_angles: int = 0
     f32_mode: str = "tf32x3"
 
 

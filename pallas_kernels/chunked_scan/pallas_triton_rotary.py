@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -57,6 +58,9 @@ class RotShape:
     # (no (B, Lp, H, S) tensor written by XLA) and the backward returns d rate per head and d dt
     rate_heads: int = 0
     fast_trig: bool = False  # cos / sin by `_compat.sincos(fast=True)` (TritonBlocks.fast_trig)
+    # the rate arrives before its activation (`SSMInputs.angle_pre`, any dtype): pi tanh of it
+    # is formed in registers, and the backward returns the gradient of the pre-activation
+    rate_tanh: bool = False
 
     @property
     def hg(self) -> int:
@@ -105,10 +109,16 @@ def _biased(ref, bias, off, w, cdt):
     return (ref[:, pl.ds(off, w)].astype(f32) + bias[None, :]).astype(cdt).astype(f32)
 
 
-def _increments(inc_ref, dt_ref):
-    """The chunk's (C, S) increments of this head: loaded, or the rate times the head's dt."""
-    inc = inc_ref[...].astype(f32)
-    return inc if dt_ref is None else inc * dt_ref[...][:, None]
+def _rate(inc_ref, rate_tanh: bool):
+    """The chunk's (C, S) increments, or with factors its rate (pi tanh of the loaded
+    pre-activation with `rate_tanh`), float32."""
+    x = inc_ref[...].astype(f32)
+    return math.pi * jnp.tanh(x) if rate_tanh else x
+
+
+def _increments(rate, dt_ref):
+    """The chunk's (C, S) increments of this head: `_rate`'s, or the rate times the head's dt."""
+    return rate if dt_ref is None else rate * dt_ref[...][:, None]
 
 
 def _fwd_kernel(*refs, rs: RotShape):
@@ -116,7 +126,8 @@ def _fwd_kernel(*refs, rs: RotShape):
     dt_ref = refs[7] if rs.rate_heads else None
     qr_ref, kr_ref = refs[-2:]
     S, N, cdt = rs.S, rs.N, jnp.dtype(rs.cdt)
-    th, _ = _theta(_increments(inc_ref, dt_ref), a_ref[...], sg_ref[...], rs.angle_prec)
+    th, _ = _theta(_increments(_rate(inc_ref, rs.rate_tanh), dt_ref), a_ref[...], sg_ref[...],
+                   rs.angle_prec)
     cos, sin = sincos(th, rs.fast_trig, rs.interpret)
     for src, b_ref, out in ((q_ref, qb_ref, qr_ref), (k_ref, kb_ref, kr_ref)):
         a = _biased(src, b_ref[pl.ds(0, S)], 0, S, cdt)  # pair member 1 of each rotated pair
@@ -145,7 +156,10 @@ def _bwd_kernel(*refs, rs: RotShape):
     S, N, cdt = rs.S, rs.N, jnp.dtype(rs.cdt)
     parts = ((q_ref, qb_ref, dqr_ref, dq_ref, dqb_ref), (k_ref, kb_ref, dkr_ref, dk_ref, dkb_ref))
     seg = sg_ref[...]
-    th, tri = _theta(_increments(inc_ref, dt_ref), a_ref[...], seg, rs.angle_prec)
+    # the rate is loaded again for d rate below: holding it took 10-30 more registers and no
+    # fewer instructions (offline, sm_90a), and the default path's IR stays as timed
+    th, tri = _theta(_increments(_rate(inc_ref, rs.rate_tanh), dt_ref), a_ref[...], seg,
+                     rs.angle_prec)
     cos, sin = sincos(th, rs.fast_trig, rs.interpret)
     dth = jnp.zeros(th.shape, f32)
     for src, b_ref, d_ref, out, db_ref in parts:
@@ -169,8 +183,12 @@ def _bwd_kernel(*refs, rs: RotShape):
     if dt_ref is None:
         dinc_ref[...] = dinc
     else:  # inc = rate * dt: d rate (this head's share) and d dt
-        dinc_ref[...] = dinc * dt_ref[...][:, None]
-        ddt_ref[...] = jnp.sum(dinc * inc_ref[...].astype(f32), axis=1)
+        drate = dinc * dt_ref[...][:, None]
+        if rs.rate_tanh:  # rate = pi tanh(x): d x = d rate pi (1 - tanh^2 x)
+            t = jnp.tanh(inc_ref[...].astype(f32))
+            drate = drate * (math.pi * (1.0 - t * t))
+        dinc_ref[...] = drate
+        ddt_ref[...] = jnp.sum(dinc * _rate(inc_ref, rs.rate_tanh), axis=1)
     da_ref[...] = jnp.sum(jnp.where(seg == 0, 1.0, 0.0)[:, None] * dth, axis=0)
 
 
@@ -263,7 +281,7 @@ def _rot_bwd(rs, res, cts):
     dq, dk, dqb, dkb, dinc, da, ddt = _backward(rs, q, k, qb, kb, inc, a, seg, dt, dqr, dkr)
     dqb, dkb = (jnp.swapaxes(d, 0, 1) for d in (dqb, dkb))  # (R, H, N) -> (H, R, N)
     return (dq.astype(q.dtype), dk.astype(k.dtype), dqb.astype(qb.dtype), dkb.astype(kb.dtype),
-            dinc, da, None, ddt)
+            dinc.astype(inc.dtype), da, None, ddt)
 
 
 rotate_qk.defvjp(_rot_fwd, _rot_bwd)

@@ -3,7 +3,9 @@ VJPs) against the sequential reference: forward, final state and every input's g
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -226,6 +228,69 @@ def test_factored_angles(R, rate_heads):
     check_grads(got_g, want_g, GRAD_TOL["float32"])
     assert rel(got_g[0].angle_rate, want_g[0].angle_rate) < GRAD_TOL["float32"]
     assert float(jnp.abs(want_g[0].angle_dt).max()) > 0  # the check above saw real gradients
+
+
+def _from_pre(fn):
+    """fn on inputs whose rate is pi tanh(angle_pre) and angle_inc rate * dt (the contract of
+    `SSMInputs.angle_pre`): gradients reach angle_pre through whichever a backend reads."""
+    def g(inp, state, **p):
+        rate = math.pi * jnp.tanh(inp.angle_pre.astype(jnp.float32))
+        return fn(inp._replace(angle_rate=rate, angle_inc=increments_from(rate, inp.angle_dt)),
+                  state, **p)
+    return g
+
+
+def _kernel_bodies(fn, *args, name: str) -> list[str]:
+    """The jaxpr text of every Pallas kernel called `name` that fn(*args) runs."""
+    from jax._src import core as jcore
+
+    found = []
+
+    def visit(jaxpr):
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name == "pallas_call" and name in str(eqn.params.get("name")):
+                found.append(str(eqn.params["jaxpr"]))
+            for v in eqn.params.values():
+                if isinstance(v, (jcore.ClosedJaxpr, jcore.Jaxpr)):
+                    visit(getattr(v, "jaxpr", v))
+
+    visit(jax.make_jaxpr(fn)(*args).jaxpr)
+    return found
+
+
+@pytest.mark.parametrize("rate_heads,pre_dtype", [(1, "float32"), (H, "float32"),
+                                                  (H, "bfloat16")])
+def test_pre_activation_angles(rate_heads, pre_dtype):
+    """The rotation kernels on the rate's pre-activation (`SSMInputs.angle_pre`, pi tanh in
+    registers; the official kernels' input): forward, state and every gradient (angle_pre and
+    dt included) == the reference's on pi tanh(angle_pre) * dt, and == the kernels on the float32
+    rate (`pre_angles=0`)."""
+    inp, state, p = make_problem(8, B, 44, 1, H, N, P, S, jnp.float32, True, groups=1)
+    inp = _with_factors(inp, rate_heads, 9)
+    inp = inp._replace(angle_pre=(1.5 * inp.angle_rate).astype(pre_dtype))
+    blocks = TritonBlocks(rotary_chunk=8 if INTERPRET else 16, pre_angles=1)
+    fn = _from_pre(functools.partial(kernel, chunk=32, blocks=blocks))
+    ref = _from_pre(reference)
+    want, want_state = ref(inp, state, **p)
+    got, got_state = fn(inp, state, **p)
+    assert rel(got, want) < TOL["float32"], rel(got, want)
+    check_state(got_state, want_state, TOL["float32"])
+    off = _from_pre(functools.partial(kernel, chunk=32, blocks=dataclasses.replace(
+        blocks, pre_angles=0)))
+    assert rel(got, off(inp, state, **p)[0]) < 1e-5
+    for f, tanh_inside in ((fn, True), (off, False)):  # which input the rotation kernel reads
+        bodies = _kernel_bodies(lambda i, f=f: f(i, state, **p), inp, name="mamba3_rotate_qk")
+        assert bodies and all(("tanh" in b) == tanh_inside for b in bodies)
+    ct = random_like((want, want_state), 13)
+    got_g, want_g = vjp_all(fn, inp, state, p, ct), vjp_all(ref, inp, state, p, ct)
+    tol = GRAD_TOL["float32"] if pre_dtype == "float32" else 1e-2  # d angle_pre in bf16
+    assert got_g[0].angle_pre.dtype == jnp.dtype(pre_dtype)
+    assert rel(got_g[0].angle_pre, want_g[0].angle_pre) < tol
+    assert float(jnp.abs(want_g[0].angle_pre.astype(jnp.float32)).max()) > 0
+    check_grads(tuple(g._replace(angle_pre=None) if hasattr(g, "angle_pre") else g
+                      for g in got_g),
+                tuple(g._replace(angle_pre=None) if hasattr(g, "angle_pre") else g
+                      for g in want_g), GRAD_TOL["float32"])
 
 
 def test_factored_angles_bad_shapes():
