@@ -87,12 +87,17 @@ def main(argv=None) -> dict:
     ap.add_argument("--eval_length", type=int, default=64)
     ap.add_argument("--probe_length", type=int, default=63, help="odd: d op d ... d")
     ap.add_argument("--top", type=int, default=3, help="channels printed")
+    ap.add_argument("--paper_rotation", action="store_true",
+                    help="tied embeddings and the angle scaled by dt (the LM rule; the probe "
+                         "then reads head 0's angles)")
     args = ap.parse_args(argv)
     if args.probe_length < 3 or args.probe_length % 2 == 0:
         raise SystemExit(f"--probe_length wants an odd number >= 3, got {args.probe_length}")
     p = dataclasses.replace(state_tracking.PRESETS["cpu"], lrs=(args.lr,),
                             weight_decay=args.weight_decay, eval_length=args.eval_length,
                             steps_per_stage=args.steps_per_stage)
+    if args.paper_rotation:
+        p = dataclasses.replace(p, tie_embeddings=True, rotation_dt=True)
     if args.steps_per_stage * len(p.stage_lengths) <= p.warmup:
         raise SystemExit(f"--steps_per_stage {args.steps_per_stage}: the {len(p.stage_lengths)} "
                          f"stages must outlast the warm-up ({p.warmup} steps)")
@@ -105,7 +110,8 @@ def main(argv=None) -> dict:
                        args.probe_length, args.probe_length)
     tokens = batch["inputs"][:, -1 - args.probe_length:-1]  # the expression, no padding
     rows = counter_fit(rotation_increments(model, tokens), tokens)
-    print(f"mod_sum, seed {args.seed}, weight decay {args.weight_decay}, lr {args.lr}: "
+    print(f"mod_sum, seed {args.seed}, weight decay {args.weight_decay}, lr {args.lr}"
+          f"{', paper rotation' if args.paper_rotation else ''}: "
           f"scaled accuracy {r['scaled_acc_train_length_per_lr'][0]:.1f} at length "
           f"{r['train_length']} (training), {r['scaled_acc']:.1f} at {args.eval_length}")
     print("best counting channels (units of 2 pi / 5 per term):")

@@ -57,6 +57,11 @@ def test_the_probe_runs_end_to_end(capsys):
     assert out["result"]["task"] == "mod_sum" and out["result"]["train_length"] == 24
     assert len(out["channels"]) == 2 * 4 * 4  # 2 layers x 4 pairs (d_state 16) x c in 1..4
     assert "best counting channels" in capsys.readouterr().out
+    lm_rule = rotation_probe.main(["--steps_per_stage", "30", "--probe_length", "7",
+                                   "--eval_length", "9", "--paper_rotation"])
+    assert lm_rule["result"]["config"]["rotation_dt"] and lm_rule["result"]["config"][
+        "tie_embeddings"]
+    assert "paper rotation" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="--probe_length wants an odd number"):
         rotation_probe.main(["--probe_length", "8"])
     with pytest.raises(SystemExit, match="must outlast the warm-up"):
