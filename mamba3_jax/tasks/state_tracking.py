@@ -189,7 +189,7 @@ class ModArithTask(StateTrackingTask):
     num_classes = MODULUS
     eq_id = ARITH_EQ
     answer_token_ids = tuple(DIGIT0 + d for d in range(MODULUS))
-    ops = (PLUS, MINUS, TIMES)  # in the order of _eval_flat's codes
+    operators = (PLUS, MINUS, TIMES)  # in the order of _eval_flat's codes
 
     def realisable_lengths(self, min_len, max_len):
         lo = max(min_len, 1)
@@ -204,8 +204,8 @@ class ModArithTask(StateTrackingTask):
         n_ops = (lengths - 1) // 2  # operators per row (operands = n_ops + 1)
         max_ops = int(n_ops.max())
         digits = rng.integers(0, MODULUS, size=(batch, max_ops + 1), dtype=np.int64)
-        # 0:+ 1:- 2:* (the first len(self.ops) of them)
-        ops = rng.integers(0, len(self.ops), size=(batch, max_ops), dtype=np.int64)
+        # 0:+ 1:- 2:* (the first len(self.operators) of them)
+        ops = rng.integers(0, len(self.operators), size=(batch, max_ops), dtype=np.int64)
         # Row b uses the LAST n_ops[b] + 1 operands and the LAST n_ops[b] operators. For the
         # evaluation the unused prefix reads `0 + 0 + ... + 0 +`, which leaves the value as is.
         live_digit = _right_aligned_mask(n_ops + 1, max_ops + 1)
@@ -217,7 +217,7 @@ class ModArithTask(StateTrackingTask):
         width = 2 * max_ops + 1
         expr = np.empty((batch, width), dtype=np.int32)
         expr[:, 0::2] = DIGIT0 + digits
-        expr[:, 1::2] = np.array(self.ops, dtype=np.int32)[ops]
+        expr[:, 1::2] = np.array(self.operators, dtype=np.int32)[ops]
         expr = np.where(_right_aligned_mask(lengths, width), expr, PAD_ID)
         inputs = np.zeros((batch, seq_len), dtype=np.int32)
         inputs[:, seq_len - 1 - width : seq_len - 1] = expr
@@ -230,7 +230,7 @@ class ModSumTask(ModArithTask):
     learned rotations count (`experiments/rotation_probe.py`)."""
 
     name = "mod_sum"
-    ops = (PLUS, MINUS)
+    operators = (PLUS, MINUS)
 
 
 def _eval_flat(digits: np.ndarray, ops: np.ndarray) -> np.ndarray:
