@@ -263,44 +263,38 @@ def main(argv=None):
     ceil = announce_ceilings(args.smoke)
 
     rows = []
-    for n in (int(s) for s in args.d_states.split(",")):
-        for dtype in args.dtypes.split(","):
-            for R in (int(s) for s in args.ranks.split(",")):
-                dt = jnp.dtype(dtype)
-                keys = jax.random.split(jax.random.PRNGKey(n * 10 + R), args.steps + 1)
-                state0, _, prm = make_step(keys[0], B, H, P, n, R, dt, dt)
-                inps = [make_step(k, B, H, P, n, R, dt, dt)[1] for k in keys[1:]]
-                step_bytes = (2 * tree_nbytes(state0) + tree_nbytes(inps[0]) + tree_nbytes(prm)
-                              + B * H * P * 4)
-                floor_us = 1e6 * ceil.floor_s(step_bytes)
-                state_floor_us = 1e6 * ceil.floor_s(2 * tree_nbytes(state0.h))
-                impls = [(name, functools.partial(xla_step, form=XLA_FORMS[name]))
-                         for name in ["xla step"] + [f for f in args.xla_forms.split(",") if f]]
-                impls += [
-                    (f"kernel {v.label()}", kernel_step(v, args.smoke)) for v in variants]
-                if args.official and R == 1 and dtype == "float32":
-                    impls.append(("official triton step", None))
-                want = None  # the XLA chain's outputs and final state: the reference
-                for label, step in impls:
-                    r = dict(N=n, state=dtype, R=R, impl=label, us=None, pct=None,
-                             floor_us=floor_us, bytes=step_bytes, state_floor_us=state_floor_us,
-                             copies=None, err="-")
-                    try:
-                        if step is None:
-                            r["us"] = time_official(args.official, B, H, P, n)
-                        else:
-                            us, r["copies"], got = time_variant(step, state0, inps, prm,
-                                                                args.calls, args.reps)
-                            want = want or got
-                            r["err"] = ", ".join(f"{rel_err(g, w):.1e}"
-                                                 for g, w in zip(got, want, strict=True))
-                            r["us"] = us
-                        r["pct"] = percent_of_floor(r["us"], floor_us)
-                    except Exception as e:  # report and go on with the other variants
-                        r["err"] = f"FAILED {type(e).__name__}: {str(e)[:200]}"
-                    rows.append(r)
-                    print(f"[{time.perf_counter() - t_start:.0f}s] " + " | ".join(
-                        str(c) for c in table_row(r)), flush=True)
+    for n, dtype, R, (state0, inps, prm) in cases(args, B, H, P):
+        step_bytes = (2 * tree_nbytes(state0) + tree_nbytes(inps[0]) + tree_nbytes(prm)
+                      + B * H * P * 4)
+        floor_us = 1e6 * ceil.floor_s(step_bytes)
+        state_floor_us = 1e6 * ceil.floor_s(2 * tree_nbytes(state0.h))
+        impls = [(name, functools.partial(xla_step, form=XLA_FORMS[name]))
+                 for name in ["xla step"] + [f for f in args.xla_forms.split(",") if f]]
+        impls += [
+            (f"kernel {v.label()}", kernel_step(v, args.smoke)) for v in variants]
+        if args.official and R == 1 and dtype == "float32":
+            impls.append(("official triton step", None))
+        want = None  # the XLA chain's outputs and final state: the reference
+        for label, step in impls:
+            r = dict(N=n, state=dtype, R=R, impl=label, us=None, pct=None,
+                     floor_us=floor_us, bytes=step_bytes, state_floor_us=state_floor_us,
+                     copies=None, err="-")
+            try:
+                if step is None:
+                    r["us"] = time_official(args.official, B, H, P, n)
+                else:
+                    us, r["copies"], got = time_variant(step, state0, inps, prm,
+                                                        args.calls, args.reps)
+                    want = want or got
+                    r["err"] = ", ".join(f"{rel_err(g, w):.1e}"
+                                         for g, w in zip(got, want, strict=True))
+                    r["us"] = us
+                r["pct"] = percent_of_floor(r["us"], floor_us)
+            except Exception as e:  # report and go on with the other variants
+                r["err"] = f"FAILED {type(e).__name__}: {str(e)[:200]}"
+            rows.append(r)
+            print(f"[{time.perf_counter() - t_start:.0f}s] " + " | ".join(
+                str(c) for c in table_row(r)), flush=True)
 
     table = markdown_table(COLUMNS, [table_row(r) for r in rows])
     intro = (f"Device: {device_name()}; jax {jax.__version__}; commit {git_commit()}; "
@@ -333,10 +327,9 @@ NCU_METRICS = ",".join([
                "mio_throttle", "math_pipe_throttle", "drain", "not_selected", "no_instruction")])
 
 
-def run_once(args, B, H, P, variants) -> list:
-    """Each (N, dtype, R) case's XLA step and kernel variants: one chained call each, outputs
-    checked against the XLA step's (the `--once` pass that ncu profiles)."""
-    rows = []
+def cases(args, B, H, P):
+    """(N, dtype, R, (state, steps' inputs, params)) of every case the arguments ask for, the
+    same random problem per case in the timed run and in `--once`."""
     for n in (int(s) for s in args.d_states.split(",")):
         for dtype in args.dtypes.split(","):
             for R in (int(s) for s in args.ranks.split(",")):
@@ -344,16 +337,24 @@ def run_once(args, B, H, P, variants) -> list:
                 keys = jax.random.split(jax.random.PRNGKey(n * 10 + R), args.steps + 1)
                 state0, _, prm = make_step(keys[0], B, H, P, n, R, dt, dt)
                 inps = [make_step(k, B, H, P, n, R, dt, dt)[1] for k in keys[1:]]
-                impls = [("xla step", xla_step)] + [
-                    (f"kernel {v.label()}", kernel_step(v, args.smoke)) for v in variants]
-                want = None
-                for label, step in impls:
-                    state = jax.tree.map(jnp.copy, state0)  # the chain donates its state
-                    _, outs = jax.block_until_ready(chained(step)(state, inps, prm))
-                    want = want or outs
-                    err = max(rel_err(g, w) for g, w in zip(outs, want, strict=True))
-                    rows.append(dict(N=n, state=dtype, R=R, impl=label, err=err))
-                    print(f"once: N={n} {dtype} R={R} {label}: max rel err {err:.1e}", flush=True)
+                yield n, dtype, R, (state0, inps, prm)
+
+
+def run_once(args, B, H, P, variants) -> list:
+    """Each (N, dtype, R) case's XLA step and kernel variants: one chained call each, outputs
+    checked against the XLA step's (the `--once` pass that ncu profiles)."""
+    rows = []
+    for n, dtype, R, (state0, inps, prm) in cases(args, B, H, P):
+        impls = [("xla step", xla_step)] + [
+            (f"kernel {v.label()}", kernel_step(v, args.smoke)) for v in variants]
+        want = None
+        for label, step in impls:
+            state = jax.tree.map(jnp.copy, state0)  # the chain donates its state
+            _, outs = jax.block_until_ready(chained(step)(state, inps, prm))
+            want = want or outs
+            err = max(rel_err(g, w) for g, w in zip(outs, want, strict=True))
+            rows.append(dict(N=n, state=dtype, R=R, impl=label, err=err))
+            print(f"once: N={n} {dtype} R={R} {label}: max rel err {err:.1e}", flush=True)
     return rows
 
 

@@ -121,18 +121,11 @@ def test_run_all_starts_no_run_that_would_outlast_the_deadline(tmp_path):
                          deadline=time.time() + 60) == {"c": 0, "d": 0}
 
 
-def test_a_terminated_sweep_passes_the_signal_to_its_run_and_starts_no_other(tmp_path):
-    """`timeout -s TERM` on a sweep (a device call's limit): the training in progress gets the
-    signal (it checkpoints and stops), and no later run starts."""
-    import signal
+def _sweep_of_two_started(tmp_path, child: str, **popen):
+    """A sweep driver process running runs 'a' then 'b' (each `python -c child`, in tmp_path),
+    returned once run 'a' has written tmp_path/started."""
     import time
 
-    child = ("import pathlib, signal, sys, time\n"
-             "def stop(*_):\n"
-             "    pathlib.Path('got_term').write_text('checkpointed'); sys.exit(143)\n"
-             "signal.signal(signal.SIGTERM, stop)\n"
-             "pathlib.Path('started').write_text('1')\n"
-             "time.sleep(60)\n")
     driver = (
         "import sys, json\n"
         "from mamba3_jax.training import sweep\n"
@@ -141,11 +134,26 @@ def test_a_terminated_sweep_passes_the_signal_to_its_run_and_starts_no_other(tmp
         "print(json.dumps(sweep.run_all(runs)), flush=True)\n")
     proc = subprocess.Popen([sys.executable, "-c", driver], cwd=tmp_path, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            env={**os.environ, "PYTHONPATH": REPO})
+                            env={**os.environ, "PYTHONPATH": REPO}, **popen)
     deadline = time.time() + 60
     while not (tmp_path / "started").exists():
         assert time.time() < deadline and proc.poll() is None, proc.communicate()[0]
         time.sleep(0.1)
+    return proc
+
+
+def test_a_terminated_sweep_passes_the_signal_to_its_run_and_starts_no_other(tmp_path):
+    """`timeout -s TERM` on a sweep (a device call's limit): the training in progress gets the
+    signal (it checkpoints and stops), and no later run starts."""
+    import signal
+
+    child = ("import pathlib, signal, sys, time\n"
+             "def stop(*_):\n"
+             "    pathlib.Path('got_term').write_text('checkpointed'); sys.exit(143)\n"
+             "signal.signal(signal.SIGTERM, stop)\n"
+             "pathlib.Path('started').write_text('1')\n"
+             "time.sleep(60)\n")
+    proc = _sweep_of_two_started(tmp_path, child)
     proc.send_signal(signal.SIGTERM)
     out = proc.communicate(timeout=60)[0]
     assert (tmp_path / "got_term").read_text() == "checkpointed", out
@@ -157,7 +165,6 @@ def test_ctrl_c_reaches_the_run_once_and_starts_no_other(tmp_path):
     """Ctrl-C signals the whole foreground group: the training gets that one SIGINT (a second
     would make it stop without its checkpoint), and the sweep starts no later run."""
     import signal
-    import time
 
     child = ("import pathlib, signal, sys, time\n"
              "seen = []\n"
@@ -167,19 +174,7 @@ def test_ctrl_c_reaches_the_run_once_and_starts_no_other(tmp_path):
              "while not seen and time.time() < t + 60: time.sleep(0.05)\n"
              "time.sleep(0.5)\n"
              "pathlib.Path('sigints').write_text(str(len(seen))); sys.exit(130)\n")
-    driver = (
-        "import sys, json\n"
-        "from mamba3_jax.training import sweep\n"
-        f"runs = [dict(name=n, workdir={str(tmp_path)!r} + '/' + n, "
-        f"command=[sys.executable, '-c', {child!r}]) for n in ('a', 'b')]\n"
-        "print(json.dumps(sweep.run_all(runs)), flush=True)\n")
-    proc = subprocess.Popen([sys.executable, "-c", driver], cwd=tmp_path, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            env={**os.environ, "PYTHONPATH": REPO}, start_new_session=True)
-    deadline = time.time() + 60
-    while not (tmp_path / "started").exists():
-        assert time.time() < deadline and proc.poll() is None, proc.communicate()[0]
-        time.sleep(0.1)
+    proc = _sweep_of_two_started(tmp_path, child, start_new_session=True)
     os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does
     out = proc.communicate(timeout=60)[0]
     assert (tmp_path / "sigints").read_text() == "1", out
