@@ -74,14 +74,16 @@ class TritonBlocks:
     factored_angles: int = 1
     angle_mode: str = "tf32x3"  # rotation kernels' prefix-sum dots: 'tf32x3' or 'ieee'
     # 1: the rotation kernels' cos / sin from the MUFU approximations after a range reduction
-    # (`_compat.sincos`, ~1e-6 absolute) instead of libdevice's accurate sinf / cosf, whose
-    # integer range reduction is most of the rotation kernels' instructions (offline SASS,
-    # docs/kernels.md); off until timed and checked on the GPU
-    fast_trig: int = 0
+    # (`_compat.sincos`, ~1e-6 absolute) instead of libdevice's accurate sinf / cosf (integer
+    # range reduction: most of the rotation kernels' instructions, offline SASS). H200 (session
+    # 12, same call): fwd 0.638 -> 0.630 ms (B8 L2048 H32), 1.110 -> 1.062 (H64); fwd+bwd 2.377
+    # -> 2.288, 5.035 -> 4.949 (B1 L16384); MIMO R4 fwd+bwd 9.319 -> 9.076; 180M step 496 -> 491
+    fast_trig: int = 1
     # 1: with factored angles, when the caller gives `SSMInputs.angle_pre`, the rotation kernels
-    # read it and form pi tanh in registers (0: they read the float32 `angle_rate`); off until
-    # timed on the GPU (docs/kernels.md, session 11)
-    pre_angles: int = 0
+    # read it and form pi tanh in registers (0: they read the float32 `angle_rate`). H200
+    # (session 12, with fast_trig): fwd 0.630 -> 0.547 ms (B8 L2048 H32), 1.360 -> 1.234
+    # (B1 L16384); fwd+bwd 2.288 -> 2.207 (H32), 4.520 -> 4.420 (H64), 4.949 -> 5.030 (B1 L16384)
+    pre_angles: int = 1
     f32_mode: str = "tf32x3"
 
 
