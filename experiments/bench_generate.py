@@ -142,6 +142,8 @@ def run_length(model, fns, batch: int, L: int, piece: int, key, warmup: bool = F
             logits, cache = prefill_piece(state, p, cache)
         jax.block_until_ready(logits)
         t1 = time.perf_counter()
+        if not warmup:  # a run stopped during the decode still leaves the prefill's time
+            print(f"L={L}: prefill {t1 - t0:.3f} s, decoding {L} tokens", flush=True)
         token = jnp.argmax(logits, axis=-1).astype(jnp.int32)
         token, cache = decode(state, token, cache, L)
         jax.block_until_ready(token)
@@ -193,7 +195,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
     lengths = [int(s) for s in args.lengths.split(",")]
     if args.smoke:
-        args.batch, args.piece, lengths = 2, 8, [8, 24]
+        args.batch, args.piece, lengths = 2, 8, [16, 24]
     elif jax.default_backend() not in ("gpu", "cuda"):
         sys.exit("the benchmark needs a GPU (use --smoke on the CPU)")
     t_start = time.perf_counter()
@@ -210,8 +212,11 @@ def main(argv=None):
                       cache_bytes=tree_nbytes(jax.eval_shape(
                           functools.partial(model.init_cache, args.batch))))
         paper_sizes = sizes.with_vocab(PAPER_VOCAB, cfg.vocab_size, cfg.d_model, 2)  # bf16
-        run_length(model, fns, args.batch, min(lengths), args.piece,
-                   jax.random.PRNGKey(0), warmup=True)  # compile both functions
+        # compile both functions on one prompt piece: the decode's trip count is an argument,
+        # so a short warm-up compiles what every L runs (a warm-up at min(lengths) ran the whole
+        # L = 16384 twice for `--lengths 16384` and did not fit a 10-minute call)
+        run_length(model, fns, args.batch, min(args.piece, min(lengths)), args.piece,
+                   jax.random.PRNGKey(0), warmup=True)
         for L in lengths:
             pre_s, total_s, compiles = run_length(model, fns, args.batch, L, args.piece,
                                                   jax.random.PRNGKey(L))

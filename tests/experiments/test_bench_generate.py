@@ -13,7 +13,7 @@ import bench_generate  # noqa: E402
 
 def test_bench_generate_smoke_rows_have_floors():
     rows = bench_generate.main(["--smoke", "--models", "siso"])
-    assert [(r["model"], r["L"]) for r in rows] == [("siso", 8), ("siso", 24)]
+    assert [(r["model"], r["L"]) for r in rows] == [("siso", 16), ("siso", 24)]
     for r in rows:
         assert r["total"] == pytest.approx(r["prefill"] + r["decode"])
         assert 0 < r["prefill_floor"] and 0 < r["decode_floor"]
@@ -46,3 +46,19 @@ def test_a_length_is_timed_again_only_when_its_compiles_weigh():
     assert not bench_generate.retime(Watch(6, 0.3), 200.0)  # session 11's MIMO L = 16384
     assert bench_generate.retime(Watch(7, 45.9), 51.4)  # session 8's L = 512
     assert bench_generate.retime(Watch(1, 0.2), 10.0)
+
+
+def test_warm_up_is_one_prompt_piece(monkeypatch):
+    """The untimed warm-up compiles on one piece, not on the shortest L (with `--lengths 16384`
+    the old warm-up decoded 16384 tokens untimed and the call ran out of time); a length still
+    runs once, timed, without compiles."""
+    calls, run = [], bench_generate.run_length
+
+    def spy(model, fns, batch, L, piece, key, warmup=False):
+        calls.append((L, warmup))
+        return run(model, fns, batch, L, piece, key, warmup=warmup)
+
+    monkeypatch.setattr(bench_generate, "run_length", spy)
+    rows = bench_generate.main(["--smoke", "--models", "siso"])
+    assert calls == [(8, True), (16, False), (24, False)]  # smoke: piece 8, lengths 16, 24
+    assert all(r["L"] in (16, 24) for r in rows)  # no compile inside a timed region
