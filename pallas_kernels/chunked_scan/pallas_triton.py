@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from pallas_kernels._compat import SQ, compiler_params, dot, dot_precision
+from pallas_kernels._compat import SQ, KernelUnsupported, compiler_params, dot, dot_precision
 
 f32 = jnp.float32
 
@@ -84,6 +84,10 @@ class TritonBlocks:
     # (session 12, with fast_trig): fwd 0.630 -> 0.547 ms (B8 L2048 H32), 1.360 -> 1.234
     # (B1 L16384); fwd+bwd 2.288 -> 2.207 (H32), 4.520 -> 4.420 (H64), 4.949 -> 5.030 (B1 L16384)
     pre_angles: int = 1
+    # 1: the chunk output kernel as a Pallas Mosaic GPU kernel (`pallas_mosaic_gpu`: TMA, wgmma)
+    # where it covers the shape (bf16 / f16 SISO, 64-token chunks), the Triton one elsewhere;
+    # the first kernel of the Mosaic GPU route, off until timed on the GPU
+    mosaic_output: int = 0
     f32_mode: str = "tf32x3"
 
 
@@ -241,6 +245,16 @@ def _pass_out_shapes(cs_: CoreShape):
             jax.ShapeDtypeStruct((B, H, P, N), f32)]
 
 
+def _mosaic_covers(cs_: CoreShape) -> bool:
+    from pallas_kernels.chunked_scan import pallas_mosaic_gpu
+
+    try:
+        pallas_mosaic_gpu.check_supported(cs_.C, cs_.R, cs_.N, cs_.P, cs_.cdt)
+    except KernelUnsupported:
+        return False
+    return True
+
+
 def forward(cs_: CoreShape, q, k, v, cs, sc, gm, seg, g0, z=None, D=None):
     """y (or with `cs_.gate`, the gated output from z (B, Lr, H, P) and D (H, P) float32), the
     per-chunk states and the final state."""
@@ -263,6 +277,12 @@ def forward(cs_: CoreShape, q, k, v, cs, sc, gm, seg, g0, z=None, D=None):
         name="mamba3_ssd_state",
     )(k, v, cs, sc, seg, g0)
 
+    if cs_.blocks.mosaic_output and _mosaic_covers(cs_):
+        from pallas_kernels.chunked_scan import pallas_mosaic_gpu
+
+        y = pallas_mosaic_gpu.output(q, k, v, cs, sc, gm, seg, states,
+                                     *((z, D) if cs_.gate else ()), interpret=cs_.interpret)
+        return y, states, g_last
     rows = pl.BlockSpec((SQ, SQ, CR), lambda b, h, c: (b, h, c))
     gate_specs, gate_args = [], ()
     if cs_.gate:
