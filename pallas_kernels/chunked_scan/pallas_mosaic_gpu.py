@@ -167,6 +167,8 @@ def output(q, k, v, cs, sc, gm, seg, states, z=None, D=None, *, interpret: bool 
         scratch_types=scratch,
         grid=(B, H, nc),
         grid_names=("b", "h", "c"),
-        compiler_params=plgpu.CompilerParams(),
+        # Lane semantics (jax 0.10's default; 0.11 defaults to Warpgroup, whose layout inference
+        # found no solution for this kernel on the H200): the layouts are the ones given here
+        compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Lane),
         interpret=mode,
     )(*args)
