@@ -31,7 +31,7 @@ from mamba3_jax.ops.mixer import gate_output
 from mamba3_jax.ops.rotary import TWO_PI, rotate
 from mamba3_jax.ops.ssm import SSMInputs, SSMState, lift
 from pallas_kernels._compat import KernelUnsupported, batch_parallel, is_pow2
-from pallas_kernels.chunked_scan import pallas_triton
+from pallas_kernels.chunked_scan import pallas_mosaic_gpu, pallas_triton
 from pallas_kernels.chunked_scan.pallas_triton import CoreShape, TritonBlocks, default_blocks
 from pallas_kernels.chunked_scan.pallas_triton_rotary import (
     RotShape,
@@ -314,12 +314,66 @@ def _rows_path(o: _Opts, inp, state, z, D, mimo_x=None, mimo_z=None, mimo_o=None
         last = _per_head_rows(inp.k[:, L - 1:], inp.k_bias, theta_last[:, None], H, cdt)
     else:
         last = k_rows.reshape(B, Lp, R, H, N)[:, L - 1]
-    final = SSMState(
-        angle=jnp.mod(theta_last, TWO_PI) if S else state.angle.astype(f32),
+    return out.astype(cdt), _final_state(inp, state, theta_last, g_last, last)
+
+
+def _final_state(inp, state, theta_last, g_last, k_last):
+    """The state after the last token: angle, h (in the model's channel order), k and x rows."""
+    return SSMState(
+        angle=jnp.mod(theta_last, TWO_PI) if theta_last is not None else state.angle.astype(f32),
         h=g_last.astype(state.h.dtype),
-        k_prev=last.astype(state.k_prev.dtype),
+        k_prev=k_last.astype(state.k_prev.dtype),
         x_prev=inp.x[:, -1].astype(state.x_prev.dtype))
-    return out.astype(cdt), final
+
+
+def _mosaic_rotates(o: _Opts, inp) -> bool:
+    """Whether `_rotated_in_kernels` covers this inference call (`TritonBlocks.mosaic_output=2`:
+    SISO, rotated channels with factored angles, the Mosaic kernels' tiles)."""
+    B, L, R, G, N = inp.q.shape
+    S = inp.angle_inc.shape[-1]
+    if not (o.blocks.mosaic_output >= 2 and o.rotary == "kernel" and R == 1 and S
+            and inp.angle_rate is not None and S % 16 == 0 and (N - 2 * S) % 16 == 0):
+        return False
+    try:
+        pallas_mosaic_gpu.check_supported(o.C, R, N, inp.x.shape[3], inp.x.dtype)
+    except KernelUnsupported:
+        return False
+    return True
+
+
+def _rotated_in_kernels(o: _Opts, inp, state, z, D):
+    """The SISO inference forward without per-head q, k rows: two Mosaic GPU kernels (the state
+    pass, then the gated output) rotate the groups' q, k themselves from the angles' factors and
+    the angle carried into each chunk (`pallas_mosaic_gpu.rotating_state_pass`,
+    `rotating_output`); XLA forms the per-token scalars and the carried angles."""
+    B, L, _, G, N = inp.q.shape
+    H, P = inp.x.shape[2], inp.x.shape[3]
+    S = inp.angle_inc.shape[-1]
+    C, cdt = o.C, jnp.dtype(inp.x.dtype)
+    Lp = -(-L // C) * C
+    padt = _padder(L, Lp)
+    seg, cs, sc, gm, seg_rows, g0 = _scalars(inp, state, None, C, 1, Lp)
+    pre = bool(o.blocks.pre_angles) and inp.angle_pre is not None
+    inc, carry, theta_last = _carried_angles(inp, state, seg, padt, C, L, True, pre)
+    rate, dt = inc[0], jnp.swapaxes(inc[1], 1, 2)
+
+    def group(u):  # (B, Lp, G, N) pair-block order
+        return to_pair_blocks(padt(u)[:, :, 0].astype(cdt), S)
+
+    def bias(b):  # (H, N) pair-block order, float32
+        return jnp.zeros((H, N), f32) if b is None else to_pair_blocks(b[:, 0].astype(f32), S)
+
+    q, k, qb, kb = group(inp.q), group(inp.k), bias(inp.q_bias), bias(inp.k_bias)
+    v = padt(inp.x.astype(cdt))
+    states, g_last = pallas_mosaic_gpu.rotating_state_pass(
+        k, kb, v, cs, sc, seg_rows, to_pair_blocks(g0, S), rate, dt, carry, rate_tanh=pre,
+        interpret=o.interpret)
+    out = pallas_mosaic_gpu.rotating_output(
+        q, qb, k, kb, v, cs, sc, gm, seg_rows, states, padt(z.astype(cdt)),
+        jnp.broadcast_to(D.astype(f32)[:, None], (H, P)), rate, dt, carry, rate_tanh=pre,
+        interpret=o.interpret)
+    last = _per_head_rows(inp.k[:, L - 1:], inp.k_bias, theta_last[:, None], H, cdt)
+    return out[:, :L], _final_state(inp, state, theta_last, from_pair_blocks(g_last, S), last)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -331,6 +385,8 @@ def _inference(o: _Opts, inp, state, z, D, mimo_x, mimo_z, mimo_o, norm_weight):
     if inp.q.shape[2] > 1:
         return _rows_path(dataclasses.replace(o, rotary="xla"), inp, state, z, D, mimo_x,
                           mimo_z, mimo_o, norm_weight)
+    if _mosaic_rotates(o, inp):
+        return _rotated_in_kernels(o, inp, state, z, D)
     return _rows_path(o, inp, state, z, D, gate_in_kernel=True)
 
 

@@ -86,7 +86,9 @@ class TritonBlocks:
     pre_angles: int = 1
     # 1: the chunk output kernel as a Pallas Mosaic GPU kernel (`pallas_mosaic_gpu`: TMA, wgmma)
     # where it covers the shape (bf16 / f16 SISO, 64-token chunks), the Triton one elsewhere;
-    # the first kernel of the Mosaic GPU route, off until timed on the GPU
+    # 2: besides, the inference forward (SISO, factored angles) without per-head q rows: the
+    # rotation kernel writes k rows alone and the Mosaic kernel rotates the group's q itself.
+    # The first kernels of the Mosaic GPU route, off until timed on the GPU
     mosaic_output: int = 0
     f32_mode: str = "tf32x3"
 
@@ -255,12 +257,11 @@ def _mosaic_covers(cs_: CoreShape) -> bool:
     return True
 
 
-def forward(cs_: CoreShape, q, k, v, cs, sc, gm, seg, g0, z=None, D=None):
-    """y (or with `cs_.gate`, the gated output from z (B, Lr, H, P) and D (H, P) float32), the
-    per-chunk states and the final state."""
+def state_pass(cs_: CoreShape, k, v, cs, sc, seg, g0):
+    """The sequential pass: the state entering every chunk (B, H, nc, P, N) in the input dtype
+    and the final state (B, H, P, N) float32."""
     B, H, nc, CR, N, P, bp = cs_.B, cs_.H, cs_.nc, cs_.CR, cs_.N, cs_.P, cs_.bp
     Lr = nc * CR
-    cdt = jnp.dtype(cs_.cdt)
     kseq = pl.BlockSpec((SQ, Lr, SQ, N), lambda b, h, p: (b, 0, h, 0))
     vseq = pl.BlockSpec((SQ, Lr, SQ, bp), lambda b, h, p: (b, 0, h, p))
     sseq = pl.BlockSpec((SQ, SQ, Lr), lambda b, h, p: (b, h, 0))
@@ -276,7 +277,16 @@ def forward(cs_: CoreShape, q, k, v, cs, sc, gm, seg, g0, z=None, D=None):
         compiler_params=cs_.params(cs_.blocks.warps_state, cs_.blocks.stages_state),
         name="mamba3_ssd_state",
     )(k, v, cs, sc, seg, g0)
+    return states, g_last
 
+
+def forward(cs_: CoreShape, q, k, v, cs, sc, gm, seg, g0, z=None, D=None):
+    """y (or with `cs_.gate`, the gated output from z (B, Lr, H, P) and D (H, P) float32), the
+    per-chunk states and the final state."""
+    B, H, nc, CR, N, P = cs_.B, cs_.H, cs_.nc, cs_.CR, cs_.N, cs_.P
+    Lr = nc * CR
+    cdt = jnp.dtype(cs_.cdt)
+    states, g_last = state_pass(cs_, k, v, cs, sc, seg, g0)
     if cs_.blocks.mosaic_output and _mosaic_covers(cs_):
         from pallas_kernels.chunked_scan import pallas_mosaic_gpu
 

@@ -7,12 +7,14 @@ module's docstring says what the interpreter cannot check)."""
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
 import pytest
 from kernel_cases import INTERPRET, TOL, make_problem, random_like, rel
 
+from mamba3_jax.ops.rotary import increments_from
 from pallas_kernels import TritonBlocks, chunked_scan
 from pallas_kernels._compat import KernelUnsupported
 from pallas_kernels.chunked_scan import pallas_mosaic_gpu
@@ -30,10 +32,11 @@ def scan(inp, state, blocks, **p):
 
 
 MOSAIC, TRITON = TritonBlocks(mosaic_output=1), TritonBlocks(mosaic_output=0)
+ROTATING = TritonBlocks(mosaic_output=2)
 
 
-def _problem(seed, L=100):  # two chunks, the second padded; a reset inside the first
-    return make_problem(seed, B, L, 1, H, N, P, S, jnp.bfloat16, True, groups=1)
+def _problem(seed, L=100, resets=True):  # two chunks, the second padded
+    return make_problem(seed, B, L, 1, H, N, P, S, jnp.bfloat16, resets, groups=1)
 
 
 def test_inference_forward_matches_triton_and_reference():
@@ -119,3 +122,51 @@ def test_lowers_for_cuda_on_any_host():
     f = bench.layer_fn(functools.partial(chunked_scan, blocks=MOSAIC, chunk_size=64))
     text = jax.jit(f).trace(d).lower(lowering_platforms=("cuda",)).as_text()
     assert "mosaic_gpu" in text and "mamba3_ssd_output" not in text
+
+
+@pytest.mark.parametrize("rate_heads,pre,resets", [(1, False, True), (H, True, False)])
+def test_inference_forward_rotating_q_in_the_kernel(rate_heads, pre, resets):
+    """`mosaic_output=2`: no per-head rows; the two Mosaic kernels rotate the groups' q, k from
+    the angles' factors (the model's shared rate, or the benchmark's per-head raw angles) with a
+    carried angle of many turns; with resets, and without (the state carried over three
+    chunks). Output and final state == the Triton path and the reference."""
+    inp, state, p = _problem(5, L=180, resets=resets)
+    k1, k2 = jax.random.split(jax.random.PRNGKey(6))
+    raw = jax.random.normal(k1, (B, inp.x.shape[1], rate_heads, S))
+    dt = jax.nn.softplus(jax.random.normal(k2, inp.x.shape[:3]) - 1.0)
+    rate = math.pi * jnp.tanh(raw)
+    inp = inp._replace(angle_rate=rate, angle_dt=dt, angle_inc=increments_from(rate, dt),
+                       angle_pre=raw.astype(jnp.bfloat16) if pre else None)
+    if pre:  # the contract of angle_pre: the rate is pi tanh of it as given
+        rate = math.pi * jnp.tanh(inp.angle_pre.astype(jnp.float32))
+        inp = inp._replace(angle_rate=rate, angle_inc=increments_from(rate, dt))
+    state = state._replace(angle=state.angle + 200.0)
+    # slow decay, so that the state entering a chunk and the state carried over it matter
+    inp = inp._replace(log_decay=inp.log_decay * 0.01)
+    want, want_state = oracle.reference(inp, state, **p)
+    got, got_state = scan(inp, state, ROTATING, **p)
+    tri, tri_state = scan(inp, state, TRITON, **p)
+    assert got.dtype == inp.x.dtype and got.shape == want.shape
+    assert rel(got, tri) < 1e-2, rel(got, tri)
+    assert rel(got, want) < TOL["bfloat16"], rel(got, want)
+    # the final state: the same maths as the Triton path, but its angle is a float32 sum of
+    # ~200 radians over chunks of 64 tokens here and of 16 in the rotation kernel's path (a few
+    # float32 ulps apart: 3e-6), so a few bf16-rounded k entries land an ulp apart and h moves
+    # by ~5e-5 over three chunks (on the GPU the prefix sums, 3 bf16 wgmma against 3xTF32, and
+    # the summation orders differ as well); a 1% error in one chunk's decay is 1e-2
+    for name, a, b in zip(got_state._fields, got_state, tri_state, strict=True):
+        assert rel(a, b) < (1e-5 if name == "angle" else 1e-3), (name, rel(a, b))
+
+
+def test_rotating_path_has_no_rows():
+    """With `mosaic_output=2` the inference forward is two Mosaic GPU kernels: no rotation
+    kernel (no per-head q, k rows) and no Triton state or output kernel, lowered for CUDA here
+    at the benchmark's shape (per-head raw angles, as the official layer)."""
+    from pallas_kernels.chunked_scan import bench
+
+    d = jax.eval_shape(lambda: bench.official_like_inputs(0, 8, 2048, 32))
+    f = bench.layer_fn(functools.partial(chunked_scan, blocks=ROTATING, chunk_size=64))
+    text = jax.jit(f).trace(d).lower(lowering_platforms=("cuda",)).as_text()
+    assert text.count("mosaic_gpu") >= 2
+    for name in ("mamba3_rotate_qk", "mamba3_ssd_state", "mamba3_ssd_output"):
+        assert name not in text, name
