@@ -367,7 +367,7 @@ def _rotated_in_kernels(o: _Opts, inp, state, z, D):
     v = padt(inp.x.astype(cdt))
     states, g_last = pallas_mosaic_gpu.rotating_state_pass(
         k, kb, v, cs, sc, seg_rows, to_pair_blocks(g0, S), rate, dt, carry, rate_tanh=pre,
-        interpret=o.interpret)
+        stages=o.blocks.mosaic_stages, interpret=o.interpret)
     out = pallas_mosaic_gpu.rotating_output(
         q, qb, k, kb, v, cs, sc, gm, seg_rows, states, padt(z.astype(cdt)),
         jnp.broadcast_to(D.astype(f32)[:, None], (H, P)), rate, dt, carry, rate_tanh=pre,

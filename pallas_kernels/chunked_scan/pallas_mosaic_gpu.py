@@ -341,23 +341,28 @@ def _last(ref):
 
 
 def rotating_state_pass(k, kb, v, cs, sc, seg, g0, rate, dt, carry, *, rate_tanh: bool,
-                        interpret: bool = False):
+                        stages: int = 2, interpret: bool = False):
     """The sequential pass (`pallas_triton.state_pass`) rotating the group's k itself: k (B, L,
     G, N) and kb (H, N) float32 in pair-block order, v (B, L, H, P), cs, sc (B, H, L) float32,
     seg (B, L) int32, g0 (B, H, P, N) float32 in pair-block order, the angles' factors as
     `rotating_output`'s. One CTA per (batch, head) walks the chunks, the state in registers as
     column blocks; per chunk the state entering it is stored (input dtype) and
-    h <- decay h + v^T (k~ to_end sc) by wgmma (v transposed as a shared-memory view).
+    h <- decay h + v^T (k~ to_end sc) by wgmma (v transposed as a shared-memory view). With
+    `stages` 2 the next chunk's tiles are copied in while this one is computed (1: each chunk
+    waits for its own copies).
     Returns the per-chunk states (B, H, nc, P, N) and the final state (B, H, P, N) float32."""
     B, L, G, N = k.shape
     H, P = v.shape[2], v.shape[3]
     C, S, Hr = CHUNK, rate.shape[-1], rate.shape[2]
     nc = L // C
     check_supported(C, 1, N, P, k.dtype)
+    if stages not in (1, 2):
+        raise KernelUnsupported(f"stages must be 1 or 2, got {stages}")
     dt_ = k.dtype
     widths = [S, S] + ([N - 2 * S] if N > 2 * S else [])
     offs = [0, S, 2 * S][:len(widths)]
     nb = len(widths)
+    per_chunk = nb + 7  # copies per chunk: k blocks, v, cs, sc, seg, rate, dt, carry
 
     def kernel(*refs):
         k_g, kb_g, v_g, cs_g, sc_g, sg_g, g0_g, rate_g, dt_g, carry_g, st_g, gl_g = refs[:12]
@@ -367,40 +372,60 @@ def rotating_state_pass(k, kb, v, cs, sc, seg, g0, rate, dt, carry, *, rate_tanh
         parts, bar = rest[:3], rest[3]
         b, h = jax.lax.axis_index("b"), jax.lax.axis_index("h")
         ops = _Ops(interpret)
-
-        def fetch(copies, first):
-            for i, (src, dst) in enumerate(copies):
-                plgpu.copy_gmem_to_smem(src, dst, bar.at[first + i])
-            for i in range(len(copies)):
-                plgpu.barrier_wait(bar.at[first + i])
-
         cols = [pl.ds(o, w) for o, w in zip(offs, widths, strict=True)]
-        fetch([(kb_g.at[h, c_], kb_s[i]) for i, c_ in enumerate(cols)]
-              + [(g0_g.at[b, h, :, c_], g_s[i]) for i, c_ in enumerate(cols)], 0)
+
+        def chunk_refs(slot):  # the per-chunk tiles of one slot, in copy order
+            return [r.at[slot] for r in k_s] + [r.at[slot] for r in (
+                v_s, cs_s, sc_s, sg_s, rate_s, dts_s, carry_s)]
+
+        def start(c, slot):  # issue chunk c's copies into `slot`
+            rows = pl.ds(c * C, C)
+            srcs = ([k_g.at[b, rows, h // (H // G), c_] for c_ in cols]
+                    + [v_g.at[b, rows, h], cs_g.at[b, h, rows], sc_g.at[b, h, rows],
+                       sg_g.at[b, rows], rate_g.at[b, rows, h // (H // Hr)],
+                       dt_g.at[b, h, rows], carry_g.at[b, c, h]])
+            for i, (src, dst) in enumerate(zip(srcs, chunk_refs(slot), strict=True)):
+                plgpu.copy_gmem_to_smem(src, dst, bar.at[2 * nb + slot * per_chunk + i])
+
+        def wait(slot):
+            for i in range(per_chunk):
+                plgpu.barrier_wait(bar.at[2 * nb + slot * per_chunk + i])
+
+        for i, c_ in enumerate(cols):
+            plgpu.copy_gmem_to_smem(kb_g.at[h, c_], kb_s[i], bar.at[i])
+            plgpu.copy_gmem_to_smem(g0_g.at[b, h, :, c_], g_s[i], bar.at[nb + i])
+        for i in range(2 * nb):
+            plgpu.barrier_wait(bar.at[i])
         g = tuple(ops.tile(r) for r in g_s)
+        if stages == 2:
+            start(0, 0)
 
         def chunk(c, g):
-            rows = pl.ds(c * C, C)
-            fetch([(k_g.at[b, rows, h // (H // G), c_], k_s[i]) for i, c_ in enumerate(cols)]
-                  + [(v_g.at[b, rows, h], v_s), (cs_g.at[b, h, rows], cs_s),
-                     (sc_g.at[b, h, rows], sc_s), (sg_g.at[b, rows], sg_s),
-                     (rate_g.at[b, rows, h // (H // Hr)], rate_s),
-                     (dt_g.at[b, h, rows], dts_s), (carry_g.at[b, c, h], carry_s)], 2 * nb)
+            slot = c % stages
+            if stages == 1:
+                start(c, 0)
+            wait(slot)
+            if stages == 2:  # the other slot's chunk (c - 1) is done: fetch c + 1 into it
+                @pl.when(c + 1 < nc)
+                def _():
+                    start(c + 1, 1 - slot)
+            k_c, (v_c, cs_c, sc_c, sg_c, rate_c, dts_c, carry_c) = (
+                chunk_refs(slot)[:nb], chunk_refs(slot)[nb:])
             plgpu.wait_smem_to_gmem(0)  # the last chunk's state has left st_s
             for blk, tile in zip(g, st_s, strict=True):  # the state entering this chunk
                 tile[...] = blk.astype(dt_)
             plgpu.commit_smem()
             for i, c_ in enumerate(cols):
                 plgpu.copy_smem_to_gmem(st_s[i], st_g.at[b, h, c, :, c_])
-            theta = _angles(ops, C, S, rate_tanh, rate_s, dts_s, carry_s, sg_s, parts)
+            theta = _angles(ops, C, S, rate_tanh, rate_c, dts_c, carry_c, sg_c, parts)
             # to_end_t sc_t scales row t of k~; the chunk's decay carries the state over it
-            cl, sl = _last(cs_s), _last(sg_s)
-            cs_r, sg_r = ops.vec(cs_s, 0), ops.vec(sg_s, 0)
-            scale = jnp.where(sg_r == sl, jnp.exp(cl - cs_r), 0.0) * ops.vec(sc_s, 0)
-            _rotate_into(ops, k_s, kb_s, jnp.cos(theta), jnp.sin(theta), row_scale=scale)
+            cl, sl = _last(cs_c), _last(sg_c)
+            cs_r, sg_r = ops.vec(cs_c, 0), ops.vec(sg_c, 0)
+            scale = jnp.where(sg_r == sl, jnp.exp(cl - cs_r), 0.0) * ops.vec(sc_c, 0)
+            _rotate_into(ops, k_c, kb_s, jnp.cos(theta), jnp.sin(theta), row_scale=scale)
             dec = jnp.where(sl == 0, jnp.exp(cl), 0.0)
-            return tuple(dec * blk + ops.matmul(v_s, tile, (P, w), transpose_a=True)
-                         for blk, tile, w in zip(g, k_s, widths, strict=True))
+            return tuple(dec * blk + ops.matmul(v_c, tile, (P, w), transpose_a=True)
+                         for blk, tile, w in zip(g, k_c, widths, strict=True))
 
         g = jax.lax.fori_loop(0, nc, chunk, g)
         plgpu.wait_smem_to_gmem(0)
@@ -413,15 +438,17 @@ def rotating_state_pass(k, kb, v, cs, sc, seg, g0, rate, dt, carry, *, rate_tanh
 
     # v^T (shared memory) times each k block: one swizzle for all of them
     sw = min(128, S * jnp.dtype(dt_).itemsize)
-    tile = lambda rows_, cols_, dtype=dt_, most=128: plgpu.SMEM(  # noqa: E731
-        (rows_, cols_), dtype, transforms=_swizzled(dtype, cols_, most))
-    vec = lambda n, dtype=f32: plgpu.SMEM((n,), dtype)  # noqa: E731
-    scratch = ([tile(C, w, most=sw) for w in widths] + [vec(w) for w in widths]
+    tile = lambda rows_, cols_, dtype=dt_, most=128, lead=(): plgpu.SMEM(  # noqa: E731
+        lead + (rows_, cols_), dtype, transforms=_swizzled(dtype, cols_, most))
+    vec = lambda n, dtype=f32, lead=(): plgpu.SMEM(lead + (n,), dtype)  # noqa: E731
+    st = (stages,)
+    scratch = ([tile(C, w, most=sw, lead=st) for w in widths] + [vec(w) for w in widths]
                + [tile(P, w) for w in widths] + [tile(P, w, f32) for w in widths]
-               + [tile(C, P, most=sw), vec(C), vec(C), vec(C, jnp.int32), tile(C, S, rate.dtype),
-                  vec(C), vec(S)]
+               + [tile(C, P, most=sw, lead=st), vec(C, lead=st), vec(C, lead=st),
+                  vec(C, jnp.int32, lead=st), tile(C, S, rate.dtype, lead=st), vec(C, lead=st),
+                  vec(S, lead=st)]
                + [tile(C, S, jnp.bfloat16) for _ in range(3)]
-               + [plgpu.Barrier(num_barriers=3 * nb + 7)])
+               + [plgpu.Barrier(num_barriers=2 * nb + stages * per_chunk)])
     out_type = (jax.ShapeDtypeStruct((B, H, nc, P, N), dt_),
                 jax.ShapeDtypeStruct((B, H, P, N), f32))
     return _launch(kernel, out_type, scratch, (B, H), ("b", "h"), interpret)(

@@ -90,6 +90,9 @@ class TritonBlocks:
     # rotation kernel writes k rows alone and the Mosaic kernel rotates the group's q itself.
     # The first kernels of the Mosaic GPU route, off until timed on the GPU
     mosaic_output: int = 0
+    # the Mosaic state pass (mosaic_output=2): 2 copies the next chunk's tiles in while one is
+    # computed, 1 waits for each chunk's own copies
+    mosaic_stages: int = 2
     f32_mode: str = "tf32x3"
 
 

@@ -124,12 +124,14 @@ def test_lowers_for_cuda_on_any_host():
     assert "mosaic_gpu" in text and "mamba3_ssd_output" not in text
 
 
-@pytest.mark.parametrize("rate_heads,pre,resets", [(1, False, True), (H, True, False)])
-def test_inference_forward_rotating_q_in_the_kernel(rate_heads, pre, resets):
+@pytest.mark.parametrize("rate_heads,pre,resets,stages", [
+    (1, False, True, 2), (H, True, False, 2), (H, True, False, 1)])
+def test_inference_forward_rotating_q_in_the_kernel(rate_heads, pre, resets, stages):
     """`mosaic_output=2`: no per-head rows; the two Mosaic kernels rotate the groups' q, k from
     the angles' factors (the model's shared rate, or the benchmark's per-head raw angles) with a
     carried angle of many turns; with resets, and without (the state carried over three
-    chunks). Output and final state == the Triton path and the reference."""
+    chunks), the state pass prefetching the next chunk's tiles or not. Output and final state
+    == the Triton path and the reference."""
     inp, state, p = _problem(5, L=180, resets=resets)
     k1, k2 = jax.random.split(jax.random.PRNGKey(6))
     raw = jax.random.normal(k1, (B, inp.x.shape[1], rate_heads, S))
@@ -144,7 +146,7 @@ def test_inference_forward_rotating_q_in_the_kernel(rate_heads, pre, resets):
     # slow decay, so that the state entering a chunk and the state carried over it matter
     inp = inp._replace(log_decay=inp.log_decay * 0.01)
     want, want_state = oracle.reference(inp, state, **p)
-    got, got_state = scan(inp, state, ROTATING, **p)
+    got, got_state = scan(inp, state, TritonBlocks(mosaic_output=2, mosaic_stages=stages), **p)
     tri, tri_state = scan(inp, state, TRITON, **p)
     assert got.dtype == inp.x.dtype and got.shape == want.shape
     assert rel(got, tri) < 1e-2, rel(got, tri)
