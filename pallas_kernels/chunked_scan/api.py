@@ -193,6 +193,11 @@ def _scalars(inp: SSMInputs, state: SSMState, mimo_x, C: int, R: int, Lp: int):
     return seg, cs, sc, gm, seg_rows, g0
 
 
+def _pair_bias(b, H: int, R: int, N: int, S: int):
+    """A per-head bias (H, R, N) in pair-block channel order, float32 (zeros if None)."""
+    return jnp.zeros((H, R, N), f32) if b is None else to_pair_blocks(b.astype(f32), S)
+
+
 def prepare_rows(inp: SSMInputs, state: SSMState, mimo_x, C: int, cdt, *, interpret: bool,
                  rotary: str = "kernel", warps_rotary: int = 4, angle_mode: str = "tf32x3",
                  rotary_chunk: int = 0, factored_angles: int = 0, fast_trig: int = 0,
@@ -230,12 +235,10 @@ def prepare_rows(inp: SSMInputs, state: SSMState, mimo_x, C: int, cdt, *, interp
                       rate_heads=inc.shape[2] if factored else 0)
         permuted = True
 
-        def bias(b):
-            return jnp.zeros((H, R, N), f32) if b is None else to_pair_blocks(b.astype(f32), S)
-
         q, k = rotate_qk(rs, to_pair_blocks(padt(inp.q).astype(cdt), S),
                          to_pair_blocks(padt(inp.k).astype(cdt), S),
-                         bias(inp.q_bias), bias(inp.k_bias), inc, carry, seg_r, dt)
+                         _pair_bias(inp.q_bias, H, R, N, S), _pair_bias(inp.k_bias, H, R, N, S),
+                         inc, carry, seg_r, dt)
         q, k = (u.reshape(B, Lp * R, H, N) for u in (q, k))
         g0 = to_pair_blocks(g0, S)
     else:
@@ -331,14 +334,9 @@ def _mosaic_rotates(o: _Opts, inp) -> bool:
     SISO, rotated channels with factored angles, the Mosaic kernels' tiles)."""
     B, L, R, G, N = inp.q.shape
     S = inp.angle_inc.shape[-1]
-    if not (o.blocks.mosaic_output >= 2 and o.rotary == "kernel" and R == 1 and S
-            and inp.angle_rate is not None and S % 16 == 0 and (N - 2 * S) % 16 == 0):
-        return False
-    try:
-        pallas_mosaic_gpu.check_supported(o.C, R, N, inp.x.shape[3], inp.x.dtype)
-    except KernelUnsupported:
-        return False
-    return True
+    return bool(o.blocks.mosaic_output >= 2 and o.rotary == "kernel" and R == 1 and S
+                and inp.angle_rate is not None and S % 16 == 0 and (N - 2 * S) % 16 == 0
+                and pallas_mosaic_gpu.covers(o.C, R, N, inp.x.shape[3], inp.x.dtype))
 
 
 def _rotated_in_kernels(o: _Opts, inp, state, z, D):
@@ -360,10 +358,8 @@ def _rotated_in_kernels(o: _Opts, inp, state, z, D):
     def group(u):  # (B, Lp, G, N) pair-block order
         return to_pair_blocks(padt(u)[:, :, 0].astype(cdt), S)
 
-    def bias(b):  # (H, N) pair-block order, float32
-        return jnp.zeros((H, N), f32) if b is None else to_pair_blocks(b[:, 0].astype(f32), S)
-
-    q, k, qb, kb = group(inp.q), group(inp.k), bias(inp.q_bias), bias(inp.k_bias)
+    q, k = group(inp.q), group(inp.k)
+    qb, kb = (_pair_bias(b, H, 1, N, S)[:, 0] for b in (inp.q_bias, inp.k_bias))
     v = padt(inp.x.astype(cdt))
     states, g_last = pallas_mosaic_gpu.rotating_state_pass(
         k, kb, v, cs, sc, seg_rows, to_pair_blocks(g0, S), rate, dt, carry, rate_tanh=pre,

@@ -53,6 +53,15 @@ def check_supported(C: int, R: int, N: int, P: int, dtype) -> None:
                                 f"and N, P multiples of 64 (R={R}, C={C}, N={N}, P={P})")
 
 
+def covers(C: int, R: int, N: int, P: int, dtype) -> bool:
+    """Whether the kernels here take this shape (`check_supported` without the reason)."""
+    try:
+        check_supported(C, R, N, P, dtype)
+    except KernelUnsupported:
+        return False
+    return True
+
+
 def _swizzled(dtype, cols: int = 0, swizzle: int = 128):
     """Shared-memory transforms for a tile of `cols` columns (0: wide): 8-row tiles of the
     widest swizzle (32, 64 or 128 bytes, at most `swizzle`) that its rows hold, as wgmma and
@@ -60,6 +69,24 @@ def _swizzled(dtype, cols: int = 0, swizzle: int = 128):
     size = jnp.dtype(dtype).itemsize
     swizzle = swizzle if not cols else min(swizzle, cols * size)
     return plgpu.TilingTransform((8, swizzle // size)), plgpu.SwizzleTransform(swizzle)
+
+
+def _tile(rows: int, cols: int, dtype, swizzle: int = 128, lead: tuple = ()):
+    """A swizzled shared-memory tile (`_swizzled`), with optional leading slot dimensions."""
+    return plgpu.SMEM(lead + (rows, cols), dtype, transforms=_swizzled(dtype, cols, swizzle))
+
+
+def _vec(n: int, dtype=f32, lead: tuple = ()):
+    return plgpu.SMEM(lead + (n,), dtype)
+
+
+def _copy_in(copies, bar, first: int = 0):
+    """TMA copies (source, destination) issued together, then waited for: barrier first + i
+    for copy i."""
+    for i, (src, dst) in enumerate(copies):
+        plgpu.copy_gmem_to_smem(src, dst, bar.at[first + i])
+    for i in range(len(copies)):
+        plgpu.barrier_wait(bar.at[first + i])
 
 
 class _Ops:
@@ -108,15 +135,22 @@ class _Ops:
         return pl.run_scoped(run, plgpu.ACC(shape, f32))
 
 
+def _tokens(ops: _Ops, C: int, sg_s):
+    """A chunk's (C, C) token indices ti, tj, its same-segment mask and its row segment ids."""
+    sg_r = ops.vec(sg_s, 0)
+    same = (jax.lax.broadcast_in_dim(sg_r, (C, C), [0])
+            == jax.lax.broadcast_in_dim(ops.vec(sg_s, 1), (C, C), [1]))
+    return ops.iota((C, C), 0), ops.iota((C, C), 1), same, sg_r
+
+
 def _weights(ops: _Ops, C: int, cs_s, sc_s, gm_s, sg_s):
     """W[i, j] = exp(cs_i - cs_j) sc_j for an earlier token of the same segment, gm_i on
     i == j (`pallas_triton._mix`), and the decay e_i from the state entering the chunk."""
     rows = lambda u: jax.lax.broadcast_in_dim(u, (C, C), [0])  # noqa: E731
     cols = lambda u: jax.lax.broadcast_in_dim(u, (C, C), [1])  # noqa: E731
     cs_r, cs_c = ops.vec(cs_s, 0), ops.vec(cs_s, 1)
-    sg_r, sg_c = ops.vec(sg_s, 0), ops.vec(sg_s, 1)
-    ti, tj = ops.iota((C, C), 0), ops.iota((C, C), 1)
-    strict = (ti > tj) & (rows(sg_r) == cols(sg_c))
+    ti, tj, same, sg_r = _tokens(ops, C, sg_s)
+    strict = (ti > tj) & same
     expo = jnp.exp(jnp.where(strict, rows(cs_r) - cols(cs_c), -jnp.inf))
     w = expo * cols(ops.vec(sc_s, 1)) + jnp.where(ti == tj, rows(ops.vec(gm_s, 0)), 0.0)
     return w, jnp.where(sg_r == 0, jnp.exp(cs_r), 0.0)
@@ -188,20 +222,16 @@ def output(q, k, v, cs, sc, gm, seg, states, z=None, D=None, *, interpret: bool 
                   (gm_g.at[b, h, rows], gm_s), (sg_g.at[b, rows], sg_s)]
         if gate:
             copies += [(z_g.at[b, rows, h], z_s), (d_g.at[h], d_s)]
-        for i, (src, dst) in enumerate(copies):
-            plgpu.copy_gmem_to_smem(src, dst, bar.at[i])
-        for i in range(len(copies)):
-            plgpu.barrier_wait(bar.at[i])
+        _copy_in(copies, bar)
         _body(_Ops(interpret), gate, q_s, k_s, v_s, st_s, cs_s, sc_s, gm_s, sg_s, z_s, d_s, y_s)
         plgpu.commit_smem()
         plgpu.copy_smem_to_gmem(y_s, y_g.at[b, rows, h])
         plgpu.wait_smem_to_gmem(0)
 
-    tile = lambda *shape: plgpu.SMEM(shape, dt, transforms=_swizzled(dt))  # noqa: E731
+    tile = lambda rows_, cols_: _tile(rows_, cols_, dt)  # noqa: E731
     scratch = [tile(C, N), tile(C, N), tile(C, P), tile(P, N), tile(C, P),  # q k v S y
-               plgpu.SMEM((C,), f32), plgpu.SMEM((C,), f32), plgpu.SMEM((C,), f32),  # cs sc gm
-               plgpu.SMEM((C,), jnp.int32), tile(C, P), plgpu.SMEM((P,), f32),  # seg z D
-               plgpu.Barrier(num_barriers=10)]
+               _vec(C), _vec(C), _vec(C), _vec(C, jnp.int32),  # cs sc gm seg
+               tile(C, P), _vec(P), plgpu.Barrier(num_barriers=10)]  # z D
     args = (q, k, v, cs, sc, gm, seg.astype(jnp.int32), states)
     args += (z, D.astype(f32)) if gate else ()
     return _launch(kernel, jax.ShapeDtypeStruct((B, L, H, P), dt), scratch, (B, H, nc),
@@ -224,10 +254,7 @@ def _angles(ops: _Ops, C: int, S: int, rate_tanh: bool, rate_s, dt_s, carry_s, s
         inc = inc - piece.astype(f32)
     if not ops.interpret:
         plgpu.commit_smem()  # the parts are wgmma operands
-    ti, tj = ops.iota((C, C), 0), ops.iota((C, C), 1)
-    sg_r, sg_c = ops.vec(sg_s, 0), ops.vec(sg_s, 1)
-    same = jax.lax.broadcast_in_dim(sg_r, (C, C), [0]) == jax.lax.broadcast_in_dim(sg_c, (C, C),
-                                                                                 [1])
+    ti, tj, same, sg_r = _tokens(ops, C, sg_s)
     tri = jnp.where((ti >= tj) & same, 1.0, 0.0).astype(jnp.bfloat16)
     theta = ops.matmuls([(tri, part) for part in parts], (C, S))
     carried = jax.lax.broadcast_in_dim(ops.vec(carry_s, 1), (C, S), [1])
@@ -301,10 +328,7 @@ def rotating_output(q, qb, k, kb, v, cs, sc, gm, seg, states, z, D, rate, dt, ca
                    (gm_g.at[b, h, rows], gm_s), (sg_g.at[b, rows], sg_s), (d_g.at[h], d_s),
                    (rate_g.at[b, rows, h // (H // Hr)], rate_s), (dt_g.at[b, h, rows], dts_s),
                    (carry_g.at[b, c, h], carry_s)]
-        for i, (src, dst) in enumerate(copies):
-            plgpu.copy_gmem_to_smem(src, dst, bar.at[i])
-        for i in range(len(copies)):
-            plgpu.barrier_wait(bar.at[i])
+        _copy_in(copies, bar)
         ops = _Ops(interpret)
         theta = _angles(ops, C, S, rate_tanh, rate_s, dts_s, carry_s, sg_s, parts)
         cos, sin = jnp.cos(theta), jnp.sin(theta)
@@ -320,13 +344,12 @@ def rotating_output(q, qb, k, kb, v, cs, sc, gm, seg, states, z, D, rate, dt, ca
         plgpu.copy_smem_to_gmem(y_s, y_g.at[b, rows, h])
         plgpu.wait_smem_to_gmem(0)
 
-    tile = lambda rows_, cols_, dtype=dt_: plgpu.SMEM(  # noqa: E731
-        (rows_, cols_), dtype, transforms=_swizzled(dtype, cols_))
-    vec = lambda n, dtype=f32: plgpu.SMEM((n,), dtype)  # noqa: E731
+    tile = lambda rows_, cols_, dtype=dt_: _tile(rows_, cols_, dtype)  # noqa: E731
     scratch = ([tile(C, w) for w in widths] + [tile(C, w) for w in widths]
-               + [tile(P, w) for w in widths] + [vec(w) for w in widths] + [vec(w) for w in widths]
-               + [tile(C, P), tile(C, P), tile(C, P), vec(C), vec(C), vec(C),
-                  vec(C, jnp.int32), vec(P), tile(C, S, rate.dtype), vec(C), vec(S)]
+               + [tile(P, w) for w in widths] + [_vec(w) for w in widths]
+               + [_vec(w) for w in widths]
+               + [tile(C, P), tile(C, P), tile(C, P), _vec(C), _vec(C), _vec(C),
+                  _vec(C, jnp.int32), _vec(P), tile(C, S, rate.dtype), _vec(C), _vec(S)]
                + [tile(C, S, jnp.bfloat16) for _ in range(3)]
                + [plgpu.Barrier(num_barriers=5 * nb + 10)])
     out_type = jax.ShapeDtypeStruct((B, L, H, P), dt_)
@@ -391,11 +414,8 @@ def rotating_state_pass(k, kb, v, cs, sc, seg, g0, rate, dt, carry, *, rate_tanh
             for i in range(per_chunk):
                 plgpu.barrier_wait(bar.at[2 * nb + slot * per_chunk + i])
 
-        for i, c_ in enumerate(cols):
-            plgpu.copy_gmem_to_smem(kb_g.at[h, c_], kb_s[i], bar.at[i])
-            plgpu.copy_gmem_to_smem(g0_g.at[b, h, :, c_], g_s[i], bar.at[nb + i])
-        for i in range(2 * nb):
-            plgpu.barrier_wait(bar.at[i])
+        _copy_in([(kb_g.at[h, c_], kb_s[i]) for i, c_ in enumerate(cols)]
+                 + [(g0_g.at[b, h, :, c_], g_s[i]) for i, c_ in enumerate(cols)], bar)
         g = tuple(ops.tile(r) for r in g_s)
         if stages == 2:
             start(0, 0)
@@ -438,16 +458,13 @@ def rotating_state_pass(k, kb, v, cs, sc, seg, g0, rate, dt, carry, *, rate_tanh
 
     # v^T (shared memory) times each k block: one swizzle for all of them
     sw = min(128, S * jnp.dtype(dt_).itemsize)
-    tile = lambda rows_, cols_, dtype=dt_, most=128, lead=(): plgpu.SMEM(  # noqa: E731
-        lead + (rows_, cols_), dtype, transforms=_swizzled(dtype, cols_, most))
-    vec = lambda n, dtype=f32, lead=(): plgpu.SMEM(lead + (n,), dtype)  # noqa: E731
     st = (stages,)
-    scratch = ([tile(C, w, most=sw, lead=st) for w in widths] + [vec(w) for w in widths]
-               + [tile(P, w) for w in widths] + [tile(P, w, f32) for w in widths]
-               + [tile(C, P, most=sw, lead=st), vec(C, lead=st), vec(C, lead=st),
-                  vec(C, jnp.int32, lead=st), tile(C, S, rate.dtype, lead=st), vec(C, lead=st),
-                  vec(S, lead=st)]
-               + [tile(C, S, jnp.bfloat16) for _ in range(3)]
+    scratch = ([_tile(C, w, dt_, sw, st) for w in widths] + [_vec(w) for w in widths]
+               + [_tile(P, w, dt_) for w in widths] + [_tile(P, w, f32) for w in widths]
+               + [_tile(C, P, dt_, sw, st), _vec(C, lead=st), _vec(C, lead=st),
+                  _vec(C, jnp.int32, st), _tile(C, S, rate.dtype, lead=st), _vec(C, lead=st),
+                  _vec(S, lead=st)]
+               + [_tile(C, S, jnp.bfloat16) for _ in range(3)]
                + [plgpu.Barrier(num_barriers=2 * nb + stages * per_chunk)])
     out_type = (jax.ShapeDtypeStruct((B, H, nc, P, N), dt_),
                 jax.ShapeDtypeStruct((B, H, P, N), f32))

@@ -33,7 +33,8 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from pallas_kernels._compat import SQ, KernelUnsupported, compiler_params, dot, dot_precision
+from pallas_kernels._compat import SQ, compiler_params, dot, dot_precision
+from pallas_kernels.chunked_scan import pallas_mosaic_gpu
 
 f32 = jnp.float32
 
@@ -250,16 +251,6 @@ def _pass_out_shapes(cs_: CoreShape):
             jax.ShapeDtypeStruct((B, H, P, N), f32)]
 
 
-def _mosaic_covers(cs_: CoreShape) -> bool:
-    from pallas_kernels.chunked_scan import pallas_mosaic_gpu
-
-    try:
-        pallas_mosaic_gpu.check_supported(cs_.C, cs_.R, cs_.N, cs_.P, cs_.cdt)
-    except KernelUnsupported:
-        return False
-    return True
-
-
 def state_pass(cs_: CoreShape, k, v, cs, sc, seg, g0):
     """The sequential pass: the state entering every chunk (B, H, nc, P, N) in the input dtype
     and the final state (B, H, P, N) float32."""
@@ -290,9 +281,8 @@ def forward(cs_: CoreShape, q, k, v, cs, sc, gm, seg, g0, z=None, D=None):
     Lr = nc * CR
     cdt = jnp.dtype(cs_.cdt)
     states, g_last = state_pass(cs_, k, v, cs, sc, seg, g0)
-    if cs_.blocks.mosaic_output and _mosaic_covers(cs_):
-        from pallas_kernels.chunked_scan import pallas_mosaic_gpu
-
+    if cs_.blocks.mosaic_output and pallas_mosaic_gpu.covers(cs_.C, cs_.R, cs_.N, cs_.P,
+                                                             cs_.cdt):
         y = pallas_mosaic_gpu.output(q, k, v, cs, sc, gm, seg, states,
                                      *((z, D) if cs_.gate else ()), interpret=cs_.interpret)
         return y, states, g_last
