@@ -19,8 +19,9 @@ work: the scaling efficiency is tokens/s per device relative to one device). The
 tokens per step is e.g. `--configs 180m --micro 32 --accum 8`; MFU barely depends on the
 accumulation count (the optimizer runs once per step).
 
-Reported per case: compile s (lower + compile of the train step), first step s (compile + the
-first step, what a run waits before its first log line), step ms (mean over the timed steps),
+Reported per case: compile s (lower + compile of the train step; the JSON's lower_s is the
+lowering alone), first step s (compile + the first step, what a run waits before its first log
+line), step ms (mean over the timed steps),
 tokens/s, tokens/s per device, MFU (`mamba3_jax.training.flops`: model FLOPs only, no recompute),
 peak device memory (allocator peak; `hlo GiB` is XLA's own estimate: arguments + temporaries),
 the final loss (finite, ~ln V on random tokens) and the SSM backend used. Like the training
@@ -131,7 +132,9 @@ def run_case(case: dict) -> dict:
     state = tr.fresh_state()
     batch = tr.put_batch(host_batch)
     t0 = time.perf_counter()
-    step = tr.train_step.lower(state, batch).compile()
+    lowered = tr.train_step.lower(state, batch)  # tracing + StableHLO: JAX's share of compile s
+    lower_s = time.perf_counter() - t0
+    step = lowered.compile()
     compile_s = time.perf_counter() - t0
     state, m = step(state, batch)
     jax.block_until_ready(m)
@@ -166,6 +169,7 @@ def run_case(case: dict) -> dict:
         "seq_len": int(config.data.seq_len), "micro_per_device": case["micro"],
         "grad_accum": case["accum"], "tokens_per_step": tr.tokens_per_step,
         "flops_per_token": tr.flops_per_token, "compile_s": round(compile_s, 2),
+        "lower_s": round(lower_s, 2),
         "first_step_s": round(first_step_s, 2), "step_ms": round(1e3 * step_s, 2),
         "tokens_per_s": round(tok_s, 1), "tokens_per_s_per_device": round(tok_s / len(devices), 1),
         "mfu": None if mfu is None else round(mfu, 4),

@@ -334,8 +334,10 @@ def _mosaic_rotates(o: _Opts, inp) -> bool:
     SISO, rotated channels with factored angles, the Mosaic kernels' tiles)."""
     B, L, R, G, N = inp.q.shape
     S = inp.angle_inc.shape[-1]
+    # 4 S % 128: the angle carried into a chunk (S float32) is one TMA copy, and Mosaic GPU's
+    # copies move whole multiples of 128 bytes (S = 16 failed to compile on the H200)
     return bool(o.blocks.mosaic_output >= 2 and o.rotary == "kernel" and R == 1 and S
-                and inp.angle_rate is not None and S % 16 == 0 and (N - 2 * S) % 16 == 0
+                and inp.angle_rate is not None and S % 32 == 0 and (N - 2 * S) % 16 == 0
                 and pallas_mosaic_gpu.covers(o.C, R, N, inp.x.shape[3], inp.x.dtype))
 
 

@@ -132,9 +132,11 @@ def test_inference_forward_rotating_q_in_the_kernel(rate_heads, pre, resets, sta
     carried angle of many turns; with resets, and without (the state carried over three
     chunks), the state pass prefetching the next chunk's tiles or not. Output and final state
     == the Triton path and the reference."""
-    inp, state, p = _problem(5, L=180, resets=resets)
+    # N = 128: S = 32 angles, the fewest whose float32 carry is one whole TMA copy (128 bytes)
+    n, s = 128, 32
+    inp, state, p = make_problem(5, B, 180, 1, H, n, P, s, jnp.bfloat16, resets, groups=1)
     k1, k2 = jax.random.split(jax.random.PRNGKey(6))
-    raw = jax.random.normal(k1, (B, inp.x.shape[1], rate_heads, S))
+    raw = jax.random.normal(k1, (B, inp.x.shape[1], rate_heads, s))
     dt = jax.nn.softplus(jax.random.normal(k2, inp.x.shape[:3]) - 1.0)
     rate = math.pi * jnp.tanh(raw)
     inp = inp._replace(angle_rate=rate, angle_dt=dt, angle_inc=increments_from(rate, dt),
@@ -145,8 +147,12 @@ def test_inference_forward_rotating_q_in_the_kernel(rate_heads, pre, resets, sta
     state = state._replace(angle=state.angle + 200.0)
     # slow decay, so that the state entering a chunk and the state carried over it matter
     inp = inp._replace(log_decay=inp.log_decay * 0.01)
+    blocks = TritonBlocks(mosaic_output=2, mosaic_stages=stages)
+    lowered = jax.jit(functools.partial(chunked_scan, chunk_size=C, blocks=blocks)).trace(
+        inp, state, **p).lower(lowering_platforms=("cuda",)).as_text()
+    assert lowered.count("mosaic_gpu") >= 2 and "mamba3_rotate_qk" not in lowered  # the route
     want, want_state = oracle.reference(inp, state, **p)
-    got, got_state = scan(inp, state, TritonBlocks(mosaic_output=2, mosaic_stages=stages), **p)
+    got, got_state = scan(inp, state, blocks, **p)
     tri, tri_state = scan(inp, state, TRITON, **p)
     assert got.dtype == inp.x.dtype and got.shape == want.shape
     assert rel(got, tri) < 1e-2, rel(got, tri)
