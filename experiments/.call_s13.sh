@@ -2,9 +2,10 @@
 # Session 13 GPU calls (one nvidia-h200). Usage: bash experiments/.call_s13.sh A|B|C
 set -u
 part=$1
-export MAMBA3_COMMIT=b049a69 PYTHONPATH=. PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
+export MAMBA3_COMMIT=__C__ PYTHONPATH=. PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT" runs
-pip install -q --no-index --no-deps .whl/*.whl 2>&1 | tail -1
+python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site .whl/*.whl 2>&1 | grep -v WARNING | tail -2
+export PYTHONPATH=.:/tmp/site
 T0=$(date +%s); left() { echo $(( $1 - ($(date +%s) - T0) )); }
 case $part in
 A)
@@ -32,5 +33,16 @@ C)
   done
   OUT=$OUT NCU=1 NCU_MODES=fwd NCU_VARIANT="ours|mosaic_output=2;mosaic_stages=1" timeout $(left 585) \
     bash experiments/gpu_prefill.sh --shapes a --modes fwd --variants ours --reps 3 | tail -30
+  ;;
+D)
+  timeout 300 python3 experiments/bench_generate.py --models mimo --lengths 16384 2>&1 | tee "$OUT/table7_mimo.log" | grep -v "^  " | tail -6
+  XLA_FLAGS="--xla_gpu_enable_triton_gemm=false" timeout $(left 440) python3 experiments/bench_train.py --configs 1.5b --steps 3 --warmup 1 \
+      --set model.scan_layers=False --set train.deterministic=False 2>&1 | tee "$OUT/train_notriton.log" | grep '^{' | cut -c1-1500
+  mkdir -p /tmp/hlo
+  XLA_FLAGS="--xla_dump_to=/tmp/hlo --xla_dump_hlo_as_text" timeout $(left 585) \
+    python3 experiments/bench_train.py --configs 1.5b --steps 2 --warmup 0 \
+    --set model.scan_layers=False --set train.deterministic=False 2>&1 | tee "$OUT/train_dump.log" | grep '^{' | cut -c1-1500
+  f=$(ls -S /tmp/hlo/*after_optimizations.txt 2>/dev/null | head -1); echo "largest: $f"
+  [ -n "$f" ] && gzip -c "$f" | split -b 12m - "$OUT/hlo_1p5b.txt.gz."; ls -la "$OUT"
   ;;
 esac
