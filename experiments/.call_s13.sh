@@ -2,7 +2,7 @@
 # Session 13 GPU calls (one nvidia-h200). Usage: bash experiments/.call_s13.sh A|B|C
 set -u
 part=$1
-export MAMBA3_COMMIT=__C__ PYTHONPATH=. PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
+export MAMBA3_COMMIT=db7089e PYTHONPATH=. PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT" runs
 python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site .whl/*.whl 2>&1 | grep -v WARNING | tail -2
 export PYTHONPATH=.:/tmp/site
@@ -44,5 +44,12 @@ D)
     --set model.scan_layers=False --set train.deterministic=False 2>&1 | tee "$OUT/train_dump.log" | grep '^{' | cut -c1-1500
   f=$(ls -S /tmp/hlo/*after_optimizations.txt 2>/dev/null | head -1); echo "largest: $f"
   [ -n "$f" ] && gzip -c "$f" | split -b 12m - "$OUT/hlo_1p5b.txt.gz."; ls -la "$OUT"
+  ;;
+E)
+  export XLA_FLAGS="--xla_gpu_enable_triton_gemm=false"
+  timeout 250 python3 experiments/bench_train.py --configs 180m,1.5b,180m_mimo --steps 3 --warmup 1 2>&1 \
+    | tee "$OUT/train_e1.log" | grep '^{' | cut -c1-1200
+  timeout $(left 300) python3 experiments/bench_train.py --configs 1.5b --steps 3 --warmup 1 \
+    --set model.scan_layers=False 2>&1 | tee "$OUT/train_e2.log" | grep '^{' | cut -c1-1200
   ;;
 esac

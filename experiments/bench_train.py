@@ -26,7 +26,8 @@ tokens/s, tokens/s per device, MFU (`mamba3_jax.training.flops`: model FLOPs onl
 peak device memory (allocator peak; `hlo GiB` is XLA's own estimate: arguments + temporaries),
 the final loss (finite, ~ln V on random tokens) and the SSM backend used. Like the training
 command, a config with `train.deterministic` (the default) runs with
-`--xla_gpu_deterministic_ops=true`; `--set train.deterministic=False` measures without it.
+`--xla_gpu_deterministic_ops=true`; `--set train.deterministic=False` measures without it; and
+`train.xla_triton_gemm` (`auto`: off with unrolled layers) adds `--xla_gpu_enable_triton_gemm=false`.
 The table is printed last; `$OUT/bench_train.json` and `$OUT/bench_train.md` get the rows when
 `$OUT` is set.
 """
@@ -166,6 +167,8 @@ def run_case(case: dict) -> dict:
         "remat": str(config.train.remat), "backend": resolve(tr.model_cfg.scan_backend)[0],
         "xla_deterministic": "--xla_gpu_deterministic_ops=true" in os.environ.get("XLA_FLAGS",
                                                                                  ""),
+        "xla_triton_gemm": "--xla_gpu_enable_triton_gemm=false" not in os.environ.get(
+            "XLA_FLAGS", ""),
         "seq_len": int(config.data.seq_len), "micro_per_device": case["micro"],
         "grad_accum": case["accum"], "tokens_per_step": tr.tokens_per_step,
         "flops_per_token": tr.flops_per_token, "compile_s": round(compile_s, 2),
@@ -206,14 +209,14 @@ def profile_steps(step, state, next_batch, n: int) -> dict:
 
 
 def run_in_subprocess(case: dict, timeout: float) -> dict:
-    from mamba3_jax.training.preflight import with_deterministic_flag
+    from mamba3_jax.training.preflight import gpu_xla_flags
 
     # faulthandler: a crash in XLA (segfault) still prints the Python stack it happened under
     cmd = [sys.executable, "-X", "faulthandler", str(Path(__file__).resolve()), "--case",
            json.dumps(case)]
     env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    if case_config(case).train.deterministic:  # as `mamba3_jax.train` runs it (GPU flag)
-        env["XLA_FLAGS"] = with_deterministic_flag(env.get("XLA_FLAGS", ""))
+    # as `mamba3_jax.train` runs it (GPU flags: train.deterministic, train.xla_triton_gemm)
+    env["XLA_FLAGS"] = gpu_xla_flags(env.get("XLA_FLAGS", ""), case_config(case))
     try:
         r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     except subprocess.TimeoutExpired:

@@ -79,7 +79,7 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     from mamba3_jax.training.config import ConfigError, config_json, validate
-    from mamba3_jax.training.preflight import with_deterministic_flag
+    from mamba3_jax.training.preflight import gpu_xla_flags
 
     config = _CONFIG.value
     if config is None:
@@ -95,9 +95,8 @@ def main(argv):
     if not _WORKDIR.value:
         raise app.UsageError("--workdir is required")
     logging.set_verbosity(logging.WARNING)
-    if config.train.deterministic and _gpu_possible():
-        # read when jax starts its backends (below), not later
-        os.environ["XLA_FLAGS"] = with_deterministic_flag(os.environ.get("XLA_FLAGS", ""))
+    if _gpu_possible():  # read when jax starts its backends (below), not later
+        os.environ["XLA_FLAGS"] = gpu_xla_flags(os.environ.get("XLA_FLAGS", ""), config)
     # heavy imports (jax, flax, orbax, grain) only once the config is known to be good
     import jax
 

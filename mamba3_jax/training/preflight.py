@@ -176,11 +176,33 @@ def gpu_plugin_installed() -> bool:
                 "jax_rocm7_plugin"))
 
 
+def _with_flag(xla_flags: str, name: str, value: str) -> str:
+    """XLA_FLAGS with `name=value` added, unless `name` is set either way already (kept)."""
+    if name in xla_flags:
+        return xla_flags
+    return (xla_flags + f" {name}={value}").strip()
+
+
 def with_deterministic_flag(xla_flags: str) -> str:
     """XLA_FLAGS with the GPU determinism flag added (unless it is set either way already)."""
-    if "--xla_gpu_deterministic_ops" in xla_flags:
-        return xla_flags
-    return (xla_flags + " " + DETERMINISTIC_XLA_FLAG).strip()
+    return _with_flag(xla_flags, "--xla_gpu_deterministic_ops", "true")
+
+
+def gpu_xla_flags(xla_flags: str, config) -> str:
+    """XLA_FLAGS for a GPU training run of `config`, set before jax starts: the determinism flag
+    (`train.deterministic`) and XLA's Triton GEMM fusions off where `train.xla_triton_gemm` says
+    so ("off"; "auto": with unrolled layers, where cuBLAS for every matmul took the 1.5B step
+    from 748 to 716 ms on an H200, docs/benchmarks.md). A flag the caller set either way is
+    kept."""
+    train = config.train
+    if train.deterministic:
+        xla_flags = with_deterministic_flag(xla_flags)
+    choice = train.xla_triton_gemm
+    if choice == "auto":
+        choice = "on" if config.model.get("scan_layers", False) else "off"
+    if choice == "off":
+        xla_flags = _with_flag(xla_flags, "--xla_gpu_enable_triton_gemm", "false")
+    return xla_flags
 
 
 def determinism_warning(deterministic: bool, platform: str) -> Optional[str]:

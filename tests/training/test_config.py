@@ -34,10 +34,12 @@ def test_bad_values_are_all_reported():
     c.data.batch_size = 6
     c.train.grad_accum = 4  # 6 % 4
     c.train.steps = 0
+    c.train.xla_triton_gemm = "cublas"
     msg = _errors(c)
     for needle in ("d_state must be even", "must be divisible by headdim",
                    "optim.schedule must be one of", "optim.b2 must be in [0, 1)",
-                   "divisible by train.grad_accum", "train.steps must be a positive integer"):
+                   "divisible by train.grad_accum", "train.steps must be a positive integer",
+                   "train.xla_triton_gemm must be one of ('auto', 'on', 'off'), got 'cublas'"):
         assert needle in msg, (needle, msg)
 
 

@@ -138,3 +138,25 @@ def test_cli_bad_inputs_exit_2_with_one_line(tmp_path):
     assert last.startswith("error: data.train_source {") and f"'{bad}' is not utf-8" in last
     assert "Traceback" not in r.stderr
     assert not (tmp_path / "w" / "metrics.jsonl").exists()
+
+
+def test_gpu_xla_flags_follow_the_train_section():
+    """A GPU run gets the determinism flag (train.deterministic) and XLA's Triton GEMM fusions
+    off (train.xla_triton_gemm: "off", or "auto" with unrolled layers); what the caller set
+    either way is kept."""
+    from mamba3_jax.training.config import base_config
+
+    c = base_config()
+    assert c.train.deterministic and c.train.xla_triton_gemm == "auto"  # the defaults
+    c.model.scan_layers = False
+    assert preflight.gpu_xla_flags("", c) == (
+        "--xla_gpu_deterministic_ops=true --xla_gpu_enable_triton_gemm=false")
+    c.model.scan_layers = True  # auto: XLA's default under the layer scan
+    assert preflight.gpu_xla_flags("", c) == "--xla_gpu_deterministic_ops=true"
+    c.train.deterministic, c.train.xla_triton_gemm = False, "on"
+    c.model.scan_layers = False
+    assert preflight.gpu_xla_flags("--a=1", c) == "--a=1"
+    c.train.xla_triton_gemm = "off"
+    assert preflight.gpu_xla_flags("--a=1", c) == "--a=1 --xla_gpu_enable_triton_gemm=false"
+    assert preflight.gpu_xla_flags("--xla_gpu_enable_triton_gemm=true", c) == \
+        "--xla_gpu_enable_triton_gemm=true"
