@@ -26,8 +26,9 @@ tokens/s, tokens/s per device, MFU (`mamba3_jax.training.flops`: model FLOPs onl
 peak device memory (allocator peak; `hlo GiB` is XLA's own estimate: arguments + temporaries),
 the final loss (finite, ~ln V on random tokens) and the SSM backend used. Like the training
 command, a config with `train.deterministic` (the default) runs with
-`--xla_gpu_deterministic_ops=true`; `--set train.deterministic=False` measures without it; and
-`train.xla_triton_gemm` (`auto`: off with unrolled layers) adds `--xla_gpu_enable_triton_gemm=false`.
+`--xla_gpu_deterministic_ops=true`; `--set train.deterministic=False` measures without it;
+`train.xla_triton_gemm` (`auto`: off with unrolled layers) adds
+`--xla_gpu_enable_triton_gemm=false`.
 The table is printed last; `$OUT/bench_train.json` and `$OUT/bench_train.md` get the rows when
 `$OUT` is set.
 """
