@@ -19,7 +19,7 @@ from mamba3_jax.baselines.attention import Attention
 from mamba3_jax.baselines.gated_deltanet import GatedDeltaNet
 from mamba3_jax.baselines.mamba2 import Mamba2
 from mamba3_jax.config import ModelConfig
-from mamba3_jax.nn import Frozen, RMSNorm, SwiGLU, linear, torch_linear_init
+from mamba3_jax.nn import Frozen, RMSNorm, SwiGLU, linear, matmul, torch_linear_init
 from mamba3_jax.ops.discretization import init_dt_bias
 from mamba3_jax.ops.mixer import (
     MixerCache,
@@ -73,23 +73,26 @@ class Mamba3(nnx.Module):
 
     def _in_proj_parts(self, u: jax.Array) -> dict:
         """in_proj as two matmuls over its columns: z, x, B, C, then the per-head scalars and
-        angles. With one matmul XLA stored the whole (B, L, 3432) output time-minor on the 180M
-        step, so that the kernels' (B, H, L) per-head scalars came for free, and every wide part
-        was transposed instead (docs/step_hlo_180m.md). Same parameter, same maths.
+        angles (four with `part_matmuls`: z, x, then B and C, then the rest). With one matmul
+        XLA stored the whole (B, L, 3432) output time-minor on the 180M step, so that the
+        kernels' (B, H, L) per-head scalars came for free, and every wide part was transposed
+        instead (docs/step_hlo_180m.md). Same parameter, same maths.
         One token (decode): one matmul. Inside a decode scan XLA copied the two column slices
         of the weight out of it at every step (22-32 us of a 150-290 us layer step on an H200,
         more than the matmuls themselves)."""
         cfg, dtype = self.cfg, jnp.dtype(self.cfg.dtype)
         splits = cfg.in_proj_splits
-        wide = sum(w for _, w in splits[:4])  # z, x, B, C
         kernel = self.in_proj.kernel[...]
         parts = {}
-        groups = ((slice(None, wide), splits[:4]), (slice(wide, None), splits[4:]))
+        # ModelConfig.part_matmuls: z | x | B, C | the rest, each from its own matmul
+        bounds = (0, 1, 2, 4, len(splits)) if cfg.part_matmuls else (0, 4, len(splits))
         if u.shape[-2] == 1:
-            groups = ((slice(None), splits),)
+            bounds = (0, len(splits))
+        starts = [sum(w for _, w in splits[:i]) for i in bounds]
+        groups = [(slice(a, b), splits[i:j]) for a, b, i, j in
+                  zip(starts, starts[1:], bounds, bounds[1:], strict=False)]
         for cols, group in groups:
-            out = jax.lax.dot_general(u.astype(dtype), kernel[:, cols].astype(dtype),
-                                      (((u.ndim - 1,), (0,)), ((), ())))
+            out = matmul(u, kernel[:, cols], dtype)
             # checkpoint_name: what a "names:..." remat policy may keep (config.REMAT_NAMES)
             parts.update(split_in_proj(checkpoint_name(out, "in_proj"), cfg, group))
         return parts
