@@ -32,7 +32,7 @@ RESUME_SAFE_PREFIXES = (
     "train.checkpoint_every", "train.keep", "train.async_checkpoint", "train.progress",
     "train.tensorboard", "train.peak_flops_per_device", "train.allow_config_change",
     "train.compilation_cache_dir", "train.loss_chunk", "train.remat", "train.profile_steps",
-    "train.deterministic", "train.xla_triton_gemm",
+    "train.deterministic", "train.xla_triton_gemm", "model.part_matmuls",
     "mesh.", "debug.", "data.prefetch",
     "data.num_threads", "data.eval_source", "data.eval_batch_size",
 )
