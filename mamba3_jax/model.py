@@ -19,6 +19,7 @@ stacked cache, or (hybrid) a list of g caches stacked over the repeats respectiv
 
 from __future__ import annotations
 
+import functools
 from typing import Callable, Optional, Sequence
 
 import jax
@@ -82,6 +83,14 @@ def apply_layer(graphdef, remat: str, *, prevent_cse: bool = True) -> Callable:
         return fn
     return jax.checkpoint(fn, policy=remat_policy(remat), prevent_cse=prevent_cse,
                           static_argnums=(4,))
+
+
+@functools.lru_cache(maxsize=64)
+def _jitted_layer(graphdef, remat: str) -> Callable:
+    """`apply_layer` under its own jit, one per distinct layer: the unrolled layers of a model
+    are alike, so the first one is traced and lowered and the rest reuse it (the outer jit's
+    program calls it once per layer; XLA inlines the calls before it optimises)."""
+    return jax.jit(apply_layer(graphdef, remat), static_argnums=(4,))
 
 
 class Mamba3LM(nnx.Module):
@@ -160,7 +169,7 @@ class Mamba3LM(nnx.Module):
         new_caches = []
         for layer, c in zip(self.layers, caches, strict=True):
             graphdef, state = nnx.split(layer)
-            h, c = apply_layer(graphdef, remat)(state, h, c, reset, backend)
+            h, c = _jitted_layer(graphdef, remat)(state, h, c, reset, backend)
             new_caches.append(c)
         return h, new_caches
 

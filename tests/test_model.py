@@ -230,3 +230,29 @@ def test_part_matmuls_same_parameters_logits_and_gradients():
     assert abs(float(l0) - float(l1)) <= 1e-6 * abs(float(l0))
     for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1), strict=True):
         assert rel_err(b, a) < 1e-5
+
+
+def test_alike_unrolled_layers_are_traced_once(monkeypatch):
+    """Unrolled layers run through one jitted function per distinct layer (model._jitted_layer):
+    a 3-layer model traces its Block once, not three times (the unrolled 1.5B's tracing and
+    lowering: 17 s -> 2.4 s on the CPU, for CUDA), with the same logits as the plain loop."""
+    from mamba3_jax import model as model_lib
+    from mamba3_jax.layers import Block
+
+    model = Mamba3LM(ModelConfig(vocab_size=64, d_model=32, n_layer=3, d_state=16, headdim=16),
+                     rngs=nnx.Rngs(0))
+    tokens = jax.random.randint(jax.random.PRNGKey(0), (2, 7), 0, 64)
+    calls, call = [], Block.__call__
+
+    def spy(self, *a, **k):
+        calls.append(1)
+        return call(self, *a, **k)
+
+    monkeypatch.setattr(Block, "__call__", spy)
+    model_lib._jitted_layer.cache_clear()
+    got = model(tokens)
+    assert len(calls) == 1
+    monkeypatch.setattr(model_lib, "_jitted_layer", model_lib.apply_layer)  # the plain loop
+    want = model(tokens)
+    assert len(calls) == 4
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6, atol=1e-6)
