@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# The pending GPU runs of docs/benchmarks.md ("Pending GPU runs"), one part per device call
+# (each under 10 minutes on one H200; a helper issues them back to back to stay in the warm
+# window). From the repo root, with .whl (../shared/wheels) and .official
+# (../shared/bench/official/README.md) carried:
+#     OUT=$OUT MAMBA3_COMMIT=<short HEAD> bash experiments/gpu_pending.sh train|train2|kernels|state
+# Results land in $OUT (at most 8 files come back: keep the logs few).
+set -u
+part=${1:?part: train, train2, kernels or state}
+export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT" runs
+# the image lacks ml_collections, grain and jax-triton: plain `pip install` put them where the
+# image's python did not look (session 13 lost a call to it); --target + PYTHONPATH does not
+python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site \
+  .whl/*.whl 2>&1 | grep -v WARNING | tail -2
+export PYTHONPATH=.:/tmp/site
+python3 -c "import ml_collections, grain" || exit 1
+T0=$(date +%s); left() { echo $(( $1 - ($(date +%s) - T0) )); }
+row() { grep '^{' | python3 -c "
+import json, sys
+for r in map(json.loads, sys.stdin):
+    print(r['config'], ' '.join(r['set']), {k: r.get(k) for k in
+          ('lower_s', 'compile_s', 'step_ms', 'mfu', 'peak_mem_gib', 'error')})"; }
+bench() {  # bench <log name> <seconds> <bench_train args...>
+  local name=$1 secs=$2; shift 2
+  timeout "$secs" python3 experiments/bench_train.py --steps 3 --warmup 1 "$@" 2>&1 \
+    | tee "$OUT/$name.log" | row
+}
+case $part in
+train)  # part_matmuls and the per-layer jit, 1.5B unrolled (not deterministic) and 180M
+  bench t1 150 --configs 1.5b --set model.scan_layers=False --set train.deterministic=False
+  bench t2 150 --configs 1.5b --set model.scan_layers=False --set train.deterministic=False \
+    --set model.part_matmuls=True
+  bench t3 100 --configs 180m --set model.part_matmuls=True
+  bench t4 $(left 570) --configs 180m
+  ;;
+train2)  # the layer scan with and without XLA's Triton GEMMs; 1.5B deterministic; MIMO
+  bench u1 80 --configs 1.5b --set train.xla_triton_gemm=on
+  bench u2 80 --configs 1.5b --set train.xla_triton_gemm=off
+  bench u3 170 --configs 1.5b --set model.scan_layers=False --set model.part_matmuls=True
+  bench u4 $(left 570) --configs 180m_mimo --set model.part_matmuls=True
+  ;;
+kernels)  # the prefill kernels beside the official ones, then ncu of the Mosaic forward
+  OUT=$OUT timeout 300 bash experiments/gpu_prefill.sh --shapes a,b,c --modes fwd,fwd+bwd \
+    --variants "ours,mosaic_output=1,mosaic_output=2;mosaic_stages=1" --reps 10 | tail -25
+  ;;
+state)  # issue 13: modular arithmetic, four rates a seed, resumable (run the part again)
+  mkdir -p runs/st_paper4
+  timeout $(left 560) python3 experiments/state_tracking.py --preset paper --tasks mod_arith \
+    --variants mamba3 --seeds 0,1,2,3 --lrs 1.39e-3,2.68e-3,5.18e-3,1e-2 --out runs/st_paper4 \
+    --time_budget $(left 540) 2>&1 | tail -20
+  tar -cf - -C runs st_paper4 | split -b 12m - "$OUT/st_paper4.tar."
+  ;;
+*) echo "unknown part $part"; exit 2 ;;
+esac
