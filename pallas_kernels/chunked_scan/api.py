@@ -284,6 +284,15 @@ class _Opts:
     norm_eps: float
 
 
+def _prepare(o: _Opts, inp, state, mimo_x, cdt):
+    """`prepare_rows` with this call's options."""
+    return prepare_rows(
+        inp, state, mimo_x, o.C, cdt, interpret=o.interpret, rotary=o.rotary,
+        warps_rotary=o.blocks.warps_rotary, angle_mode=o.blocks.angle_mode,
+        rotary_chunk=o.blocks.rotary_chunk, factored_angles=o.blocks.factored_angles,
+        fast_trig=o.blocks.fast_trig, pre_angles=o.blocks.pre_angles)
+
+
 def _rows_path(o: _Opts, inp, state, z, D, mimo_x=None, mimo_z=None, mimo_o=None,
                norm_weight=None, gate_in_kernel: bool = False):
     """Rotated q, k rows per head (`rotate_qk`), the SSD core, the gate in XLA: the training
@@ -293,11 +302,7 @@ def _rows_path(o: _Opts, inp, state, z, D, mimo_x=None, mimo_z=None, mimo_o=None
     H, P = inp.x.shape[2], inp.x.shape[3]
     S = inp.angle_inc.shape[-1]
     cdt = jnp.dtype(inp.x.dtype)
-    ops, theta_last, k_rows, Lp, permuted = prepare_rows(
-        inp, state, mimo_x, o.C, cdt, interpret=o.interpret, rotary=o.rotary,
-        warps_rotary=o.blocks.warps_rotary, angle_mode=o.blocks.angle_mode,
-        rotary_chunk=o.blocks.rotary_chunk, factored_angles=o.blocks.factored_angles,
-        fast_trig=o.blocks.fast_trig, pre_angles=o.blocks.pre_angles)
+    ops, theta_last, k_rows, Lp, permuted = _prepare(o, inp, state, mimo_x, cdt)
     shape = CoreShape(B=B, H=H, nc=Lp // o.C, C=o.C, R=R, N=N, P=P, cdt=cdt.name,
                       interpret=o.interpret, blocks=o.blocks)
     if gate_in_kernel:
@@ -336,16 +341,18 @@ def _mosaic_rotates(o: _Opts, inp) -> bool:
     S = inp.angle_inc.shape[-1]
     # 4 S % 128: the angle carried into a chunk (S float32) is one TMA copy, and Mosaic GPU's
     # copies move whole multiples of 128 bytes (S = 16 failed to compile on the H200)
-    return bool(o.blocks.mosaic_output >= 2 and o.rotary == "kernel" and R == 1 and S
+    return bool(o.blocks.mosaic_output in (2, 3) and o.rotary == "kernel" and R == 1 and S
                 and inp.angle_rate is not None and S % 32 == 0 and (N - 2 * S) % 16 == 0
                 and pallas_mosaic_gpu.covers(o.C, R, N, inp.x.shape[3], inp.x.dtype))
 
 
 def _rotated_in_kernels(o: _Opts, inp, state, z, D):
-    """The SISO inference forward without per-head q, k rows: two Mosaic GPU kernels (the state
-    pass, then the gated output) rotate the groups' q, k themselves from the angles' factors and
-    the angle carried into each chunk (`pallas_mosaic_gpu.rotating_state_pass`,
-    `rotating_output`); XLA forms the per-token scalars and the carried angles."""
+    """The SISO inference forward whose output kernel reads no per-head q, k rows: the Mosaic
+    GPU output kernel rotates the groups' q, k itself from the angles' factors and the angle
+    carried into each chunk (`pallas_mosaic_gpu.rotating_output`); XLA forms the per-token
+    scalars and the carried angles. The states entering the chunks: `mosaic_output=2`, the
+    Mosaic state pass, which rotates k too (no rows at all); 3, the Triton rotation kernel's
+    k rows and the Triton state pass."""
     B, L, _, G, N = inp.q.shape
     H, P = inp.x.shape[2], inp.x.shape[3]
     S = inp.angle_inc.shape[-1]
@@ -363,9 +370,16 @@ def _rotated_in_kernels(o: _Opts, inp, state, z, D):
     q, k = group(inp.q), group(inp.k)
     qb, kb = (_pair_bias(b, H, 1, N, S)[:, 0] for b in (inp.q_bias, inp.k_bias))
     v = padt(inp.x.astype(cdt))
-    states, g_last = pallas_mosaic_gpu.rotating_state_pass(
-        k, kb, v, cs, sc, seg_rows, to_pair_blocks(g0, S), rate, dt, carry, rate_tanh=pre,
-        stages=o.blocks.mosaic_stages, interpret=o.interpret)
+    if o.blocks.mosaic_output == 3:  # the Triton path's k rows and state pass (same chunks)
+        (_, k_rows, v_rows, *_), _, _, _, _ = _prepare(o, inp, state, None, cdt)
+        shape = CoreShape(B=B, H=H, nc=Lp // C, C=C, R=1, N=N, P=P, cdt=cdt.name,
+                          interpret=o.interpret, blocks=o.blocks)
+        states, g_last = pallas_triton.state_pass(shape, k_rows, v_rows, cs, sc, seg_rows,
+                                                  to_pair_blocks(g0, S))
+    else:
+        states, g_last = pallas_mosaic_gpu.rotating_state_pass(
+            k, kb, v, cs, sc, seg_rows, to_pair_blocks(g0, S), rate, dt, carry, rate_tanh=pre,
+            stages=o.blocks.mosaic_stages, interpret=o.interpret)
     out = pallas_mosaic_gpu.rotating_output(
         q, qb, k, kb, v, cs, sc, gm, seg_rows, states, padt(z.astype(cdt)),
         jnp.broadcast_to(D.astype(f32)[:, None], (H, P)), rate, dt, carry, rate_tanh=pre,

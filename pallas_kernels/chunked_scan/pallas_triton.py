@@ -87,9 +87,12 @@ class TritonBlocks:
     pre_angles: int = 1
     # 1: the chunk output kernel as a Pallas Mosaic GPU kernel (`pallas_mosaic_gpu`: TMA, wgmma)
     # where it covers the shape (bf16 / f16 SISO, 64-token chunks), the Triton one elsewhere;
-    # 2: besides, the inference forward (SISO, factored angles) without per-head q rows: the
-    # rotation kernel writes k rows alone and the Mosaic kernel rotates the group's q itself.
-    # The first kernels of the Mosaic GPU route, off until timed on the GPU
+    # besides, for the inference forward (SISO, factored angles, S a multiple of 32):
+    # 2: no per-head rows at all, a Mosaic state pass and a Mosaic output kernel that rotate
+    # the group's q, k themselves; 3: the Triton rotation and state pass, then that rotating
+    # Mosaic output kernel (it reads no rows). H200 (session 13), fwd at B8 L2048 H32 / H64 /
+    # B1 L16384: 1 within 3-4% of the Triton kernel; 2 1.9-2.5x slower (its state pass walks
+    # the chunks in one CTA per head); 3 not yet timed. Off until one wins
     mosaic_output: int = 0
     # the Mosaic state pass (mosaic_output=2): 2 copies the next chunk's tiles in while one is
     # computed, 1 waits for each chunk's own copies
