@@ -36,6 +36,7 @@ from pallas_kernels.chunked_scan.pallas_triton import CoreShape, TritonBlocks, d
 from pallas_kernels.chunked_scan.pallas_triton_rotary import (
     RotShape,
     from_pair_blocks,
+    rotate_k,
     rotate_qk,
     to_pair_blocks,
 )
@@ -370,11 +371,17 @@ def _rotated_in_kernels(o: _Opts, inp, state, z, D):
     q, k = group(inp.q), group(inp.k)
     qb, kb = (_pair_bias(b, H, 1, N, S)[:, 0] for b in (inp.q_bias, inp.k_bias))
     v = padt(inp.x.astype(cdt))
-    if o.blocks.mosaic_output == 3:  # the Triton path's k rows and state pass (same chunks)
-        (_, k_rows, v_rows, *_), _, _, _, _ = _prepare(o, inp, state, None, cdt)
+    if o.blocks.mosaic_output == 3:  # k rows from the Triton rotation, the Triton state pass
+        rs = RotShape(B=B, nc=Lp // C, C=C, R=1, G=G, H=H, N=N, S=S, cdt=cdt.name,
+                      interpret=o.interpret, angle_mode=o.blocks.angle_mode,
+                      fast_trig=bool(o.blocks.fast_trig), rate_tanh=pre,
+                      warps=min(o.blocks.warps_rotary, max(1, C // 8)),
+                      rate_heads=rate.shape[2])
+        k_rows = rotate_k(rs, k[:, :, None], _pair_bias(inp.k_bias, H, 1, N, S), rate, carry,
+                          seg, dt).reshape(B, Lp, H, N)
         shape = CoreShape(B=B, H=H, nc=Lp // C, C=C, R=1, N=N, P=P, cdt=cdt.name,
                           interpret=o.interpret, blocks=o.blocks)
-        states, g_last = pallas_triton.state_pass(shape, k_rows, v_rows, cs, sc, seg_rows,
+        states, g_last = pallas_triton.state_pass(shape, k_rows, v, cs, sc, seg_rows,
                                                   to_pair_blocks(g0, S))
     else:
         states, g_last = pallas_mosaic_gpu.rotating_state_pass(

@@ -125,11 +125,25 @@ def _fwd_kernel(*refs, rs: RotShape):
     q_ref, k_ref, qb_ref, kb_ref, inc_ref, a_ref, sg_ref = refs[:7]
     dt_ref = refs[7] if rs.rate_heads else None
     qr_ref, kr_ref = refs[-2:]
+    _rotate_rows(((q_ref, qb_ref, qr_ref), (k_ref, kb_ref, kr_ref)), inc_ref, a_ref, sg_ref,
+                 dt_ref, rs)
+
+
+def _fwd_k_kernel(*refs, rs: RotShape):
+    """`_fwd_kernel` for k alone (`rotate_k`)."""
+    k_ref, kb_ref, inc_ref, a_ref, sg_ref = refs[:5]
+    dt_ref = refs[5] if rs.rate_heads else None
+    _rotate_rows(((k_ref, kb_ref, refs[-1]),), inc_ref, a_ref, sg_ref, dt_ref, rs)
+
+
+def _rotate_rows(parts, inc_ref, a_ref, sg_ref, dt_ref, rs: RotShape):
+    """One head and chunk: the angles, then each (group rows, bias, output) of `parts` biased,
+    rounded and rotated into the head's rows."""
     S, N, cdt = rs.S, rs.N, jnp.dtype(rs.cdt)
     th, _ = _theta(_increments(_rate(inc_ref, rs.rate_tanh), dt_ref), a_ref[...], sg_ref[...],
                    rs.angle_prec)
     cos, sin = sincos(th, rs.fast_trig, rs.interpret)
-    for src, b_ref, out in ((q_ref, qb_ref, qr_ref), (k_ref, kb_ref, kr_ref)):
+    for src, b_ref, out in parts:
         a = _biased(src, b_ref[pl.ds(0, S)], 0, S, cdt)  # pair member 1 of each rotated pair
         b = _biased(src, b_ref[pl.ds(S, S)], S, S, cdt)  # pair member 2
         out[:, pl.ds(0, S)] = (a * cos - b * sin).astype(out.dtype)
@@ -220,6 +234,20 @@ def _forward(rs: RotShape, q, k, qb, kb, inc, a, seg, dt):
         in_specs=_specs(rs), out_specs=[out, out], out_shape=[shape, shape],
         interpret=rs.interpret, compiler_params=rs.params, name="mamba3_rotate_qk",
     )(q, k, qb, kb, inc, a, seg, *([dt] if rs.rate_heads else []))
+
+
+def rotate_k(rs: RotShape, k, kb, inc, a, seg, dt=None):
+    """Forward only: `rotate_qk`'s k rows without q's (an inference path whose other kernel
+    rotates q itself, `TritonBlocks.mosaic_output=3`)."""
+    B, nc, C, R, H, N = rs.B, rs.nc, rs.C, rs.R, rs.H, rs.N
+    out = pl.BlockSpec((SQ, C, SQ, SQ, N), lambda b, c, r, h: (b, c, r, h, 0))
+    specs = _specs(rs)
+    return pl.pallas_call(
+        functools.partial(_fwd_k_kernel, rs=rs), grid=(B, nc, R, H),
+        in_specs=[specs[1], specs[3]] + specs[4:], out_specs=out,
+        out_shape=jax.ShapeDtypeStruct((B, nc * C, R, H, N), jnp.dtype(rs.cdt)),
+        interpret=rs.interpret, compiler_params=rs.params, name="mamba3_rotate_k",
+    )(k, kb, inc, a, seg, *([dt] if rs.rate_heads else []))
 
 
 def _backward(rs: RotShape, q, k, qb, kb, inc, a, seg, dt, dqr, dkr):

@@ -132,8 +132,8 @@ def test_inference_forward_rotating_q_in_the_kernel(rate_heads, pre, resets, sta
     the angles' factors (the model's shared rate, or the benchmark's per-head raw angles) with a
     carried angle of many turns; with resets, and without (the state carried over three
     chunks), the state pass prefetching the next chunk's tiles or not. `mosaic_output=3`: the
-    Triton rotation and state pass, then the same rotating output kernel. Output and final
-    state == the Triton path and the reference."""
+    Triton rotation of k alone and the Triton state pass, then the same rotating output
+    kernel. Output and final state == the Triton path and the reference."""
     # N = 128: S = 32 angles, the fewest whose float32 carry is one whole TMA copy (128 bytes)
     n, s = 128, 32
     inp, state, p = make_problem(5, B, 180, 1, H, n, P, s, jnp.bfloat16, resets, groups=1)
@@ -156,7 +156,8 @@ def test_inference_forward_rotating_q_in_the_kernel(rate_heads, pre, resets, sta
     if mode == 2:
         assert lowered.count("mosaic_gpu") >= 2 and "mamba3_rotate_qk" not in lowered
     else:
-        assert "mamba3_rotate_qk" in lowered and "mamba3_ssd_state" in lowered
+        assert "mamba3_rotate_k" in lowered and "mamba3_ssd_state" in lowered  # k rows alone
+        assert "mamba3_rotate_qk" not in lowered
     want, want_state = oracle.reference(inp, state, **p)
     got, got_state = scan(inp, state, blocks, **p)
     tri, tri_state = scan(inp, state, TRITON, **p)
