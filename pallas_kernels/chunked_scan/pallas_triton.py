@@ -90,9 +90,9 @@ class TritonBlocks:
     # besides, for the inference forward (SISO, factored angles, S a multiple of 32):
     # 2: no per-head rows at all, a Mosaic state pass and a Mosaic output kernel that rotate
     # the group's q, k themselves; 3: the Triton rotation of k alone and state pass, then
-    # that rotating Mosaic output kernel (no q rows at all). H200 (session 13), fwd at B8 L2048 H32 / H64 /
-    # B1 L16384: 1 within 3-4% of the Triton kernel; 2 1.9-2.5x slower (its state pass walks
-    # the chunks in one CTA per head); 3 not yet timed. Off until one wins
+    # that rotating Mosaic output kernel (no q rows at all). H200 (session 13), fwd at B8
+    # L2048 H32 / H64 / B1 L16384: 1 within 3-4% of the Triton kernel; 2 1.9-2.5x slower (its
+    # state pass walks the chunks in one CTA per head); 3 not yet timed. Off until one wins
     mosaic_output: int = 0
     # the Mosaic state pass (mosaic_output=2): 2 copies the next chunk's tiles in while one is
     # computed, 1 waits for each chunk's own copies
