@@ -3,10 +3,10 @@
 # (each under 10 minutes on one H200; a helper issues them back to back to stay in the warm
 # window). From the repo root, with .whl (../shared/wheels) and .official
 # (../shared/bench/official/README.md) carried:
-#     OUT=$OUT MAMBA3_COMMIT=<short HEAD> bash experiments/gpu_pending.sh train|train2|kernels|state
+#     OUT=$OUT MAMBA3_COMMIT=<short HEAD> bash experiments/gpu_pending.sh train|train2|train3|kernels|state
 # Results land in $OUT (at most 8 files come back: keep the logs few).
 set -u
-part=${1:?part: train, train2, kernels or state}
+part=${1:?part: train, train2, train3, kernels or state}
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT" runs
 # the image lacks ml_collections, grain and jax-triton: plain `pip install` put them where the
@@ -39,6 +39,12 @@ train2)  # the layer scan with and without XLA's Triton GEMMs; 1.5B deterministi
   bench u2 80 --configs 1.5b --set train.xla_triton_gemm=off
   bench u3 170 --configs 1.5b --set model.scan_layers=False --set model.part_matmuls=True
   bench u4 $(left 570) --configs 180m_mimo --set model.part_matmuls=True
+  ;;
+train3)  # the 1.5B unrolled compile: XLA's share (61 s of 85 in session 13) under flags
+  for f in "--xla_gpu_enable_command_buffer=" "--xla_gpu_autotune_level=1"; do
+    XLA_FLAGS="$f" bench "c${f:2:20}" 140 --configs 1.5b --set model.scan_layers=False \
+      --set train.deterministic=False
+  done
   ;;
 kernels)  # the Mosaic kernels' tests on the GPU, then the prefill beside the official kernels
   timeout 150 python3 -m pytest -q tests/kernels/test_mosaic_output.py 2>&1 | tail -40 \
