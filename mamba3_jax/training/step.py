@@ -8,9 +8,14 @@ Train state (a dict, so orbax saves it as is):
     rng        uint32 key data     split once per step (the model has no dropout today)
     finite     bool ()             False once a non-finite loss / grad norm / param norm was seen
 
-A step whose loss, grad norm or new param norm is not finite leaves the state unchanged and sets
-`finite` False; every later step is a no-op too, so the host (which reads metrics one step late)
-still finds the last good state on the device when it notices.
+A step whose loss or grad norm is not finite leaves the state unchanged and sets `finite` False;
+every later step is a no-op too, so the host (which reads metrics one step late) still finds the
+last good state on the device when it notices. A new param norm that is not finite (finite
+gradients through AdamW cannot make one, short of an overflow) sets `finite` False too, but that
+step's update has been applied (`update_applied_nonfinite`): the last good state is then the last
+checkpoint. Deciding before the update lets XLA fold the guard's select into the optimizer's
+elementwise pass; a guard on the new param norm needed a second pass over the parameters and
+both moments (~35 GB a step at 1.5B).
 """
 
 from __future__ import annotations
@@ -183,6 +188,8 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, schedule: Callab
         count = jnp.maximum(aux["tokens"], 1.0)
         loss = aux["sum_nll"] / count
         grad_norm = optax.tree.norm(grads)
+        # known before the update (see the module docstring)
+        ok = state["finite"] & jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         updates, opt_state = tx.update(grads, state["opt_state"], params)
         new_params = optax.apply_updates(params, updates)
         param_norm = optax.tree.norm(new_params)
@@ -190,10 +197,8 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, schedule: Callab
         new = {"step": state["step"] + 1, "params": new_params, "frozen": frozen,
                "opt_state": opt_state, "rng": rng, "finite": state["finite"]}
         if step_cfg.check_finite:
-            ok = (state["finite"] & jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-                  & jnp.isfinite(param_norm))
             new = jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, state)
-            new["finite"] = ok
+            new["finite"] = ok & jnp.isfinite(param_norm)
         metrics = {
             "loss": loss,
             "bits_per_byte": aux["sum_nll"] / (LN2 * jnp.maximum(aux["bytes"], 1.0)),
@@ -207,6 +212,13 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, schedule: Callab
         return new, metrics
 
     return train_step
+
+
+def update_applied_nonfinite(metrics: dict) -> bool:
+    """Whether the step these (host) metrics belong to applied an update that made the
+    parameters non-finite (finite loss and grad norm): its state is not the last good one."""
+    return bool(math.isfinite(float(metrics["loss"])) and math.isfinite(
+        float(metrics["grad_norm"])) and not math.isfinite(float(metrics["param_norm"])))
 
 
 def make_eval_step(graphdef, loss_chunk: int = 0, mesh: Mesh | None = None,

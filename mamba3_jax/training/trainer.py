@@ -57,6 +57,7 @@ from mamba3_jax.training.step import (
     make_eval_step,
     make_train_step,
     model_graphdef,
+    update_applied_nonfinite,
 )
 
 log = logging.getLogger(__name__)
@@ -426,7 +427,11 @@ class Trainer:
     def _stop_nonfinite(self, step, m, state, data_states, writer) -> None:
         good = int(np.asarray(state["step"]))  # guarded steps left the last good state in place
         where = None
-        if good in data_states:
+        if update_applied_nonfinite(m):  # this step's update is in the state: not a good one
+            steps = [s for s in self.ckpt.all_steps() if s < good]
+            good = max(steps) if steps else 0
+            where = self.ckpt.step_dir(good) if steps else None
+        elif good in data_states:
             problem = self.ckpt.verify(good) if good in self.ckpt.all_steps() else None
             if problem:  # never name a damaged checkpoint as the good state: write it again
                 _warn(f"checkpoint {self.ckpt.step_dir(good)} is corrupt: {problem}; moved it "
@@ -438,10 +443,15 @@ class Trainer:
                 self.ckpt.save(good, ok_state, data_states[good], self.cfg_dict)
                 self.ckpt.wait()
             where = self.ckpt.step_dir(good)
+        if update_applied_nonfinite(m):
+            tail = ("Its update made the parameters non-finite; "
+                    + (f"the last good checkpoint is step {good}: {where}." if where
+                       else "no checkpoint holds a good state."))
+        else:
+            tail = (f"Saved the last good state (step {good}) to {where}." if where
+                    else f"The last good state is step {good} (no checkpoint written).")
         msg = (f"non-finite training at step {step}: loss={m['loss']}, "
-               f"grad_norm={m['grad_norm']}, param_norm={m['param_norm']}. "
-               + (f"Saved the last good state (step {good}) to {where}."
-                  if where else f"The last good state is step {good} (no checkpoint written)."))
+               f"grad_norm={m['grad_norm']}, param_norm={m['param_norm']}. " + tail)
         writer.write(step, {"loss": m["loss"], "grad_norm": m["grad_norm"], "nonfinite": 1.0},
                      "train")
         writer.line(msg)

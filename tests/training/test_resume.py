@@ -85,3 +85,31 @@ def test_nan_stops_with_checkpoint_of_last_good_state(tmp_path, jax_cache):
     assert restored and start == 2 and bool(state["finite"])
     assert all(np.isfinite(x).all() for x in jax.tree.leaves(jax.device_get(state["params"])))
     it.close()
+
+
+def test_update_that_makes_params_nonfinite_stops_at_the_last_good_checkpoint(tmp_path,
+                                                                              jax_cache):
+    """Finite loss and gradients, but an update that overflows the parameters (a run resumed
+    from its step-1 checkpoint with peak LR 1e38): the guard, decided before the update, lets it
+    through; `finite` turns False on the new param norm, the run stops, and the error names the
+    last checkpoint before it, not the device's state (a fresh run doing so at its first step
+    has none to name)."""
+    from mamba3_jax.training.step import update_applied_nonfinite
+
+    c = tiny_config(jax_cache)
+    c.train.steps, c.train.eval_steps, c.optim.warmup_steps = 1, 0, 1
+    train(c, str(tmp_path))  # the good checkpoint: step 1
+    c.train.steps, c.optim.peak_lr, c.optim.end_lr = 3, 1e38, 0.0
+    c.train.allow_config_change = True
+    with pytest.raises(NonFiniteLossError) as e:
+        train(c, str(tmp_path))
+    err = e.value
+    assert err.step == 2 and err.checkpoint == str(tmp_path / "checkpoints" / "1")
+    assert "made the parameters non-finite; the last good checkpoint is step 1" in str(err)
+    rec = read_jsonl(str(tmp_path / "metrics.jsonl"))[-1]
+    assert rec["step"] == 2 and rec["train/nonfinite"] == 1.0
+    with pytest.raises(NonFiniteLossError, match="no checkpoint holds a good state"):
+        train(c, str(tmp_path / "fresh"))
+    assert update_applied_nonfinite({"loss": 1.0, "grad_norm": 2.0, "param_norm": float("inf")})
+    assert not update_applied_nonfinite({"loss": float("nan"), "grad_norm": 2.0,
+                                         "param_norm": float("nan")})
