@@ -117,6 +117,10 @@ class ModelConfig:
     state_dtype: str = "float32"  # decode cache SSM state (float32 or bfloat16)
 
     def __post_init__(self):
+        # a config read back from JSON has a list here: a tuple keeps the config hashable (it is
+        # static in the model's graph definition, which keys model._jitted_layer's cache)
+        if isinstance(self.a_init_range, list):
+            object.__setattr__(self, "a_init_range", tuple(self.a_init_range))
         errors = []
 
         def need(cond, msg):

@@ -93,6 +93,13 @@ def _jitted_layer(graphdef, remat: str) -> Callable:
     return jax.jit(apply_layer(graphdef, remat), static_argnums=(4,))
 
 
+def _layer_fn(graphdef, remat: str) -> Callable:
+    try:
+        return _jitted_layer(graphdef, remat)
+    except TypeError:  # a graph definition that cannot be hashed: traced per layer, as before
+        return apply_layer(graphdef, remat)
+
+
 class Mamba3LM(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
@@ -169,7 +176,7 @@ class Mamba3LM(nnx.Module):
         new_caches = []
         for layer, c in zip(self.layers, caches, strict=True):
             graphdef, state = nnx.split(layer)
-            h, c = _jitted_layer(graphdef, remat)(state, h, c, reset, backend)
+            h, c = _layer_fn(graphdef, remat)(state, h, c, reset, backend)
             new_caches.append(c)
         return h, new_caches
 

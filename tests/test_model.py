@@ -256,3 +256,13 @@ def test_alike_unrolled_layers_are_traced_once(monkeypatch):
     want = model(tokens)
     assert len(calls) == 4
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6, atol=1e-6)
+
+
+def test_config_from_json_is_hashable_and_equal():
+    """A config read back from JSON (lists for tuples) hashes and equals the original: it is
+    static in the model's graph definition, which keys the per-layer jit's cache."""
+    import json
+
+    cfg = ModelConfig(vocab_size=64, d_model=32, n_layer=1, d_state=16, headdim=16)
+    back = ModelConfig.from_dict(json.loads(json.dumps(cfg.to_dict())))
+    assert back == cfg and hash(back) == hash(cfg)
