@@ -64,12 +64,16 @@ def layouts(n: int) -> dict:
                                   train__remat="full")}
 
 
-def main(cache):
+def main(cache, only: str = ""):
+    """only: a comma list of layout names (default every layout of the device count)."""
     n = jax.device_count()
     assert n >= 2 and 8 % n == 0, f"needs 2, 4 or 8 devices (batch 8), got {jax.devices()}"
     single = run(cache, jax.devices()[:1])
     out = {"single_mesh": single["mesh"], "devices": [str(d) for d in jax.devices()]}
-    for name, kw in layouts(n).items():
+    chosen = layouts(n)
+    if only:
+        chosen = {name: chosen[name] for name in only.split(",")}
+    for name, kw in chosen.items():
         r = run(cache, None, **kw)
         scale = max(float(np.abs(g).max()) for g in jax.tree.leaves(single["grads"]))
         grad_err = max(float(np.abs(a - b).max()) for a, b in
@@ -90,4 +94,4 @@ def main(cache):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(*sys.argv[1:3])
