@@ -372,13 +372,18 @@ def _rotated_in_kernels(o: _Opts, inp, state, z, D):
     qb, kb = (_pair_bias(b, H, 1, N, S)[:, 0] for b in (inp.q_bias, inp.k_bias))
     v = padt(inp.x.astype(cdt))
     if o.blocks.mosaic_output == 3:  # k rows from the Triton rotation, the Triton state pass
-        rs = RotShape(B=B, nc=Lp // C, C=C, R=1, G=G, H=H, N=N, S=S, cdt=cdt.name,
+        # in the rotation's own chunks (TritonBlocks.rotary_chunk), as `prepare_rows` runs it
+        Cr = min(o.blocks.rotary_chunk, C) if o.blocks.rotary_chunk else C
+        seg_r = seg if Cr == C else _chunk_segments(
+            jnp.zeros((B, L), bool) if inp.reset is None else inp.reset, padt, Lp, Cr)
+        inc_r, carry_r, _ = _carried_angles(inp, state, seg_r, padt, Cr, L, True, pre)
+        rs = RotShape(B=B, nc=Lp // Cr, C=Cr, R=1, G=G, H=H, N=N, S=S, cdt=cdt.name,
                       interpret=o.interpret, angle_mode=o.blocks.angle_mode,
                       fast_trig=bool(o.blocks.fast_trig), rate_tanh=pre,
-                      warps=min(o.blocks.warps_rotary, max(1, C // 8)),
+                      warps=min(o.blocks.warps_rotary, max(1, Cr // 8)),
                       rate_heads=rate.shape[2])
-        k_rows = rotate_k(rs, k[:, :, None], _pair_bias(inp.k_bias, H, 1, N, S), rate, carry,
-                          seg, dt).reshape(B, Lp, H, N)
+        k_rows = rotate_k(rs, k[:, :, None], _pair_bias(inp.k_bias, H, 1, N, S), inc_r[0],
+                          carry_r, seg_r, jnp.swapaxes(inc_r[1], 1, 2)).reshape(B, Lp, H, N)
         shape = CoreShape(B=B, H=H, nc=Lp // C, C=C, R=1, N=N, P=P, cdt=cdt.name,
                           interpret=o.interpret, blocks=o.blocks)
         states, g_last = pallas_triton.state_pass(shape, k_rows, v, cs, sc, seg_rows,

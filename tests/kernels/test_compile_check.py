@@ -84,3 +84,15 @@ def test_decode_trig_from_xla_issues_fewer_instructions():
         assert trig["spill_stores"] == base["spill_stores"] == 0, (base, trig)
         assert trig["main_path"] < 0.85 * base["main_path"], (bp, base["main_path"],
                                                                trig["main_path"])
+
+
+def test_k_only_rotation_compiles_like_the_default_rotation():
+    """`mosaic_output=3`'s Triton kernels: the k-only rotation in the default rotation chunks
+    (the same registers and launch as `mamba3_rotate_qk`) and the state pass, without spills."""
+    rows = {r["kernel"]: r for r in check(TritonBlocks(mosaic_output=3), "a", "fwd")}
+    default = {r["kernel"]: r for r in check(TritonBlocks(), "a", "fwd")}
+    assert set(rows) == {"mamba3_rotate_k", "mamba3_ssd_state"}, rows
+    for r in rows.values():
+        assert r["spill_stores"] == 0 and r["regs"] <= REGISTER_LIMIT, r
+    k, qk = rows["mamba3_rotate_k"], default["mamba3_rotate_qk"]
+    assert k["warps"] == qk["warps"] and k["regs"] <= qk["regs"], (k, qk)
