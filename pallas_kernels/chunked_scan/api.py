@@ -199,6 +199,17 @@ def _pair_bias(b, H: int, R: int, N: int, S: int):
     return jnp.zeros((H, R, N), f32) if b is None else to_pair_blocks(b.astype(f32), S)
 
 
+def _rotation_chunks(inp: SSMInputs, seg, padt, Lp: int, C: int, rotary_chunk: int):
+    """The rotation kernels' chunk (`TritonBlocks.rotary_chunk`; 0: the core's C) and its
+    chunk-local segment ids (B, Lp)."""
+    Cr = min(rotary_chunk, C) if rotary_chunk else C
+    if Cr == C:
+        return C, seg
+    B, L = inp.x.shape[:2]
+    return Cr, _chunk_segments(jnp.zeros((B, L), bool) if inp.reset is None else inp.reset,
+                               padt, Lp, Cr)
+
+
 def prepare_rows(inp: SSMInputs, state: SSMState, mimo_x, C: int, cdt, *, interpret: bool,
                  rotary: str = "kernel", warps_rotary: int = 4, angle_mode: str = "tf32x3",
                  rotary_chunk: int = 0, factored_angles: int = 0, fast_trig: int = 0,
@@ -218,9 +229,7 @@ def prepare_rows(inp: SSMInputs, state: SSMState, mimo_x, C: int, cdt, *, interp
     seg, cs, sc, gm, seg_rows, g0 = _scalars(inp, state, mimo_x, C, R, Lp)
     permuted = False
     if S and rotary == "kernel":
-        Cr = min(rotary_chunk, C) if rotary_chunk else C
-        seg_r = seg if Cr == C else _chunk_segments(
-            jnp.zeros((B, L), bool) if inp.reset is None else inp.reset, padt, Lp, Cr)
+        Cr, seg_r = _rotation_chunks(inp, seg, padt, Lp, C, rotary_chunk)
         factored = inp.angle_rate is not None and (
             factored_angles >= 2 or (factored_angles == 1 and R == 1))
         pre = factored and bool(pre_angles) and inp.angle_pre is not None
@@ -373,9 +382,7 @@ def _rotated_in_kernels(o: _Opts, inp, state, z, D):
     v = padt(inp.x.astype(cdt))
     if o.blocks.mosaic_output == 3:  # k rows from the Triton rotation, the Triton state pass
         # in the rotation's own chunks (TritonBlocks.rotary_chunk), as `prepare_rows` runs it
-        Cr = min(o.blocks.rotary_chunk, C) if o.blocks.rotary_chunk else C
-        seg_r = seg if Cr == C else _chunk_segments(
-            jnp.zeros((B, L), bool) if inp.reset is None else inp.reset, padt, Lp, Cr)
+        Cr, seg_r = _rotation_chunks(inp, seg, padt, Lp, C, o.blocks.rotary_chunk)
         inc_r, carry_r, _ = _carried_angles(inp, state, seg_r, padt, Cr, L, True, pre)
         rs = RotShape(B=B, nc=Lp // Cr, C=Cr, R=1, G=G, H=H, N=N, S=S, cdt=cdt.name,
                       interpret=o.interpret, angle_mode=o.blocks.angle_mode,
