@@ -23,6 +23,7 @@ def test_smoke_run_reports_a_timed_row_and_writes_json(tmp_path, monkeypatch):
     assert r["scan_layers"] is True and r["remat"] == "full" and r["grad_accum"] == 2
     assert r["tokens_per_step"] == 2 * 2 * 64  # micro x devices x accum x seq_len
     assert r["compile_s"] > 0 and r["first_step_s"] >= r["compile_s"] and r["step_ms"] > 0
+    assert 0 < r["lower_s"] < r["compile_s"]  # the lowering is part of the compile time
     assert abs(r["tokens_per_s"] * r["step_ms"] / 1e3 / r["tokens_per_step"] - 1) < 1e-2
     if jax.default_backend() == "cpu":
         assert r["mfu"] is None  # no peak FLOP/s for a CPU
