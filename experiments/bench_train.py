@@ -20,9 +20,8 @@ tokens per step is e.g. `--configs 180m --micro 32 --accum 8`; MFU barely depend
 accumulation count (the optimizer runs once per step).
 
 Reported per case: compile s (lower + compile of the train step; "of it lower s", the
-lowering alone: JAX's share), first step s (compile + the first step, what a run waits before its first log
-line), step ms (mean over the timed steps),
-tokens/s, tokens/s per device, MFU (`mamba3_jax.training.flops`: model FLOPs only, no recompute),
+lowering alone: JAX's share), first step s (compile + the first step, what a run waits before
+its first log line), step ms (mean over the timed steps), tokens/s, tokens/s per device, MFU (`mamba3_jax.training.flops`: model FLOPs only, no recompute),
 peak device memory (allocator peak; `hlo GiB` is XLA's own estimate: arguments + temporaries),
 the final loss (finite, ~ln V on random tokens) and the SSM backend used. Like the training
 command, a config with `train.deterministic` (the default) runs with
