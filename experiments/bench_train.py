@@ -21,8 +21,9 @@ accumulation count (the optimizer runs once per step).
 
 Reported per case: compile s (lower + compile of the train step; "of it lower s", the
 lowering alone: JAX's share), first step s (compile + the first step, what a run waits before
-its first log line), step ms (mean over the timed steps), tokens/s, tokens/s per device, MFU (`mamba3_jax.training.flops`: model FLOPs only, no recompute),
-peak device memory (allocator peak; `hlo GiB` is XLA's own estimate: arguments + temporaries),
+its first log line), step ms (mean over the timed steps), tokens/s, tokens/s per device, MFU
+(`mamba3_jax.training.flops`: model FLOPs only, no recompute), peak device memory (allocator
+peak; `hlo GiB` is XLA's own estimate: arguments + temporaries),
 the final loss (finite, ~ln V on random tokens) and the SSM backend used. Like the training
 command, a config with `train.deterministic` (the default) runs with
 `--xla_gpu_deterministic_ops=true`; `--set train.deterministic=False` measures without it;
