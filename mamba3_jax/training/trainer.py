@@ -427,7 +427,8 @@ class Trainer:
     def _stop_nonfinite(self, step, m, state, data_states, writer) -> None:
         good = int(np.asarray(state["step"]))  # guarded steps left the last good state in place
         where = None
-        if update_applied_nonfinite(m):  # this step's update is in the state: not a good one
+        applied = update_applied_nonfinite(m)
+        if applied:  # this step's update is in the state: not a good one
             steps = [s for s in self.ckpt.all_steps() if s < good]
             good = max(steps) if steps else 0
             where = self.ckpt.step_dir(good) if steps else None
@@ -443,7 +444,7 @@ class Trainer:
                 self.ckpt.save(good, ok_state, data_states[good], self.cfg_dict)
                 self.ckpt.wait()
             where = self.ckpt.step_dir(good)
-        if update_applied_nonfinite(m):
+        if applied:
             tail = ("Its update made the parameters non-finite; "
                     + (f"the last good checkpoint is step {good}: {where}." if where
                        else "no checkpoint holds a good state."))

@@ -210,6 +210,16 @@ def _rotation_chunks(inp: SSMInputs, seg, padt, Lp: int, C: int, rotary_chunk: i
                                padt, Lp, Cr)
 
 
+def _rot_shape(B, Lp, Cr, R, G, H, N, S, cdt, *, interpret, angle_mode, fast_trig, rate_tanh,
+               warps_rotary, rate_heads) -> RotShape:
+    """The rotation kernels' static shape for chunks of Cr tokens."""
+    return RotShape(B=B, nc=Lp // Cr, C=Cr, R=R, G=G, H=H, N=N, S=S, cdt=jnp.dtype(cdt).name,
+                    interpret=interpret, angle_mode=angle_mode, fast_trig=bool(fast_trig),
+                    rate_tanh=rate_tanh,
+                    # a (C, N) tile: 4 warps on MIMO's 16-token chunks spilled (compile_check)
+                    warps=min(warps_rotary, max(1, Cr // 8)), rate_heads=rate_heads)
+
+
 def prepare_rows(inp: SSMInputs, state: SSMState, mimo_x, C: int, cdt, *, interpret: bool,
                  rotary: str = "kernel", warps_rotary: int = 4, angle_mode: str = "tf32x3",
                  rotary_chunk: int = 0, factored_angles: int = 0, fast_trig: int = 0,
@@ -237,12 +247,9 @@ def prepare_rows(inp: SSMInputs, state: SSMState, mimo_x, C: int, cdt, *, interp
         dt = None
         if factored:  # the rate and dt (B, H, Lp), the kernels' layout for per-head scalars
             inc, dt = inc[0], jnp.swapaxes(inc[1], 1, 2)
-        rs = RotShape(B=B, nc=Lp // Cr, C=Cr, R=R, G=G, H=H, N=N, S=S,
-                      cdt=jnp.dtype(cdt).name, interpret=interpret, angle_mode=angle_mode,
-                      fast_trig=bool(fast_trig), rate_tanh=pre,
-                      # a (C, N) tile: 4 warps on MIMO's 16-token chunks spilled (compile_check)
-                      warps=min(warps_rotary, max(1, Cr // 8)),
-                      rate_heads=inc.shape[2] if factored else 0)
+        rs = _rot_shape(B, Lp, Cr, R, G, H, N, S, cdt, interpret=interpret,
+                        angle_mode=angle_mode, fast_trig=fast_trig, rate_tanh=pre,
+                        warps_rotary=warps_rotary, rate_heads=inc.shape[2] if factored else 0)
         permuted = True
 
         q, k = rotate_qk(rs, to_pair_blocks(padt(inp.q).astype(cdt), S),
@@ -383,14 +390,17 @@ def _rotated_in_kernels(o: _Opts, inp, state, z, D):
     if o.blocks.mosaic_output == 3:  # k rows from the Triton rotation, the Triton state pass
         # in the rotation's own chunks (TritonBlocks.rotary_chunk), as `prepare_rows` runs it
         Cr, seg_r = _rotation_chunks(inp, seg, padt, Lp, C, o.blocks.rotary_chunk)
-        inc_r, carry_r, _ = _carried_angles(inp, state, seg_r, padt, Cr, L, True, pre)
-        rs = RotShape(B=B, nc=Lp // Cr, C=Cr, R=1, G=G, H=H, N=N, S=S, cdt=cdt.name,
-                      interpret=o.interpret, angle_mode=o.blocks.angle_mode,
-                      fast_trig=bool(o.blocks.fast_trig), rate_tanh=pre,
-                      warps=min(o.blocks.warps_rotary, max(1, Cr // 8)),
-                      rate_heads=rate.shape[2])
-        k_rows = rotate_k(rs, k[:, :, None], _pair_bias(inp.k_bias, H, 1, N, S), inc_r[0],
-                          carry_r, seg_r, jnp.swapaxes(inc_r[1], 1, 2)).reshape(B, Lp, H, N)
+        rate_r, dt_r, carry_r = rate, dt, carry
+        if Cr != C:
+            (rate_r, dt_r), carry_r, _ = _carried_angles(inp, state, seg_r, padt, Cr, L, True,
+                                                         pre)
+            dt_r = jnp.swapaxes(dt_r, 1, 2)
+        rs = _rot_shape(B, Lp, Cr, 1, G, H, N, S, cdt, interpret=o.interpret,
+                        angle_mode=o.blocks.angle_mode, fast_trig=o.blocks.fast_trig,
+                        rate_tanh=pre, warps_rotary=o.blocks.warps_rotary,
+                        rate_heads=rate.shape[2])
+        k_rows = rotate_k(rs, k[:, :, None], kb[:, None], rate_r, carry_r, seg_r,
+                          dt_r).reshape(B, Lp, H, N)
         shape = CoreShape(B=B, H=H, nc=Lp // C, C=C, R=1, N=N, P=P, cdt=cdt.name,
                           interpret=o.interpret, blocks=o.blocks)
         states, g_last = pallas_triton.state_pass(shape, k_rows, v, cs, sc, seg_rows,

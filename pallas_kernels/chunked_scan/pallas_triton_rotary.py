@@ -225,9 +225,14 @@ def _specs(rs: RotShape):
     return specs
 
 
+def _head_rows(rs: RotShape):
+    """BlockSpec of one head's (C, N) rows in a (B, Lp, R, H, N) array, grid (B, nc, R, H)."""
+    return pl.BlockSpec((SQ, rs.C, SQ, SQ, rs.N), lambda b, c, r, h: (b, c, r, h, 0))
+
+
 def _forward(rs: RotShape, q, k, qb, kb, inc, a, seg, dt):
     B, nc, C, R, H, N = rs.B, rs.nc, rs.C, rs.R, rs.H, rs.N
-    out = pl.BlockSpec((SQ, C, SQ, SQ, N), lambda b, c, r, h: (b, c, r, h, 0))
+    out = _head_rows(rs)
     shape = jax.ShapeDtypeStruct((B, nc * C, R, H, N), jnp.dtype(rs.cdt))
     return pl.pallas_call(
         functools.partial(_fwd_kernel, rs=rs), grid=(B, nc, R, H),
@@ -240,11 +245,10 @@ def rotate_k(rs: RotShape, k, kb, inc, a, seg, dt=None):
     """Forward only: `rotate_qk`'s k rows without q's (an inference path whose other kernel
     rotates q itself, `TritonBlocks.mosaic_output=3`)."""
     B, nc, C, R, H, N = rs.B, rs.nc, rs.C, rs.R, rs.H, rs.N
-    out = pl.BlockSpec((SQ, C, SQ, SQ, N), lambda b, c, r, h: (b, c, r, h, 0))
     specs = _specs(rs)
     return pl.pallas_call(
         functools.partial(_fwd_k_kernel, rs=rs), grid=(B, nc, R, H),
-        in_specs=[specs[1], specs[3]] + specs[4:], out_specs=out,
+        in_specs=[specs[1], specs[3]] + specs[4:], out_specs=_head_rows(rs),
         out_shape=jax.ShapeDtypeStruct((B, nc * C, R, H, N), jnp.dtype(rs.cdt)),
         interpret=rs.interpret, compiler_params=rs.params, name="mamba3_rotate_k",
     )(k, kb, inc, a, seg, *([dt] if rs.rate_heads else []))
@@ -252,7 +256,7 @@ def rotate_k(rs: RotShape, k, kb, inc, a, seg, dt=None):
 
 def _backward(rs: RotShape, q, k, qb, kb, inc, a, seg, dt, dqr, dkr):
     B, nc, C, R, G, H, N, S, hg = rs.B, rs.nc, rs.C, rs.R, rs.G, rs.H, rs.N, rs.S, rs.hg
-    head = pl.BlockSpec((SQ, C, SQ, SQ, N), lambda b, c, r, h: (b, c, r, h, 0))
+    head = _head_rows(rs)
     bias = pl.BlockSpec((SQ, SQ, SQ, SQ, N), lambda b, c, r, h: (b, c, r, h, 0))
     per_rank = R > 1  # angle gradients per rank, summed over R by XLA
     if per_rank:

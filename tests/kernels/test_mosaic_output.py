@@ -124,16 +124,18 @@ def test_lowers_for_cuda_on_any_host():
     assert "mosaic_gpu" in text and "mamba3_ssd_output" not in text
 
 
-@pytest.mark.parametrize("rate_heads,pre,resets,stages,mode", [
-    (1, False, True, 2, 2), (H, True, False, 2, 2), (H, True, False, 1, 2),
-    (1, False, True, 2, 3), (H, True, False, 2, 3)])
-def test_inference_forward_rotating_q_in_the_kernel(rate_heads, pre, resets, stages, mode):
+@pytest.mark.parametrize("rate_heads,pre,resets,stages,mode,rotary_chunk", [
+    (1, False, True, 2, 2, 16), (H, True, False, 2, 2, 16), (H, True, False, 1, 2, 16),
+    (1, False, True, 2, 3, 16), (H, True, False, 2, 3, 16), (H, True, False, 2, 3, 0)])
+def test_inference_forward_rotating_q_in_the_kernel(rate_heads, pre, resets, stages, mode,
+                                                    rotary_chunk):
     """`mosaic_output=2`: no per-head rows; the two Mosaic kernels rotate the groups' q, k from
     the angles' factors (the model's shared rate, or the benchmark's per-head raw angles) with a
     carried angle of many turns; with resets, and without (the state carried over three
     chunks), the state pass prefetching the next chunk's tiles or not. `mosaic_output=3`: the
-    Triton rotation of k alone and the Triton state pass, then the same rotating output
-    kernel. Output and final state == the Triton path and the reference."""
+    Triton rotation of k alone (in its own 16-token chunks, or the core's: rotary_chunk 0)
+    and the Triton state pass, then the same rotating output kernel. Output and final state
+    == the Triton path and the reference."""
     # N = 128: S = 32 angles, the fewest whose float32 carry is one whole TMA copy (128 bytes)
     n, s = 128, 32
     inp, state, p = make_problem(5, B, 180, 1, H, n, P, s, jnp.bfloat16, resets, groups=1)
@@ -149,7 +151,7 @@ def test_inference_forward_rotating_q_in_the_kernel(rate_heads, pre, resets, sta
     state = state._replace(angle=state.angle + 200.0)
     # slow decay, so that the state entering a chunk and the state carried over it matter
     inp = inp._replace(log_decay=inp.log_decay * 0.01)
-    blocks = TritonBlocks(mosaic_output=mode, mosaic_stages=stages)
+    blocks = TritonBlocks(mosaic_output=mode, mosaic_stages=stages, rotary_chunk=rotary_chunk)
     lowered = jax.jit(functools.partial(chunked_scan, chunk_size=C, blocks=blocks)).trace(
         inp, state, **p).lower(lowering_platforms=("cuda",)).as_text()
     assert "mamba3_ssd_output" not in lowered  # the route: the output kernel is Mosaic's
