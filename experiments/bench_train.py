@@ -136,7 +136,14 @@ def run_case(case: dict) -> dict:
     t0 = time.perf_counter()
     lowered = tr.train_step.lower(state, batch)  # tracing + StableHLO: JAX's share of compile s
     lower_s = time.perf_counter() - t0
-    step = lowered.compile()
+    if case.get("trace_compile"):  # XLA's passes while it compiles (host trace events)
+        from mamba3_jax.training import trace_summary
+
+        compiled = []
+        trace = trace_summary.traced(lambda: compiled.append(lowered.compile()))
+        step, compile_trace = compiled[0], trace_summary.host_summary(trace)
+    else:
+        step, compile_trace = lowered.compile(), None
     compile_s = time.perf_counter() - t0
     state, m = step(state, batch)
     jax.block_until_ready(m)
@@ -182,6 +189,7 @@ def run_case(case: dict) -> dict:
         "hlo_mem_gib": None if hlo_bytes is None else round(hlo_bytes / 2**30, 2),
         "loss": float(last["loss"]), "timed_steps": case["steps"],
         **({"profile_ms_per_step": breakdown} if breakdown else {}),
+        **({"compile_trace_top": compile_trace} if compile_trace else {}),
     }
 
 
@@ -308,7 +316,8 @@ def plan(args) -> list[dict]:
                 cases.append({"config": name, "devices": n, "mesh": mesh,
                               "micro": args.micro or micro, "accum": args.accum or accum,
                               "warmup": args.warmup, "steps": args.steps, "set": overrides,
-                              "profile": args.profile})
+                              "profile": args.profile,
+                              "trace_compile": args.trace_compile})
     return cases
 
 
@@ -327,6 +336,9 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--profile", type=int, default=0, metavar="N",
                    help="after timing, trace N more steps: device ms per step by kind of work "
                    "and the top kernels, in each row's JSON (trace_summary)")
+    p.add_argument("--trace_compile", action="store_true",
+                   help="trace the compile and add XLA's largest host events (passes, their "
+                   "seconds, nested totals overlap) to each row's JSON as compile_trace_top")
     p.add_argument("--smoke", action="store_true", help="tiny CPU model, 2 timed steps")
     p.add_argument("--in_process", action="store_true",
                    help="run the cases in this process (tests; peak memory then accumulates)")

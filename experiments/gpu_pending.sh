@@ -3,10 +3,10 @@
 # (each under 10 minutes on one H200; a helper issues them back to back to stay in the warm
 # window). From the repo root, with .whl (../shared/wheels) and .official
 # (../shared/bench/official/README.md) carried:
-#     OUT=$OUT MAMBA3_COMMIT=<short HEAD> bash experiments/gpu_pending.sh train|train2|train3|kernels|state
+#     OUT=$OUT MAMBA3_COMMIT=<short HEAD> bash experiments/gpu_pending.sh train|train2|train3|train4|kernels|state
 # Results land in $OUT (at most 8 files come back: keep the logs few).
 set -u
-part=${1:?part: train, train2, train3, kernels or state}
+part=${1:?part: train, train2, train3, train4, kernels or state}
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT" runs
 # the image lacks ml_collections, grain and jax-triton: plain `pip install` put them where the
@@ -49,6 +49,24 @@ train3)  # the 1.5B unrolled compile (61.4 s in session 14, 3.5 s of it JAX's) u
     XLA_FLAGS="$f" bench "c$i" 125 --configs 1.5b --set model.scan_layers=False \
       --set train.deterministic=False
   done
+  ;;
+train4)  # the 1.5B layer scan with XLA's dynamic-slice fusion (a cuBLAS matmul or a custom call
+  # reading / writing the stacked weights and residuals in place); where the unrolled compile goes
+  nd="--set train.deterministic=False"
+  bench s1 90 --configs 1.5b $nd --set train.xla_triton_gemm=off --profile 2
+  XLA_FLAGS=--xla_gpu_enable_dynamic_slice_fusion=true \
+    bench s2 90 --configs 1.5b $nd --set train.xla_triton_gemm=off --profile 2
+  XLA_FLAGS=--xla_gpu_enable_dynamic_slice_fusion=true \
+    bench s3 90 --configs 1.5b $nd --set train.xla_triton_gemm=on --profile 2
+  bench s4 70 --configs 180m $nd
+  bench s5 $(left 560) --configs 1.5b $nd --set model.scan_layers=False --trace_compile
+  python3 - "$OUT/s5.log" <<'PY'
+import json, sys
+for line in open(sys.argv[1]):
+    if line.startswith("{"):
+        for name, s, n in json.loads(line).get("compile_trace_top", [])[:30]:
+            print(f"{s:8.2f} s {n:6d}x {name[:90]}")
+PY
   ;;
 kernels)  # the Mosaic kernels' tests on the GPU, then the prefill beside the official kernels
   timeout 150 python3 -m pytest -q tests/kernels/test_mosaic_output.py 2>&1 | tail -40 \

@@ -80,6 +80,23 @@ def device_events(trace: dict) -> list[dict]:
     return [e for e in events if e.get("ph") == "X" and "dur" in e and keep(e)]
 
 
+def host_summary(trace: dict, top: int = 40) -> list[list]:
+    """[name, total s, count] of the host's trace events (e.g. XLA's compiler passes while a
+    program compiles), largest first. Nested events each count their own whole duration, so
+    the totals overlap: a pass and the pipeline around it both appear."""
+    events = trace["traceEvents"] if isinstance(trace, dict) else trace
+    gpus = {e["pid"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"
+            and "/device:" in str(e.get("args", {}).get("name", "")).lower()}
+    total, count = collections.Counter(), collections.Counter()
+    for e in events:
+        # "$..." are Python frames (the profiler's Python tracer): XLA's own events only
+        if (e.get("ph") == "X" and "dur" in e and e["pid"] not in gpus
+                and not str(e.get("name", "")).startswith("$")):
+            total[e["name"]] += float(e["dur"])
+            count[e["name"]] += 1
+    return [[n, round(t / 1e6, 3), count[n]] for n, t in total.most_common(top)]
+
+
 def summarize(trace: dict) -> list[Row]:
     total, count = collections.Counter(), collections.Counter()
     for e in device_events(trace):
@@ -89,9 +106,9 @@ def summarize(trace: dict) -> list[Row]:
                   key=lambda r: -r.total_us)
 
 
-def trace_rows(run, folder: str | None = None) -> list[Row]:
-    """Call run() once under `jax.profiler` and summarise the device kernels it launched (the
-    trace goes to a temporary folder unless one is given)."""
+def traced(run, folder: str | None = None) -> dict:
+    """Call run() once under `jax.profiler`; the trace's JSON (in a temporary folder unless
+    one is given)."""
     import tempfile
 
     import jax
@@ -103,7 +120,12 @@ def trace_rows(run, folder: str | None = None) -> list[Row]:
     finally:
         jax.profiler.stop_trace()
     with gzip.open(newest_trace(folder)) as f:
-        return summarize(json.load(f))
+        return json.load(f)
+
+
+def trace_rows(run, folder: str | None = None) -> list[Row]:
+    """Call run() once under `jax.profiler` and summarise the device kernels it launched."""
+    return summarize(traced(run, folder))
 
 
 def by_kind(rows: list[Row]) -> dict[str, float]:
