@@ -93,12 +93,12 @@ def get_config(arg: str = "180m"):
         m.attn_rope = False  # NoPE, as the paper's hybrids
         m.max_seq_len = 2048
     m.scan_backend = "auto"
-    # 24 layers: one layer (hybrids: one period of the pattern) compiled once (lax.scan), same
-    # maths as the unrolled model (1.5B train step compiles in 19 s on one H200). 12 layers
-    # (180M): unrolled, as the scan's stacked residuals cost 83 ms of its 594 ms step (copies of
-    # the kernels' outputs into the per-layer buffers); unrolled it runs 511 ms and compiles in
-    # 42 s (docs/benchmarks.md, session 8)
-    m.scan_layers = n_layer > 12
+    # Mamba-3 SISO: layers unrolled, traced once (model._jitted_layer) and inlined by XLA; the
+    # 1.5B train step compiles in 56 s and runs 700 ms (42.1% MFU) on one H200, where the layer
+    # scan compiles in 16-22 s but runs 838 ms (its stacked residuals and weights cost copies);
+    # docs/benchmarks.md, session 14. The other variants at 24 layers scan over the layers (one
+    # layer, or one period of the hybrid's pattern, compiled once)
+    m.scan_layers = n_layer > 12 and variant != "siso"
     m.dtype = "bfloat16"
     m.param_dtype = "float32"
     m.vocab_size = 0  # from the tokenizer
@@ -134,5 +134,11 @@ def get_config(arg: str = "180m"):
     # 14% slower with them (1329 vs 1163 ms, 98 vs 36 GiB: their copies across the layer scan),
     # so it recomputes them
     c.train.remat = REMAT + (",kernels" if variant == "siso" else "")
+    if variant == "siso" and n_layer > 12:
+        # 24 unrolled SISO layers keep every activation: 23% fewer operations for XLA to
+        # compile (56 vs 61 s at 1.5B) and no recompute (700 vs 708 ms), at 81 vs 67 GiB for 8 x
+        # 2048 tokens a microbatch (session 14); on an 80 GB device set train.remat to
+        # configs/paper.py's REMAT + ",kernels" or shrink the microbatch (train.grad_accum)
+        c.train.remat = "none"
     c.mesh.fsdp = 1  # e.g. 8 on one 8-GPU host for the larger sizes
     return c

@@ -3,10 +3,10 @@
 # (each under 10 minutes on one H200; a helper issues them back to back to stay in the warm
 # window). From the repo root, with .whl (../shared/wheels) and .official
 # (../shared/bench/official/README.md) carried:
-#     OUT=$OUT MAMBA3_COMMIT=<short HEAD> bash experiments/gpu_pending.sh train|train2|train3|train4|train5|kernels|state
+#     OUT=$OUT MAMBA3_COMMIT=<short HEAD> bash experiments/gpu_pending.sh train|train3|train4|train5|kernels|state
 # Results land in $OUT (at most 8 files come back: keep the logs few).
 set -u
-part=${1:?part: train, train2, train3, train4, train5, kernels or state}
+part=${1:?part: train, train3, train4, train5, kernels or state}
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT" runs
 # the image lacks ml_collections, grain and jax-triton: plain `pip install` put them where the
@@ -26,19 +26,15 @@ bench() {  # bench <log name> <seconds> <bench_train args...>
   timeout "$secs" python3 experiments/bench_train.py --steps 3 --warmup 1 "$@" 2>&1 \
     | tee "$OUT/$name.log" | row
 }
+# the 1.5B's remat before session 14 made configs/paper.py's 24-layer SISO sizes keep everything
+kept="--set train.remat=names:in_proj,ssm_out,mixer_out,mlp_hidden,kernels"
 case $part in
-train)  # part_matmuls and the per-layer jit, 1.5B unrolled (not deterministic) and 180M
-  bench t1 150 --configs 1.5b --set model.scan_layers=False --set train.deterministic=False
-  bench t2 150 --configs 1.5b --set model.scan_layers=False --set train.deterministic=False \
-    --set model.part_matmuls=True
-  bench t3 100 --configs 180m --set model.part_matmuls=True
-  bench t4 $(left 570) --configs 180m
-  ;;
-train2)  # the layer scan with and without XLA's Triton GEMMs; 1.5B deterministic; MIMO
-  bench u1 80 --configs 1.5b --set train.xla_triton_gemm=on
-  bench u2 80 --configs 1.5b --set train.xla_triton_gemm=off
-  bench u3 170 --configs 1.5b --set model.scan_layers=False --set model.part_matmuls=True
-  bench u4 $(left 570) --configs 180m_mimo --set model.part_matmuls=True
+train)  # the new 1.5B default (unrolled, remat none) deterministic and not; the MIMO defaults
+  # (session 14 ran the part_matmuls rows here at commit 7872046; the option is gone)
+  bench t1 140 --configs 1.5b
+  bench t2 140 --configs 1.5b --set train.deterministic=False
+  bench t3 110 --configs 180m_mimo
+  bench t4 $(left 570) --configs 1.5b_mimo
   ;;
 train3)  # the 1.5B unrolled compile (61.4 s in session 14, 3.5 s of it JAX's) under XLA flags
   i=0
@@ -47,18 +43,18 @@ train3)  # the 1.5B unrolled compile (61.4 s in session 14, 3.5 s of it JAX's) u
       "--xla_gpu_autotune_level=1 --xla_gpu_enable_command_buffer="; do
     i=$((i+1)); echo "c$i: XLA_FLAGS=$f"
     XLA_FLAGS="$f" bench "c$i" 125 --configs 1.5b --set model.scan_layers=False \
-      --set train.deterministic=False
+      --set train.deterministic=False $kept
   done
   ;;
 train4)  # the 1.5B layer scan with XLA's dynamic-slice fusion (a cuBLAS matmul or a custom call
   # reading / writing the stacked weights and residuals in place); where the unrolled compile goes
-  nd="--set train.deterministic=False"
+  nd="--set train.deterministic=False $kept --set model.scan_layers=True"
   bench s1 90 --configs 1.5b $nd --set train.xla_triton_gemm=off --profile 2
   XLA_FLAGS=--xla_gpu_enable_dynamic_slice_fusion=true \
     bench s2 90 --configs 1.5b $nd --set train.xla_triton_gemm=off --profile 2
   XLA_FLAGS=--xla_gpu_enable_dynamic_slice_fusion=true \
     bench s3 90 --configs 1.5b $nd --set train.xla_triton_gemm=on --profile 2
-  bench s4 70 --configs 180m $nd
+  bench s4 70 --configs 180m --set train.deterministic=False
   bench s5 $(left 560) --configs 1.5b $nd --set model.scan_layers=False --trace_compile
   python3 - "$OUT/s5.log" <<'PY'
 import json, sys
@@ -70,7 +66,7 @@ PY
   ;;
 train5)  # the 1.5B unrolled step and compile without rematerialisation (23% fewer ops to compile)
   nd="--set model.scan_layers=False --set train.deterministic=False"
-  bench r1 115 --configs 1.5b $nd
+  bench r1 115 --configs 1.5b $nd $kept
   bench r2 115 --configs 1.5b $nd --set train.remat=none
   bench r3 $(left 330) --configs 1.5b $nd --set train.remat=none --trace_compile
   ;;

@@ -27,6 +27,9 @@ REMAT_NAMES = ("in_proj", "ssm_out", "mixer_out", "mlp_hidden", "mlp_out", "kern
 # Attribute of the model holding the stacked layers (scan_layers): every variable below it has a
 # leading layer (or layer-group) axis. See ModelConfig.stacked_location.
 STACKED = "blocks"
+# Fields of earlier versions that ModelConfig.from_dict drops from a saved run's config.
+# part_matmuls (either value): it only split the same in_proj / fc1 matmuls, same maths
+RETIRED_FIELDS = ("part_matmuls",)
 
 
 def parse_remat(spec: str) -> tuple[str, tuple[str, ...]]:
@@ -107,11 +110,6 @@ class ModelConfig:
     # layer is traced and compiled once (compile time independent of n_layer); same maths. A
     # hybrid layer_pattern scans over its repeats (one step = one period of the pattern)
     scan_layers: bool = False
-    # over several tokens, in_proj and the SwiGLU's fc1 as one matmul per part of their output
-    # whose gradient another kernel produces (z | x | B, C | per-head scalars; value | gate), so
-    # that their backward holds no concatenate of those gradients (on an H200 the 1.5B step
-    # copied 18 ms of them a step). Same parameters, same maths; opt-in until timed
-    part_matmuls: bool = False
     dtype: str = "float32"  # compute dtype of activations and matmuls
     param_dtype: str = "float32"  # master weights
     state_dtype: str = "float32"  # decode cache SSM state (float32 or bfloat16)
@@ -352,8 +350,9 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d) -> "ModelConfig":
-        """Build from a dict / ConfigDict, rejecting unknown keys with the list of valid ones."""
-        d = dict(d)
+        """Build from a dict / ConfigDict, rejecting unknown keys with the list of valid ones
+        (RETIRED_FIELDS, which a saved run's config may hold, are dropped)."""
+        d = {k: v for k, v in dict(d).items() if k not in RETIRED_FIELDS}
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - names)
         if unknown:

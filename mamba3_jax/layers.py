@@ -73,10 +73,9 @@ class Mamba3(nnx.Module):
 
     def _in_proj_parts(self, u: jax.Array) -> dict:
         """in_proj as two matmuls over its columns: z, x, B, C, then the per-head scalars and
-        angles (four with `part_matmuls`: z, x, then B and C, then the rest). With one matmul
-        XLA stored the whole (B, L, 3432) output time-minor on the 180M step, so that the
-        kernels' (B, H, L) per-head scalars came for free, and every wide part was transposed
-        instead (docs/step_hlo_180m.md). Same parameter, same maths.
+        angles. With one matmul XLA stored the whole (B, L, 3432) output time-minor on the 180M
+        step, so that the kernels' (B, H, L) per-head scalars came for free, and every wide part
+        was transposed instead (docs/step_hlo_180m.md). Same parameter, same maths.
         One token (decode): one matmul. Inside a decode scan XLA copied the two column slices
         of the weight out of it at every step (22-32 us of a 150-290 us layer step on an H200,
         more than the matmuls themselves)."""
@@ -84,8 +83,7 @@ class Mamba3(nnx.Module):
         splits = cfg.in_proj_splits
         kernel = self.in_proj.kernel[...]
         parts = {}
-        # ModelConfig.part_matmuls: z | x | B, C | the rest, each from its own matmul
-        bounds = (0, 1, 2, 4, len(splits)) if cfg.part_matmuls else (0, 4, len(splits))
+        bounds = (0, 4, len(splits))  # z, x, B, C | the rest
         if u.shape[-2] == 1:
             bounds = (0, len(splits))
         starts = [sum(w for _, w in splits[:i]) for i in bounds]

@@ -59,18 +59,10 @@ class SwiGLU(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         f = cfg.resolved_d_mlp
         self.hidden = f
-        self.part_matmuls = cfg.part_matmuls
         self.fc1 = linear(cfg.d_model, 2 * f, cfg, rngs)
         self.fc2 = linear(f, cfg.d_model, cfg, rngs, scale=1.0 / math.sqrt(2 * cfg.n_layer))
 
     def __call__(self, x):
-        if self.part_matmuls and x.ndim > 2 and x.shape[-2] > 1:
-            # value and gate from the kernel's two column halves: their gradients go to two
-            # matmuls, not through a concatenate (ModelConfig.part_matmuls)
-            kernel, f = self.fc1.kernel[...], self.hidden
-            value, gate = (checkpoint_name(matmul(x, kernel[:, cols], self.fc1.dtype), "mlp_hidden")
-                           for cols in (slice(None, f), slice(f, None)))
-        else:
-            h = checkpoint_name(self.fc1(x), "mlp_hidden")
-            value, gate = jnp.split(h, [self.hidden], axis=-1)  # gradient: one concatenate
+        h = checkpoint_name(self.fc1(x), "mlp_hidden")
+        value, gate = jnp.split(h, [self.hidden], axis=-1)  # gradient: one concatenate
         return checkpoint_name(self.fc2(value * jax.nn.silu(gate)), "mlp_out")

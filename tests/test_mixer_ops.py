@@ -65,18 +65,16 @@ def test_split_in_proj_equals_slices_and_its_gradient_is_one_concatenate():
 @pytest.mark.parametrize("kw", [dict(dtype="bfloat16"), dict(dtype="float32", mimo_rank=2),
                                 dict(dtype="bfloat16", d_conv=4, discretization="euler",
                                      rotation="none")])
-@pytest.mark.parametrize("L, part, matmuls", [(5, False, 2), (1, False, 1), (5, True, 4),
-                                              (1, True, 1)])
-def test_in_proj_as_two_matmuls_equals_one(kw, L, part, matmuls):
+@pytest.mark.parametrize("L, matmuls", [(5, 2), (1, 1)])
+def test_in_proj_as_two_matmuls_equals_one(kw, L, matmuls):
     """The Mamba-3 layer's in_proj runs as two matmuls (the wide parts, then the per-head
-    scalars and angles; four with part_matmuls: z, x, B and C, the rest), one for a single token
-    (decode: no weight slices in the step): each part equals that slice of the one-matmul
-    output."""
+    scalars and angles), one for a single token (decode: no weight slices in the step): each
+    part equals that slice of the one-matmul output."""
     from flax import nnx
 
     from mamba3_jax.layers import Mamba3
 
-    cfg = ModelConfig(d_model=32, n_layer=1, d_state=16, headdim=16, part_matmuls=part, **kw)
+    cfg = ModelConfig(d_model=32, n_layer=1, d_state=16, headdim=16, **kw)
     layer = Mamba3(cfg, rngs=nnx.Rngs(0))
     u = jax.random.normal(jax.random.PRNGKey(2), (2, L, 32))
     assert str(jax.make_jaxpr(layer._in_proj_parts)(u)).count("dot_general") == matmuls
@@ -86,55 +84,3 @@ def test_in_proj_as_two_matmuls_equals_one(kw, L, part, matmuls):
         assert got[name].dtype == want[name].dtype
         np.testing.assert_allclose(np.asarray(got[name], np.float32),
                                    np.asarray(want[name], np.float32), rtol=1e-6, atol=1e-6)
-
-
-def _grad_jaxpr(f, *args) -> str:
-    return str(jax.make_jaxpr(jax.grad(lambda *a: jnp.sum(jnp.square(f(*a)))))(*args))
-
-
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_part_matmuls_swiglu_equals_one_matmul_without_a_concatenate(dtype):
-    """With part_matmuls the SwiGLU's fc1 is two matmuls over its kernel's column halves: the
-    same output and input gradient, and no concatenate of the value / gate gradients (the copy
-    it removes); one matmul for a single token."""
-    from flax import nnx
-
-    from mamba3_jax.nn import SwiGLU
-
-    cfgs = [ModelConfig(d_model=32, n_layer=1, d_state=16, headdim=16, dtype=dtype,
-                        part_matmuls=p) for p in (False, True)]
-    one, two = (SwiGLU(c, rngs=nnx.Rngs(0)) for c in cfgs)
-    x = jax.random.normal(jax.random.PRNGKey(3), (2, 5, 32))
-    np.testing.assert_array_equal(np.asarray(one(x), np.float32), np.asarray(two(x), np.float32))
-    ref = SwiGLU(ModelConfig(d_model=32, n_layer=1, d_state=16, headdim=16), rngs=nnx.Rngs(0))
-    g1, g2, g_ref = (np.asarray(jax.grad(
-        lambda v, m=m: jnp.sum(jnp.square(m(v).astype(jnp.float32))))(x), np.float32)
-        for m in (one, two, ref))
-    if dtype == "float32":
-        np.testing.assert_allclose(g2, g1, rtol=1e-5, atol=1e-6)
-    else:  # the input gradient is two bf16 products summed, not one: one more rounding, no more
-        assert np.abs(g2 - g_ref).max() <= 2 * np.abs(g1 - g_ref).max()
-    assert "concatenate" in _grad_jaxpr(one, x) and "concatenate" not in _grad_jaxpr(two, x)
-    step = x[:, 0]
-    assert str(jax.make_jaxpr(two)(step)).count("dot_general") == 2  # fc1 whole, fc2
-
-
-def test_part_matmuls_in_proj_gradient_has_no_wide_concatenate():
-    """in_proj's input gradient with part_matmuls: no concatenate as wide as z, x, B, C."""
-    from flax import nnx
-
-    from mamba3_jax.layers import Mamba3
-
-    def widest_concat(part):
-        cfg = ModelConfig(d_model=32, n_layer=1, d_state=16, headdim=16, part_matmuls=part)
-        layer = Mamba3(cfg, rngs=nnx.Rngs(0))
-        u = jax.random.normal(jax.random.PRNGKey(2), (2, 5, 32))
-        jaxpr = jax.make_jaxpr(jax.grad(lambda v: sum(
-            jnp.sum(jnp.square(p)) for p in layer._in_proj_parts(v).values())))(u)
-        widths = [e.outvars[0].aval.shape[-1] for e in jaxpr.jaxpr.eqns
-                  if e.primitive.name == "concatenate"]
-        return max(widths, default=0), cfg
-
-    wide, cfg = widest_concat(False)
-    assert wide == sum(w for _, w in cfg.in_proj_splits[:4])  # z, x, B, C: today's copy
-    assert widest_concat(True)[0] < cfg.d_inner

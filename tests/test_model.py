@@ -213,25 +213,6 @@ def test_mamba2_is_plain_euler_ssm_with_conv_and_gated_norm():
     assert rel_err(out[0], ref) < 1e-5
 
 
-def test_part_matmuls_same_parameters_logits_and_gradients():
-    """ModelConfig.part_matmuls changes how in_proj and fc1 are computed, not the parameters
-    (same tree, so checkpoints load either way) or the maths: f32 logits and gradients agree."""
-    cfgs = [ModelConfig(vocab_size=64, d_model=32, n_layer=1, d_state=16, headdim=16,
-                        part_matmuls=p) for p in (False, True)]
-    models = [Mamba3LM(c, rngs=nnx.Rngs(0)) for c in cfgs]
-    states = [nnx.state(m, nnx.Param) for m in models]
-    assert jax.tree.structure(states[0]) == jax.tree.structure(states[1])
-    tokens = jax.random.randint(jax.random.PRNGKey(1), (2, 9), 0, 64)
-
-    def loss(m):
-        return jnp.mean(jnp.square(m(tokens)))
-
-    (l0, g0), (l1, g1) = (nnx.jit(nnx.value_and_grad(loss))(m) for m in models)
-    assert abs(float(l0) - float(l1)) <= 1e-6 * abs(float(l0))
-    for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1), strict=True):
-        assert rel_err(b, a) < 1e-5
-
-
 def test_alike_unrolled_layers_are_traced_once(monkeypatch):
     """Unrolled layers run through one jitted function per distinct layer (model._jitted_layer):
     a 3-layer model traces its Block once, not three times (the unrolled 1.5B's tracing and

@@ -17,7 +17,7 @@ from typing import Any, Mapping
 import ml_collections
 from ml_collections import config_dict
 
-from mamba3_jax.config import ModelConfig, parse_remat
+from mamba3_jax.config import RETIRED_FIELDS, ModelConfig, parse_remat
 
 SCHEDULES = ("cosine", "wsd", "constant", "linear")
 WSD_DECAY_SHAPES = ("linear", "sqrt", "cosine")
@@ -32,7 +32,7 @@ RESUME_SAFE_PREFIXES = (
     "train.checkpoint_every", "train.keep", "train.async_checkpoint", "train.progress",
     "train.tensorboard", "train.peak_flops_per_device", "train.allow_config_change",
     "train.compilation_cache_dir", "train.loss_chunk", "train.remat", "train.profile_steps",
-    "train.deterministic", "train.xla_triton_gemm", "model.part_matmuls",
+    "train.deterministic", "train.xla_triton_gemm",
     "mesh.", "debug.", "data.prefetch",
     "data.num_threads", "data.eval_source", "data.eval_batch_size",
 )
@@ -162,11 +162,15 @@ def config_json(config) -> str:
 
 def diff_configs(saved: Mapping, current: Mapping, ignore=()) -> list[tuple[str, Any, Any]]:
     """Keys whose values differ: [(key, saved, current)], skipping keys starting with `ignore`.
-    A key the saved config lacks counts as its default (a field added since that run)."""
+    A key the saved config lacks counts as its default (a field added since that run); a
+    retired model field it holds (config.RETIRED_FIELDS) is skipped."""
     a, b = flatten(saved), flatten(current)
     defaults = flatten(to_dict(base_config()))
+    retired = {f"model.{name}" for name in RETIRED_FIELDS}
     out = []
     for key in sorted(set(a) | set(b)):
+        if key in retired:  # only an earlier run has it; it changes nothing now
+            continue
         if any(key == p or (p.endswith(".") and key.startswith(p)) or key.startswith(p + ".")
                for p in ignore):
             continue

@@ -89,6 +89,18 @@ def test_diff_configs_a_field_added_since_the_run_counts_as_its_default():
     assert [k for k, _, _ in diff_configs(old, cur.to_dict())] == ["model.mixer"]
 
 
+@pytest.mark.parametrize("value", [False, True])
+def test_a_saved_config_with_part_matmuls_still_loads(value):
+    """model.part_matmuls, a removed field (it only split the same matmuls), in the config of a
+    run saved before: dropped when the model config is read back, no difference on resume."""
+    from mamba3_jax.training.config import RESUME_SAFE_PREFIXES, config_json
+
+    saved = json.loads(config_json(tiny_config()))  # as a checkpoint stores it
+    saved["model"]["part_matmuls"] = value
+    assert model_config(saved, 257) == model_config(tiny_config(), 257)
+    assert diff_configs(saved, tiny_config().to_dict(), ignore=RESUME_SAFE_PREFIXES) == []
+
+
 def test_cli_overrides_and_print_config():
     r = cli(["--config", TINY_CONFIG, "--print_config", "--config.model.d_state=64",
              "--config.optim.schedule=wsd", "--config.model.chunk_size=8",
@@ -121,7 +133,7 @@ def test_cli_batch_not_divisible_by_devices(tmp_path):
     assert "must be divisible by the 2 devices" in r.stderr
 
 
-@pytest.mark.parametrize("arg", ["180m", "440m_mimo", "880m", "1.5b_mimo"])
+@pytest.mark.parametrize("arg", ["180m", "440m_mimo", "880m", "1.5b_mimo", "1.5b"])
 def test_paper_configs(arg):
     import importlib.util
 
@@ -140,7 +152,10 @@ def test_paper_configs(arg):
     assert c.optim.peak_lr == lr and c.data.seq_len == 2048
     assert c.data.batch_size * c.data.seq_len == 524288
     assert mc.dtype == "bfloat16" and mc.param_dtype == "float32"
-    assert mc.scan_layers == (n_layer > 12)  # the 12-layer 180M runs unrolled (faster step)
+    # SISO runs unrolled at every size (faster step; 1.5B compiles in 56 s) and keeps every
+    # activation at 24 layers; the other variants scan over 24 layers
+    assert mc.scan_layers == (n_layer > 12 and variant != "siso")
+    assert (c.train.remat == "none") == (variant == "siso" and n_layer > 12)
     with pytest.raises(ValueError, match="unknown paper config"):
         mod.get_config("2b")
 
