@@ -42,7 +42,7 @@ def test_smoke_run_reports_a_timed_row_and_writes_json(tmp_path, monkeypatch):
 def test_plan_devices_meshes_and_overrides():
     args = SimpleNamespace(smoke=False, configs="180m,1.5b", devices="1,2", mesh="dp,fsdp",
                            micro=0, accum=3, warmup=1, steps=5, set=["train.remat=dots"],
-                           profile=0)
+                           profile=0, trace_compile=False)
     cases = bench_train.plan(args)
     assert [(c["config"], c["devices"], c["mesh"]) for c in cases] == [
         ("180m", 1, "dp"), ("180m", 2, "dp"), ("180m", 2, "fsdp"),
@@ -51,9 +51,11 @@ def test_plan_devices_meshes_and_overrides():
     c = bench_train.case_config(cases[2])  # 180m on 2 devices, fsdp
     assert (c.mesh.data, c.mesh.fsdp) == (1, 2) and c.train.remat == "dots"
     assert c.data.batch_size == cases[2]["micro"] * 2 * 3 and c.train.grad_accum == 3
-    # the paper config's layout: the 12-layer 180M unrolled, the 24-layer 1.5B scanned
+    # the paper config's layout: SISO unrolled at 12 and 24 layers; --set wins over the
+    # 1.5B's own remat ("none")
     assert not c.model.scan_layers and c.model.vocab_size == 100352
-    assert bench_train.case_config(cases[3]).model.scan_layers
+    big = bench_train.case_config(cases[3])
+    assert not big.model.scan_layers and big.train.remat == "dots"
 
 
 def test_scaling_is_per_device_throughput_relative_to_one_device():

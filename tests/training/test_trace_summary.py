@@ -8,7 +8,8 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from mamba3_jax.training.trace_summary import by_kind, main, summarize, trace_rows
+from mamba3_jax.training.trace_summary import (by_kind, host_summary, main, summarize, traced,
+                                               trace_rows)
 
 
 def _meta(pid, tid, kind, name):
@@ -85,6 +86,23 @@ def test_trace_rows_of_a_call(tmp_path):
     rows = trace_rows(lambda: f(a).block_until_ready(), str(tmp_path))
     assert rows and sum(r.total_us for r in rows) > 0, rows
     assert next(tmp_path.rglob("*.trace.json.gz"))  # kept where asked
+
+
+def test_host_summary_sums_the_hosts_events_without_device_lines_or_python_frames():
+    t = gpu_trace()
+    t["traceEvents"] += [_x(1, 7, "priority-fusion", 2e6), _x(1, 8, "priority-fusion", 1e6),
+                         _x(1, 7, "$stages.py:586 compile", 9e6)]  # a Python frame
+    assert host_summary(t) == [["priority-fusion", 3.0, 2], ["PjitFunction(step)", 0.005, 1]]
+    assert host_summary(t, top=1) == [["priority-fusion", 3.0, 2]]
+
+
+def test_traced_compile_names_xla_passes(tmp_path):
+    """What `bench_train.py --trace_compile` reads: XLA's compiler events of a real compile."""
+    lowered = jax.jit(lambda a: jnp.tanh(a @ a).sum()).lower(jnp.ones((64, 64)))
+    rows = host_summary(traced(lowered.compile, str(tmp_path)), top=200)
+    names = [n for n, _, _ in rows]
+    assert any("Compile" in n for n in names), names
+    assert all(s >= 0 and c >= 1 and not n.startswith("$") for n, s, c in rows)
 
 
 def test_missing_trace_is_one_line(tmp_path):
