@@ -15,7 +15,8 @@ if [ -n "${NCU:-}" ]; then  # NCU_VARIANT: one variant, or a '|'-separated list 
   IFS='|' read -r -a ncu_variants <<< "${NCU_VARIANT:-ours}"
   for i in "${!ncu_variants[@]}"; do
     v=${ncu_variants[$i]}
-    ncu --clock-control none --csv --metrics "$(python3 -c 'from pallas_kernels.chunked_scan.ncu_summary import METRICS; print(METRICS)')" \
+    # NCU_METRICS=stalls: also occupancy, throughputs and warp stall reasons (ncu_summary)
+    ncu --clock-control none --csv --metrics "$(python3 -c "from pallas_kernels.chunked_scan.ncu_summary import METRICS, STALL_METRICS; print(METRICS + (',' + STALL_METRICS if '${NCU_METRICS:-}' == 'stalls' else ''))")" \
       --profile-from-start off python3 -m pallas_kernels.chunked_scan.bench --shapes a \
       --modes "${NCU_MODES:-fwd,fwd+bwd}" --variants "$v" --reps 1 --profile > "$OUT/ncu_$i.csv" 2> "$OUT/ncu_$i.err"
     echo "== ncu: $v"

@@ -1,4 +1,6 @@
-"""Summarise `ncu --csv` output per kernel: time, registers, spill bytes, DRAM bytes, grid.
+"""Summarise `ncu --csv` output per kernel: time, registers, spill bytes, DRAM bytes, grid;
+with STALL_METRICS collected too, achieved occupancy, DRAM and SM throughput and the top warp
+stall reasons (what holds a kernel that moves its bytes once but slowly).
 
     ncu --clock-control none --csv --metrics <see METRICS> python ... > ncu.csv
     python -m pallas_kernels.chunked_scan.ncu_summary ncu.csv
@@ -11,6 +13,25 @@ from collections import defaultdict
 
 METRICS = ("gpu__time_duration.sum,launch__registers_per_thread,dram__bytes_read.sum,"
            "dram__bytes_write.sum,l1tex__t_bytes_pipe_lsu_mem_local_op_st.sum,launch__grid_size")
+STALL_PREFIX, STALL_SUFFIX = "smsp__average_warps_issue_stalled_", "_per_issue_active.ratio"
+STALLS = ("long_scoreboard", "short_scoreboard", "wait", "barrier", "math_pipe_throttle",
+          "mio_throttle", "lg_throttle", "not_selected", "selected", "no_instruction",
+          "dispatch_stall", "drain", "membar", "branch_resolving", "imc_miss", "tex_throttle")
+THROUGHPUT = ("sm__warps_active.avg.pct_of_peak_sustained_active",
+              "dram__throughput.avg.pct_of_peak_sustained_elapsed",
+              "sm__throughput.avg.pct_of_peak_sustained_elapsed")
+STALL_METRICS = ",".join(THROUGHPUT + tuple(STALL_PREFIX + n + STALL_SUFFIX for n in STALLS))
+
+
+def stall_line(m: dict, top: int = 3) -> str:
+    """'occ 23% dram 41% sm 30% | long_scoreboard 5.1, wait 1.2, ...' ('' without them)."""
+    if THROUGHPUT[0] not in m:
+        return ""
+    occ, dram, sm = (m.get(k, 0.0) for k in THROUGHPUT)
+    stalls = sorted(((m.get(STALL_PREFIX + n + STALL_SUFFIX, 0.0), n) for n in STALLS),
+                    reverse=True)[:top]
+    return (f"occ {occ:.0f}% dram {dram:.0f}% sm {sm:.0f}% | "
+            + ", ".join(f"{n} {x:.1f}" for x, n in stalls))
 
 
 def main(path, every_metric=False):
@@ -45,6 +66,8 @@ def main(path, every_metric=False):
         print(f"{i:>4} {name:60} {us:9.1f} {m.get('launch__registers_per_thread', 0):5.0f} "
               f"{m.get('l1tex__t_bytes_pipe_lsu_mem_local_op_st.sum', 0):9.0f} {dram:9.1f} "
               f"{m.get('launch__grid_size', 0):8.0f}")
+        if stall_line(m):
+            print(f"{'':>4} {'':60} {stall_line(m)}")
     print(f"total {tot:.1f} us over {len(rows)} kernels")
 
 

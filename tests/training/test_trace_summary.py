@@ -8,8 +8,14 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from mamba3_jax.training.trace_summary import (by_kind, host_summary, main, summarize, traced,
-                                               trace_rows)
+from mamba3_jax.training.trace_summary import (
+    by_kind,
+    host_summary,
+    main,
+    summarize,
+    trace_rows,
+    traced,
+)
 
 
 def _meta(pid, tid, kind, name):
