@@ -3,10 +3,10 @@
 # (each under 10 minutes on one H200; a helper issues them back to back to stay in the warm
 # window). From the repo root, with .whl (../shared/wheels) and .official
 # (../shared/bench/official/README.md) carried:
-#     OUT=$OUT MAMBA3_COMMIT=<short HEAD> bash experiments/gpu_pending.sh train|train3|train4|train5|kernels|profile|state
+#     OUT=$OUT MAMBA3_COMMIT=<short HEAD> bash experiments/gpu_pending.sh train|train3|train4|train5|kernels|profile|decode|state
 # Results land in $OUT (at most 8 files come back: keep the logs few).
 set -u
-part=${1:?part: train, train3, train4, train5, kernels, profile or state}
+part=${1:?part: train, train3, train4, train5, kernels, profile, decode or state}
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT" runs
 # the image lacks ml_collections, grain and jax-triton: plain `pip install` put them where the
@@ -83,6 +83,19 @@ profile)  # Nsight Compute of the prefill kernels with stall reasons; no CUDA gr
   XLA_FLAGS=--xla_gpu_enable_command_buffer= NCU=1 NCU_MODES=fwd,fwd+bwd \
     NCU_METRICS=stalls OUT=$OUT timeout 400 bash experiments/gpu_prefill.sh --shapes a \
     --modes fwd --variants ours --reps 2 | tail -30
+  ;;
+decode)  # MIMO decode with tensor-core dots (DecodeBlocks.mma, bf16 state), step and layer
+  for n in 128 64; do
+    timeout 150 python3 experiments/bench_decode_step.py --ranks 4 --dtypes bfloat16 \
+      --d_states $n --variants "32:4:xlatrig,32:2:xlatrig,64:4:xlatrig:mma,32:4:xlatrig:mma,32:2:xlatrig:mma,16:4:xlatrig:mma" \
+      2>&1 | grep -E "^\|" | tail -8
+  done
+  timeout 100 python3 experiments/bench_decode_step.py --ranks 1 --dtypes bfloat16 \
+    --variants "16:2,32:2:xlatrig" 2>&1 | grep -E "^\|" | tail -6
+  for blocks in "" "64:4:xlatrig:mma"; do  # Table 6 cells, the layer step, MIMO / SISO
+    MAMBA3_DECODE_BLOCKS=$blocks timeout $(left 540) python3 experiments/bench_decode.py \
+      --models mamba3_siso,mamba3_mimo4 --dtypes bfloat16 2>&1 | grep -E "^\| mamba3" | tail -10
+  done
   ;;
 state)  # issue 13: modular arithmetic, four rates a seed, resumable (run the part again)
   mkdir -p runs/st_paper4

@@ -100,6 +100,36 @@ def test_decode_variants(R, state_dtype, blocks, S):
         assert rel(a, b) < STATE_TOL[state_dtype], (name, rel(a, b))
 
 
+@pytest.mark.parametrize("R,S,blocks", [(4, 8, DecodeBlocks(16, 4, xla_trig=True, mma=True)),
+                                         (2, 0, DecodeBlocks(32, 2, mma=True))])
+def test_decode_mma(R, S, blocks):
+    """`DecodeBlocks.mma` (MIMO, bfloat16 state: the rank-2R update and the R readouts as bf16
+    tensor-core dots) == the XLA step within the rounding of its bf16 operands (the update's
+    terms, q and the new state as stored), and so close to the FMA kernel."""
+    T = TEST_SHAPE
+    inp, state, p = make_problem(15, T["B"], 1, R, T["H"], T["N"], T["P"], S, jnp.float32,
+                                 groups=1, state_dtype=jnp.bfloat16)
+    inp = inp._replace(reset=(jnp.arange(T["B"]) == 1)[:, None])
+    want, want_state = ref_step(state, *_token(per_head(inp), p, 0)[0], dict(p, z=p["z"][:, 0]))
+    got, got_state = jax.jit(functools.partial(_group_step, blocks=blocks))(inp, state, p)
+    fma, _ = jax.jit(functools.partial(_group_step, blocks=dataclasses.replace(
+        blocks, mma=False)))(inp, state, p)
+    # bf16 operands, ~2^-9 relative each: 1.0-1.1e-3 here, where the FMA kernel's float32
+    # arithmetic is within 1e-7 of the XLA step (a dropped mimo_x scale reads 0.21)
+    assert rel(got, want) < 5e-3 and rel(got, fma) < 5e-3, (rel(got, want), rel(got, fma))
+    for name, a, b in zip(want_state._fields, got_state, want_state, strict=True):
+        assert a.dtype == b.dtype and a.shape == b.shape, name
+        assert rel(a, b) < STATE_TOL["bfloat16"], (name, rel(a, b))
+
+
+def test_decode_mma_needs_mimo_and_a_bf16_state():
+    inp, state, p = _shapes(16, 2, 1, 1, 2, 32, 32, 8, groups=1, resets=True,
+                            state_dtype=jnp.bfloat16)
+    with pytest.raises(KernelUnsupported, match="DecodeBlocks.mma needs MIMO"):
+        jax.eval_shape(functools.partial(_group_step, blocks=DecodeBlocks(16, 2, mma=True)),
+                       inp, state, p)
+
+
 def _shapes(*args, **kw):
     """make_problem's shapes and dtypes only (nothing computed)."""
     return jax.eval_shape(lambda: make_problem(*args, **kw))
@@ -114,7 +144,8 @@ def test_decode_norm_needs_whole_rows():
 
 @pytest.mark.parametrize("R,state_dtype,blocks,norm", [
     (1, "float32", DecodeBlocks(), True), (4, "bfloat16", DecodeBlocks(16, 2), False),
-    (1, "bfloat16", DecodeBlocks(16, 2, xla_trig=True), False)])
+    (1, "bfloat16", DecodeBlocks(16, 2, xla_trig=True), False),
+    (4, "bfloat16", DecodeBlocks(16, 4, xla_trig=True, mma=True), False)])
 def test_decode_lowers_to_triton(R, state_dtype, blocks, norm):
     """The compiled (not interpreted) kernel lowers to Triton IR on any host, with h aliased
     and nothing else: a program shares k_prev, x_prev and the angle with the other programs of
@@ -208,8 +239,14 @@ def test_launch_shape_from_a_string_and_the_environment(monkeypatch):
     assert parse_blocks("16:2") == DecodeBlocks(16, 2)
     assert parse_blocks("32:4:xlatrig") == DecodeBlocks(32, 4, xla_trig=True)
     assert parse_blocks("P:4:noevict") == DecodeBlocks(None, 4, evict_first=False)
+    assert parse_blocks("32:4:xlatrig:mma") == DecodeBlocks(32, 4, xla_trig=True, mma=True)
     monkeypatch.setenv("MAMBA3_DECODE_BLOCKS", "32:4")
     assert default_blocks("bfloat16", 128, 1, 64) == DecodeBlocks(32, 4)
+    monkeypatch.setenv("MAMBA3_DECODE_BLOCKS", "32:4:mma")  # tensor cores: MIMO bf16 only
+    assert default_blocks("bfloat16", 128, 4, 64) == DecodeBlocks(32, 4, mma=True)
+    assert default_blocks("bfloat16", 128, 1, 64) == DecodeBlocks(32, 4)
+    assert default_blocks("float32", 128, 4, 64) == DecodeBlocks(32, 4)
+    monkeypatch.setenv("MAMBA3_DECODE_BLOCKS", "32:4")
     assert default_blocks("bfloat16", 128, 1, 64, has_norm=True) == DecodeBlocks()
     for bad in ("16", "16:2:fast", "16:2:loop", "x:2"):
         with pytest.raises(ValueError, match="bad decode launch shape"):
