@@ -74,7 +74,8 @@ kernels)  # the rotation backward over a group's heads (rotary_head_sum), kernel
   OUT=$OUT timeout 300 bash experiments/gpu_prefill.sh --shapes a,b,c --modes fwd+bwd \
     --variants "ours,rotary_head_sum=1" --reps 10 | tail -8
   OUT=$OUT timeout 100 python3 -m pallas_kernels.chunked_scan.bench --shapes a --mimo \
-    --modes fwd+bwd --variants "ours,rotary_head_sum=1" --reps 10 2>&1 | grep -v '^{' | tail -3
+    --modes fwd+bwd --variants "ours,rotary_head_sum=1,rotary_head_sum=1;factored_angles=2" \
+    --reps 10 2>&1 | grep -v '^{' | tail -4
   bench k0 90 --configs 180m
   MAMBA3_TRITON_BLOCKS=rotary_head_sum=1 bench k1 $(left 560) --configs 180m
   ;;
