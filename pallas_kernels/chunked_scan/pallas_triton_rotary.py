@@ -348,37 +348,35 @@ def _backward_heads(rs: RotShape, q, k, qb, kb, inc, a, seg, dt, dqr, dkr):
     """`_backward` with one program per (chunk, rank, group) (`RotShape.head_sum`)."""
     B, nc, C, R, G, H, N, S, hg = rs.B, rs.nc, rs.C, rs.R, rs.G, rs.H, rs.N, rs.S, rs.hg
     shared = rs.rate_heads == 1
-    rk = (SQ,) if R > 1 else ()  # outputs per rank (summed over R below), as `_backward`
 
-    def idx(*f):  # an index map over the grid (b, c, r, g) from per-axis maps and constants
-        return lambda b, c, r, g: tuple(v(b, c, r, g) if callable(v) else v for v in f)
+    def ranked(block, pos, index):  # per rank when R > 1 (summed over R below), as `_backward`
+        if R == 1:
+            return pl.BlockSpec(block, index)
+        return pl.BlockSpec(block[:pos] + (SQ,) + block[pos:], lambda b, c, r, g: (
+            *index(b, c, r, g)[:pos], r, *index(b, c, r, g)[pos:]))
 
-    B_, C_, R_, G_ = ((lambda b, c, r, g, i=i: (b, c, r, g)[i]) for i in range(4))
-    rank_idx = (R_,) if R > 1 else ()
-    group_rows = pl.BlockSpec((SQ, C, SQ, SQ, N), idx(B_, C_, R_, G_, 0))
-    heads_rows = pl.BlockSpec((SQ, C, SQ, hg, N), idx(B_, C_, R_, G_, 0))
-    bias_in = pl.BlockSpec((hg, SQ, N), idx(G_, R_, 0))
-    inc_in = (pl.BlockSpec((SQ, C, SQ, S), idx(B_, C_, 0, 0)) if shared
-              else pl.BlockSpec((SQ, C, hg, S), idx(B_, C_, G_, 0)))
-    in_specs = [group_rows, group_rows, bias_in, bias_in, inc_in,
-                pl.BlockSpec((SQ, SQ, hg, S), idx(B_, C_, G_, 0)),
-                pl.BlockSpec((SQ, C), idx(B_, C_))]
-    if rs.rate_heads:
-        in_specs.append(pl.BlockSpec((SQ, hg, C), idx(B_, G_, C_)))
-    out_specs = [group_rows, group_rows,
-                 pl.BlockSpec((SQ, SQ, SQ, hg, N), idx(B_, C_, R_, G_, 0)),
-                 pl.BlockSpec((SQ, SQ, SQ, hg, N), idx(B_, C_, R_, G_, 0)),
-                 (pl.BlockSpec((SQ, C) + rk + (SQ, S), idx(B_, C_, *rank_idx, G_, 0)) if shared
-                  else pl.BlockSpec((SQ, C) + rk + (hg, S), idx(B_, C_, *rank_idx, G_, 0))),
-                 pl.BlockSpec((SQ, SQ) + rk + (hg, S), idx(B_, C_, *rank_idx, G_, 0))]
-    rdim = (R,) if R > 1 else ()
+    group_rows = pl.BlockSpec((SQ, C, SQ, SQ, N), lambda b, c, r, g: (b, c, r, g, 0))
+    heads_rows = pl.BlockSpec((SQ, C, SQ, hg, N), lambda b, c, r, g: (b, c, r, g, 0))
+    bias_in = pl.BlockSpec((hg, SQ, N), lambda b, c, r, g: (g, r, 0))
+    bias_out = pl.BlockSpec((SQ, SQ, SQ, hg, N), lambda b, c, r, g: (b, c, r, g, 0))
+    in_specs = [group_rows, group_rows, bias_in, bias_in,
+                pl.BlockSpec((SQ, C, SQ, S), lambda b, c, r, g: (b, c, 0, 0)) if shared
+                else pl.BlockSpec((SQ, C, hg, S), lambda b, c, r, g: (b, c, g, 0)),
+                pl.BlockSpec((SQ, SQ, hg, S), lambda b, c, r, g: (b, c, g, 0)),
+                pl.BlockSpec((SQ, C), lambda b, c, r, g: (b, c))]
+    if rs.rate_heads:  # the heads' dt, (B, H, Lp)
+        in_specs.append(pl.BlockSpec((SQ, hg, C), lambda b, c, r, g: (b, g, c)))
+    per_rank = (R,) if R > 1 else ()
+    out_specs = [group_rows, group_rows, bias_out, bias_out,
+                 ranked((SQ, C, SQ if shared else hg, S), 2, lambda b, c, r, g: (b, c, g, 0)),
+                 ranked((SQ, SQ, hg, S), 2, lambda b, c, r, g: (b, c, g, 0))]
     out_shape = [jax.ShapeDtypeStruct((B, nc * C, R, G, N), f32)] * 2 + [
         jax.ShapeDtypeStruct((B, nc, R, H, N), f32)] * 2 + [
-        jax.ShapeDtypeStruct((B, nc * C) + rdim + ((G,) if shared else (H,)) + (S,), f32),
-        jax.ShapeDtypeStruct((B, nc) + rdim + (H, S), f32)]
+        jax.ShapeDtypeStruct((B, nc * C, *per_rank, G if shared else H, S), f32),
+        jax.ShapeDtypeStruct((B, nc, *per_rank, H, S), f32)]
     if rs.rate_heads:  # d dt per head (and rank), (B, [R,] H, Lp)
-        out_specs.append(pl.BlockSpec((SQ,) + rk + (hg, C), idx(B_, *rank_idx, G_, C_)))
-        out_shape.append(jax.ShapeDtypeStruct((B,) + rdim + (H, nc * C), f32))
+        out_specs.append(ranked((SQ, hg, C), 1, lambda b, c, r, g: (b, g, c)))
+        out_shape.append(jax.ShapeDtypeStruct((B, *per_rank, H, nc * C), f32))
     du_q, du_k, dqb, dkb, dinc, da, *ddt = pl.pallas_call(
         functools.partial(_bwd_heads_kernel, rs=rs), grid=(B, nc, R, G),
         in_specs=in_specs + [heads_rows, heads_rows], out_specs=out_specs, out_shape=out_shape,
