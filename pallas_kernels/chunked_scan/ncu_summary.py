@@ -14,9 +14,9 @@ from collections import defaultdict
 METRICS = ("gpu__time_duration.sum,launch__registers_per_thread,dram__bytes_read.sum,"
            "dram__bytes_write.sum,l1tex__t_bytes_pipe_lsu_mem_local_op_st.sum,launch__grid_size")
 STALL_PREFIX, STALL_SUFFIX = "smsp__average_warps_issue_stalled_", "_per_issue_active.ratio"
+# the common reasons of ncu's WarpStateStats section (an unknown name makes ncu profile nothing)
 STALLS = ("long_scoreboard", "short_scoreboard", "wait", "barrier", "math_pipe_throttle",
-          "mio_throttle", "lg_throttle", "not_selected", "selected", "no_instruction",
-          "dispatch_stall", "drain", "membar", "branch_resolving", "imc_miss", "tex_throttle")
+          "mio_throttle", "lg_throttle", "not_selected", "selected", "no_instruction")
 THROUGHPUT = ("sm__warps_active.avg.pct_of_peak_sustained_active",
               "dram__throughput.avg.pct_of_peak_sustained_elapsed",
               "sm__throughput.avg.pct_of_peak_sustained_elapsed")
