@@ -103,7 +103,7 @@ def main(argv):
     from mamba3_jax.training import mesh as mesh_lib
     from mamba3_jax.training.checkpoint import CorruptCheckpointError, IncompatibleCheckpointError
     from mamba3_jax.training.lock import WorkdirBusyError, WorkdirLock
-    from mamba3_jax.training.trainer import NonFiniteLossError, train
+    from mamba3_jax.training.trainer import DeviceMemoryError, NonFiniteLossError, train
 
     mesh_lib.maybe_initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value,
                                           _PROCESS_ID.value, force=_DISTRIBUTED.value)
@@ -113,7 +113,7 @@ def main(argv):
         if lock is not None:
             lock.acquire()
         summary = train(config, _WORKDIR.value)
-    except (ConfigError, WorkdirBusyError) as e:
+    except (ConfigError, WorkdirBusyError, DeviceMemoryError) as e:
         sys.stderr.write(f"error: {e}\n")
         return EXIT_CONFIG
     except (IncompatibleCheckpointError, CorruptCheckpointError) as e:

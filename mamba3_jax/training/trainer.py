@@ -72,6 +72,28 @@ class NonFiniteLossError(FloatingPointError):
         self.checkpoint = checkpoint
 
 
+class DeviceMemoryError(MemoryError):
+    """The train step does not fit in device memory (XLA's RESOURCE_EXHAUSTED), with what to
+    change in the config."""
+
+
+def out_of_memory(e: BaseException) -> bool:
+    """Whether e is XLA running out of device memory (at compile or at run time)."""
+    text = str(e)
+    return "RESOURCE_EXHAUSTED" in text or "out of memory" in text.lower()
+
+
+def memory_advice(config, n_devices: int, error: BaseException) -> str:
+    """One line: what ran out, the per-device microbatch and remat, and what to change."""
+    t, d = config.train, config.data
+    micro = int(d.batch_size) // max(1, int(t.grad_accum)) // max(1, n_devices)
+    first = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
+    return (f"the train step does not fit in device memory ({first}); per device: {micro} "
+            f"sequences x {int(d.seq_len)} tokens a microbatch, train.remat={t.remat!r}. Raise "
+            f"train.grad_accum (smaller microbatches), set train.remat to a names policy or "
+            f"'full', or shard the parameters with mesh.fsdp")
+
+
 class _Preempted(Exception):
     pass
 
@@ -322,8 +344,14 @@ class Trainer:
                 data_states[step] = it.get_state()
                 while len(data_states) > 4:
                     data_states.popitem(last=False)
-                state, m = self.train_step(state, host_batch_to_global(batch,
-                                                                       self.batch_sharding))
+                try:
+                    state, m = self.train_step(state, host_batch_to_global(
+                        batch, self.batch_sharding))
+                except Exception as e:  # XLA's out-of-memory: one line on what to change
+                    if out_of_memory(e):
+                        raise DeviceMemoryError(memory_advice(
+                            self.config, self.n_devices, e)) from e
+                    raise
                 if pending is not None:
                     self._handle(pending, state, data_states, writer)
                 pending = (step, m)

@@ -271,3 +271,36 @@ def test_nan_stop_rewrites_a_damaged_last_good_checkpoint(tmp_path, jax_cache, m
     assert ck.all_steps() == [2] and ck.verify(2) is None  # the rewrite was not damaged
     ck.close()
     assert read_jsonl(str(tmp_path / "metrics.jsonl"))[-1]["train/nonfinite"] == 1.0
+
+
+def test_out_of_device_memory_is_one_line_on_what_to_change(tmp_path, jax_cache, monkeypatch):
+    """XLA's RESOURCE_EXHAUSTED in the train step (a batch or remat that does not fit) stops
+    the run with DeviceMemoryError naming the per-device microbatch, the remat policy and the
+    knobs to turn (the CLI prints it as one 'error:' line, exit code 2); other errors pass."""
+    from mamba3_jax.training import trainer as trainer_lib
+
+    c = tiny_config(jax_cache)
+    c.train.eval_steps = 0
+    tr = Trainer(c, str(tmp_path))
+
+    class Step:  # the jitted step as the loop calls it, raising like XLA
+        def __init__(self, error):
+            self.error = error
+
+        def __call__(self, state, batch):
+            raise self.error
+
+    oom = RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 81.12GiB.\n"
+                       "BufferAssignment OOM Debugging. (many more lines)")
+    tr.train_step = Step(oom)
+    with pytest.raises(trainer_lib.DeviceMemoryError) as e:
+        tr.run()
+    msg = str(e.value)
+    micro = c.data.batch_size // c.train.grad_accum
+    assert "\n" not in msg and "Out of memory while trying to allocate 81.12GiB" in msg, msg
+    assert f"{micro} sequences x {c.data.seq_len} tokens" in msg and "train.grad_accum" in msg
+    assert f"train.remat={c.train.remat!r}" in msg and "mesh.fsdp" in msg
+    tr2 = Trainer(c, str(tmp_path / "other"))
+    tr2.train_step = Step(ValueError("something else"))
+    with pytest.raises(ValueError, match="something else"):
+        tr2.run()
