@@ -86,8 +86,9 @@ def out_of_memory(e: BaseException) -> bool:
 def memory_advice(config, n_devices: int, error: BaseException) -> str:
     """One line: what ran out, the per-device microbatch and remat, and what to change."""
     t, d = config.train, config.data
-    micro = int(d.batch_size) // max(1, int(t.grad_accum)) // max(1, n_devices)
-    first = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
+    micro = int(d.batch_size) // int(t.grad_accum) // n_devices  # validated to divide
+    text = str(error).strip()
+    first = text.splitlines()[0][:200] if text else type(error).__name__
     return (f"the train step does not fit in device memory ({first}); per device: {micro} "
             f"sequences x {int(d.seq_len)} tokens a microbatch, train.remat={t.remat!r}. Raise "
             f"train.grad_accum (smaller microbatches), set train.remat to a names policy or "

@@ -177,6 +177,12 @@ def _unrotate(da, db, cos, sin):
     return da * cos + db * sin, db * cos - da * sin
 
 
+def _add_angle_grad(dth, a, b, da, db, cos, sin):
+    """dth plus d theta of the pair (a, b) rotated by theta, from its rotated gradients (da,
+    db); summed in this order (as timed: another association took 45 more registers offline)."""
+    return dth + db * (a * cos - b * sin) - da * (a * sin + b * cos)
+
+
 def _bwd_kernel(*refs, rs: RotShape):
     """One head and chunk: un-rotated gradients (summed over the group's heads by XLA), the
     bias gradients' partial sums over the chunk, d(increments) (or d rate of this head and
@@ -200,7 +206,7 @@ def _bwd_kernel(*refs, rs: RotShape):
         b = _biased(src, b_ref[pl.ds(S, S)], S, S, cdt)
         da = d_ref[:, pl.ds(0, S)].astype(f32)
         db = d_ref[:, pl.ds(S, S)].astype(f32)
-        dth = dth + db * (a * cos - b * sin) - da * (a * sin + b * cos)
+        dth = _add_angle_grad(dth, a, b, da, db, cos, sin)
         for off, du in zip((0, S), _unrotate(da, db, cos, sin), strict=True):
             out[:, pl.ds(off, S)] = du.astype(out.dtype)
             db_ref[pl.ds(off, S)] = jnp.sum(du, axis=0)
@@ -261,7 +267,7 @@ def _bwd_heads_kernel(*refs, rs: RotShape):
             b = _biased(src, b_ref[j, pl.ds(S, S)], S, S, cdt)
             da = d_ref[:, j, pl.ds(0, S)].astype(f32)
             db = d_ref[:, j, pl.ds(S, S)].astype(f32)
-            dth = dth + db * (a * cos - b * sin) - da * (a * sin + b * cos)
+            dth = _add_angle_grad(dth, a, b, da, db, cos, sin)
             dus = _unrotate(da, db, cos, sin)
             if N > 2 * S:  # the unrotated channels pass through
                 dus = dus + (d_ref[:, j, pl.ds(2 * S, N - 2 * S)].astype(f32),)

@@ -126,6 +126,11 @@ def parse_blocks(spec: str) -> DecodeBlocks:
                         fast_trig="fasttrig" in flags, mma="mma" in flags)
 
 
+def mma_applies(state_dtype, R: int) -> bool:
+    """Whether `DecodeBlocks.mma` covers the case: MIMO with a bfloat16 state."""
+    return R > 1 and jnp.dtype(state_dtype) == jnp.bfloat16
+
+
 def default_blocks(state_dtype, N: int, R: int, P: int, has_norm: bool = False) -> DecodeBlocks:
     """The launch shape `decode_step` uses when none is given: $MAMBA3_DECODE_BLOCKS when set
     (`parse_blocks`: how a benchmark of the whole layer tries a shape), else the measured best
@@ -134,7 +139,7 @@ def default_blocks(state_dtype, N: int, R: int, P: int, has_norm: bool = False) 
         return DecodeBlocks()
     if os.environ.get("MAMBA3_DECODE_BLOCKS"):
         blocks = parse_blocks(os.environ["MAMBA3_DECODE_BLOCKS"])
-        if blocks.mma and not (R > 1 and jnp.dtype(state_dtype) == jnp.bfloat16):
+        if blocks.mma and not mma_applies(state_dtype, R):
             blocks = dataclasses.replace(blocks, mma=False)  # a whole-model override: MIMO bf16
     else:
         hit = _measured(state_dtype, N, R)
@@ -264,9 +269,12 @@ def _decode_kernel(*refs, in_names, out_names, R, N, S, has_norm, eps, interpret
             qmat = jnp.where(qcols == r, q[r][:, None], qmat)
         reads = dot(h_new, qmat.astype(h_new.dtype))  # (bp, 16)
         ocols = jax.lax.broadcasted_iota(jnp.int32, reads.shape, 1)
-        readout = [jnp.sum(jnp.where(ocols == r, reads, 0.0), axis=1) for r in range(R)]
+
+        def readout(r):
+            return jnp.sum(jnp.where(ocols == r, reads, 0.0), axis=1)
     else:
-        readout = [jnp.sum(h * q[r][None, :], axis=1) for r in range(R)]
+        def readout(r):  # only the ranks the epilogue reads
+            return jnp.sum(h * q[r][None, :], axis=1)
 
     # y^(r) = h' q_r + D x^(r) -> [RMSNorm] -> * silu(z mimo_z[r]) -> sum_r mimo_o[r] (.)
     D = get("D")
@@ -275,7 +283,7 @@ def _decode_kernel(*refs, in_names, out_names, R, N, S, has_norm, eps, interpret
     mimo_o = rows("mimo_o")
     out = jnp.zeros_like(x)
     for r in range(R if mimo_o else 1):  # without mimo_o only rank 0 is read out (gate_output)
-        u = readout[r] + D * x * mimo_x[r]
+        u = readout(r) + D * x * mimo_x[r]
         if has_norm:
             u = u * jax.lax.rsqrt(jnp.mean(u * u) + eps) * get("norm_weight")
         zr = z * mimo_z[r]
@@ -310,7 +318,7 @@ def decode_step(state: SSMState, q, k, x, z, angle_inc, log_decay, gamma, eta, r
         raise KernelUnsupported(f"{Hq} B/C groups do not divide {H} heads")
     if R > 1 and mimo_x is None:
         raise KernelUnsupported("MIMO (R > 1) needs mimo_x")
-    if blocks.mma and not (R > 1 and state.h.dtype == jnp.bfloat16 and bp >= 16):
+    if blocks.mma and not (mma_applies(state.h.dtype, R) and bp >= 16):
         raise KernelUnsupported(f"DecodeBlocks.mma needs MIMO (R {R} > 1), a bfloat16 state "
                                 f"({state.h.dtype}) and block_p >= 16 ({bp})")
     heads_per_group = H // Hq
