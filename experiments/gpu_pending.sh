@@ -3,10 +3,10 @@
 # (each under 10 minutes on one H200; a helper issues them back to back to stay in the warm
 # window). From the repo root, with .whl (../shared/wheels) and .official
 # (../shared/bench/official/README.md) carried:
-#     OUT=$OUT MAMBA3_COMMIT=<short HEAD> bash experiments/gpu_pending.sh train|train3|train4|train5|kernels|profile|decode|state
+#     OUT=$OUT MAMBA3_COMMIT=<short HEAD> bash experiments/gpu_pending.sh train|train3|train4|train5|stream|profile|decode|state
 # Results land in $OUT (at most 8 files come back: keep the logs few).
 set -u
-part=${1:?part: train, train3, train4, train5, kernels, profile, decode or state}
+part=${1:?part: train, train3, train4, train5, stream, profile, decode or state}
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT" runs
 # the image lacks ml_collections, grain and jax-triton: plain `pip install` put them where the
@@ -74,14 +74,9 @@ train5)  # the 1.5B unrolled step and compile without rematerialisation (23% few
   bench r2 115 --configs 1.5b $nd --set train.remat=none
   bench r3 $(left 330) --configs 1.5b $nd --set train.remat=none --trace_compile
   ;;
-kernels)  # the rotation backward over a group's heads (rotary_head_sum), kernels and training
-  OUT=$OUT timeout 300 bash experiments/gpu_prefill.sh --shapes a,b,c --modes fwd+bwd \
-    --variants "ours,rotary_head_sum=1" --reps 10 | tail -8
-  OUT=$OUT timeout 100 python3 -m pallas_kernels.chunked_scan.bench --shapes a --mimo \
-    --modes fwd+bwd --variants "ours,rotary_head_sum=1,rotary_head_sum=1;factored_angles=2" \
-    --reps 10 2>&1 | grep -v '^{' | tail -4
-  bench k0 90 --configs 180m
-  MAMBA3_TRITON_BLOCKS=rotary_head_sum=1 bench k1 $(left 560) --configs 180m
+stream)  # issue 10: how fast a kernel streams the decode state (XLA, Pallas Triton, Mosaic
+  # GPU with TMA), beside the copy ceiling: which backend the step's 95% of copy needs
+  timeout 300 python3 experiments/bench_stream.py 2>&1 | grep -E "^\||ceilings|copy" | tail -30
   ;;
 profile)  # Nsight Compute of the prefill kernels with stall reasons; no CUDA graphs (ncu
   # segfaulted on the Triton forward in sessions 10 and 13, maybe on XLA's command buffers)

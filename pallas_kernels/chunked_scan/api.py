@@ -211,28 +211,26 @@ def _rotation_chunks(inp: SSMInputs, seg, padt, Lp: int, C: int, rotary_chunk: i
 
 
 def _rot_shape(B, Lp, Cr, R, G, H, N, S, cdt, *, interpret, angle_mode, fast_trig, rate_tanh,
-               warps_rotary, rate_heads, head_sum: int = 0) -> RotShape:
+               warps_rotary, rate_heads) -> RotShape:
     """The rotation kernels' static shape for chunks of Cr tokens."""
     return RotShape(B=B, nc=Lp // Cr, C=Cr, R=R, G=G, H=H, N=N, S=S, cdt=jnp.dtype(cdt).name,
                     interpret=interpret, angle_mode=angle_mode, fast_trig=bool(fast_trig),
                     rate_tanh=rate_tanh,
                     # a (C, N) tile: 4 warps on MIMO's 16-token chunks spilled (compile_check)
-                    warps=min(warps_rotary, max(1, Cr // 8)), rate_heads=rate_heads,
-                    head_sum=bool(head_sum))
+                    warps=min(warps_rotary, max(1, Cr // 8)), rate_heads=rate_heads)
 
 
 def prepare_rows(inp: SSMInputs, state: SSMState, mimo_x, C: int, cdt, *, interpret: bool,
                  rotary: str = "kernel", warps_rotary: int = 4, angle_mode: str = "tf32x3",
                  rotary_chunk: int = 0, factored_angles: int = 0, fast_trig: int = 0,
-                 pre_angles: int = 0, rotary_head_sum: int = 0):
+                 pre_angles: int = 0):
     """The pre-pass: the core's operands, the angle at the last token, k rows, padded length and
     whether q, k and the state have their channels in `to_pair_blocks` order.
     rotary: 'kernel' (bias + rotation in `rotate_qk`) or 'xla'. rotary_chunk: tokens per
     program of the rotation kernels (0: C; else min(rotary_chunk, C)): the rotation's chunks
     are independent of the core's (their own carried angles), and smaller ones hold fewer
     registers. factored_angles (TritonBlocks'): the rotation kernels take `inp.angle_rate` and
-    `inp.angle_dt` (when given) and form the per-head increments themselves; 1 SISO, 2 any R.
-    rotary_head_sum: the rotation's backward sums a group's heads in the kernel."""
+    `inp.angle_dt` (when given) and form the per-head increments themselves; 1 SISO, 2 any R."""
     B, L, R, G, N = inp.q.shape
     H = inp.x.shape[2]
     S = inp.angle_inc.shape[-1]
@@ -251,8 +249,7 @@ def prepare_rows(inp: SSMInputs, state: SSMState, mimo_x, C: int, cdt, *, interp
             inc, dt = inc[0], jnp.swapaxes(inc[1], 1, 2)
         rs = _rot_shape(B, Lp, Cr, R, G, H, N, S, cdt, interpret=interpret,
                         angle_mode=angle_mode, fast_trig=fast_trig, rate_tanh=pre,
-                        warps_rotary=warps_rotary, rate_heads=inc.shape[2] if factored else 0,
-                        head_sum=rotary_head_sum)
+                        warps_rotary=warps_rotary, rate_heads=inc.shape[2] if factored else 0)
         permuted = True
 
         q, k = rotate_qk(rs, to_pair_blocks(padt(inp.q).astype(cdt), S),
@@ -310,8 +307,7 @@ def _prepare(o: _Opts, inp, state, mimo_x, cdt):
         inp, state, mimo_x, o.C, cdt, interpret=o.interpret, rotary=o.rotary,
         warps_rotary=o.blocks.warps_rotary, angle_mode=o.blocks.angle_mode,
         rotary_chunk=o.blocks.rotary_chunk, factored_angles=o.blocks.factored_angles,
-        fast_trig=o.blocks.fast_trig, pre_angles=o.blocks.pre_angles,
-        rotary_head_sum=o.blocks.rotary_head_sum)
+        fast_trig=o.blocks.fast_trig, pre_angles=o.blocks.pre_angles)
 
 
 def _rows_path(o: _Opts, inp, state, z, D, mimo_x=None, mimo_z=None, mimo_o=None,

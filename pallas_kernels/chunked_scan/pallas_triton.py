@@ -74,11 +74,6 @@ class TritonBlocks:
     # but MIMO R4 9.63 vs 9.27 ms, so MIMO keeps the (B, L, H, S) increments by default
     factored_angles: int = 1
     angle_mode: str = "tf32x3"  # rotation kernels' prefix-sum dots: 'tf32x3' or 'ieee'
-    # 1: the rotation backward runs one program per (chunk, rank, B/C group) that walks the
-    # group's heads and sums their q, k gradients (and a shared rate's) in registers, writing
-    # the group's once: no per-head gradient rows (2 x 134 MB at B8 L2048 H32) written and read
-    # back by XLA's sum over heads. Offline (sm_90a): see docs/kernels.md. Opt-in until timed
-    rotary_head_sum: int = 0
     # 1: the rotation kernels' cos / sin from the MUFU approximations after a range reduction
     # (`_compat.sincos`, ~1e-6 absolute) instead of libdevice's accurate sinf / cosf (integer
     # range reduction: most of the rotation kernels' instructions, offline SASS). H200 (session

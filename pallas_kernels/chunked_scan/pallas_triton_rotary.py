@@ -18,8 +18,8 @@ backward writes the un-rotated gradient per head in the compute dtype (XLA sums 
 in float32), d(increments) of the chunk (the transposed prefix-sum dot), d A and per-chunk
 partial sums of the bias gradients. (A loop over a group's heads with the sum in registers
 spilled heavily and left the GPU idle at 64-token chunks: 256 programs at B 8, L 2048. On the
-16-token rotation chunks it is the opt-in `RotShape.head_sum`: 1024 programs there, 4 warps,
-no spills offline; to time.)
+16-token rotation chunks, 1024 programs and no spills, it was still 13-23% slower than one
+program per head at every measured shape: removed, session 15, docs/kernels.md.)
 
 With `RotShape.rate_heads` the increments arrive as their factors, a rate (B, Lp, rate_heads,
 S) and the heads' dt (B, H, Lp): each program forms rate * dt of its head, and the backward
@@ -63,10 +63,6 @@ class RotShape:
     # the rate arrives before its activation (`SSMInputs.angle_pre`, any dtype): pi tanh of it
     # is formed in registers, and the backward returns the gradient of the pre-activation
     rate_tanh: bool = False
-    # backward: one program per (chunk, rank, group) walking the group's heads, the group's q,
-    # k gradients (and a shared rate's) summed in registers and written once, instead of per-head
-    # rows that XLA sums (`TritonBlocks.rotary_head_sum`; increments per head or one rate)
-    head_sum: bool = False
 
     @property
     def hg(self) -> int:
@@ -83,10 +79,6 @@ class RotShape:
     @property
     def params(self):
         return None if self.interpret else compiler_params(self.warps, 1)
-
-    @property
-    def heads_params(self):  # the head-sum backward: its two (C, N) float32 sums need 4 warps
-        return None if self.interpret else compiler_params(max(self.warps, 4), 1)
 
 
 def to_pair_blocks(u, S: int):
@@ -231,77 +223,6 @@ def _bwd_kernel(*refs, rs: RotShape):
     da_ref[...] = jnp.sum(jnp.where(seg == 0, 1.0, 0.0)[:, None] * dth, axis=0)
 
 
-def _bwd_heads_kernel(*refs, rs: RotShape):
-    """`_bwd_kernel` for all heads of one group (`RotShape.head_sum`): the loop over heads
-    accumulates the un-rotated q, k gradients (and, with one shared rate, d rate) in float32
-    registers and writes the group's once; per head it writes the bias gradients' partial sums,
-    d increments (or d dt) and d angle carried in, as `_bwd_kernel` does."""
-    q_ref, k_ref, qb_ref, kb_ref, inc_ref, a_ref, sg_ref = refs[:7]
-    dt_ref = refs[7] if rs.rate_heads else None
-    dqr_ref, dkr_ref, dq_ref, dk_ref, dqb_ref, dkb_ref, dinc_ref, da_ref = refs[
-        8 if rs.rate_heads else 7:][:8]
-    ddt_ref = refs[-1] if rs.rate_heads else None
-    S, N, C, cdt, prec = rs.S, rs.N, rs.C, jnp.dtype(rs.cdt), rs.angle_prec
-    shared = rs.rate_heads == 1  # one rate for every head: d rate summed here
-    seg = sg_ref[...]
-    tri = _prefix_matrix(seg)
-    first = jnp.where(seg == 0, 1.0, 0.0)[:, None]
-    widths = (S, S) + ((N - 2 * S,) if N > 2 * S else ())
-    offsets = (0, S, 2 * S)[:len(widths)]
-    parts = ((q_ref, qb_ref, dqr_ref, dqb_ref), (k_ref, kb_ref, dkr_ref, dkb_ref))
-
-    def head(j, acc):
-        sums, drate = acc
-        if rs.rate_heads:
-            rate = _rate(inc_ref, rs.rate_tanh) if shared else _activated(
-                inc_ref[:, j, :], rs.rate_tanh)
-            inc = rate * dt_ref[j, :][:, None]
-        else:
-            inc = inc_ref[:, j, :].astype(f32)
-        th = dot(tri, inc, precision=prec) + first * a_ref[j, :][None, :]
-        cos, sin = sincos(th, rs.fast_trig, rs.interpret)
-        dth = jnp.zeros(th.shape, f32)
-        new = []
-        for (src, b_ref, d_ref, db_ref), acc_part in zip(parts, sums, strict=True):
-            a = _biased(src, b_ref[j, pl.ds(0, S)], 0, S, cdt)
-            b = _biased(src, b_ref[j, pl.ds(S, S)], S, S, cdt)
-            da = d_ref[:, j, pl.ds(0, S)].astype(f32)
-            db = d_ref[:, j, pl.ds(S, S)].astype(f32)
-            dth = _add_angle_grad(dth, a, b, da, db, cos, sin)
-            dus = _unrotate(da, db, cos, sin)
-            if N > 2 * S:  # the unrotated channels pass through
-                dus = dus + (d_ref[:, j, pl.ds(2 * S, N - 2 * S)].astype(f32),)
-            for off, w, du in zip(offsets, widths, dus, strict=True):
-                db_ref[j, pl.ds(off, w)] = jnp.sum(du, axis=0)
-            new.append(tuple(t + du for t, du in zip(acc_part, dus, strict=True)))
-        dinc = dot(tri, dth, ta=True, precision=prec)
-        if rs.rate_heads:
-            ddt_ref[j, :] = jnp.sum(dinc * rate, axis=1)
-            dinc = dinc * dt_ref[j, :][:, None]  # d rate, this head's share
-            if shared:
-                drate = drate + dinc
-            else:
-                if rs.rate_tanh:  # rate = pi tanh(x): d x = d rate pi (1 - tanh^2 x)
-                    t = jnp.tanh(inc_ref[:, j, :].astype(f32))
-                    dinc = dinc * (math.pi * (1.0 - t * t))
-                dinc_ref[:, j, :] = dinc
-        else:
-            dinc_ref[:, j, :] = dinc
-        da_ref[j, :] = jnp.sum(first * dth, axis=0)
-        return tuple(new), drate
-
-    zeros = tuple(jnp.zeros((C, w), f32) for w in widths)
-    sums, drate = jax.lax.fori_loop(0, rs.hg, head, ((zeros, zeros), jnp.zeros((C, S), f32)))
-    for out, part in zip((dq_ref, dk_ref), sums, strict=True):
-        for off, w, u in zip(offsets, widths, part, strict=True):
-            out[:, pl.ds(off, w)] = u.astype(out.dtype)
-    if shared:
-        if rs.rate_tanh:
-            t = jnp.tanh(inc_ref[...].astype(f32))
-            drate = drate * (math.pi * (1.0 - t * t))
-        dinc_ref[...] = drate
-
-
 def _specs(rs: RotShape):
     """Input BlockSpecs of both kernels, grid (B, nc, R, H): the head's group rows, biases,
     increments, carried angle and the chunk's segment ids."""
@@ -350,61 +271,7 @@ def rotate_k(rs: RotShape, k, kb, inc, a, seg, dt=None):
     )(k, kb, inc, a, seg, *([dt] if rs.rate_heads else []))
 
 
-def _backward_heads(rs: RotShape, q, k, qb, kb, inc, a, seg, dt, dqr, dkr):
-    """`_backward` with one program per (chunk, rank, group) (`RotShape.head_sum`)."""
-    B, nc, C, R, G, H, N, S, hg = rs.B, rs.nc, rs.C, rs.R, rs.G, rs.H, rs.N, rs.S, rs.hg
-    shared = rs.rate_heads == 1
-
-    def ranked(block, pos, index):  # per rank when R > 1 (summed over R below), as `_backward`
-        if R == 1:
-            return pl.BlockSpec(block, index)
-        return pl.BlockSpec(block[:pos] + (SQ,) + block[pos:], lambda b, c, r, g: (
-            *index(b, c, r, g)[:pos], r, *index(b, c, r, g)[pos:]))
-
-    group_rows = pl.BlockSpec((SQ, C, SQ, SQ, N), lambda b, c, r, g: (b, c, r, g, 0))
-    heads_rows = pl.BlockSpec((SQ, C, SQ, hg, N), lambda b, c, r, g: (b, c, r, g, 0))
-    bias_in = pl.BlockSpec((hg, SQ, N), lambda b, c, r, g: (g, r, 0))
-    bias_out = pl.BlockSpec((SQ, SQ, SQ, hg, N), lambda b, c, r, g: (b, c, r, g, 0))
-    in_specs = [group_rows, group_rows, bias_in, bias_in,
-                pl.BlockSpec((SQ, C, SQ, S), lambda b, c, r, g: (b, c, 0, 0)) if shared
-                else pl.BlockSpec((SQ, C, hg, S), lambda b, c, r, g: (b, c, g, 0)),
-                pl.BlockSpec((SQ, SQ, hg, S), lambda b, c, r, g: (b, c, g, 0)),
-                pl.BlockSpec((SQ, C), lambda b, c, r, g: (b, c))]
-    if rs.rate_heads:  # the heads' dt, (B, H, Lp)
-        in_specs.append(pl.BlockSpec((SQ, hg, C), lambda b, c, r, g: (b, g, c)))
-    per_rank = (R,) if R > 1 else ()
-    out_specs = [group_rows, group_rows, bias_out, bias_out,
-                 ranked((SQ, C, SQ if shared else hg, S), 2, lambda b, c, r, g: (b, c, g, 0)),
-                 ranked((SQ, SQ, hg, S), 2, lambda b, c, r, g: (b, c, g, 0))]
-    out_shape = [jax.ShapeDtypeStruct((B, nc * C, R, G, N), f32)] * 2 + [
-        jax.ShapeDtypeStruct((B, nc, R, H, N), f32)] * 2 + [
-        jax.ShapeDtypeStruct((B, nc * C, *per_rank, G if shared else H, S), f32),
-        jax.ShapeDtypeStruct((B, nc, *per_rank, H, S), f32)]
-    if rs.rate_heads:  # d dt per head (and rank), (B, [R,] H, Lp)
-        out_specs.append(ranked((SQ, hg, C), 1, lambda b, c, r, g: (b, g, c)))
-        out_shape.append(jax.ShapeDtypeStruct((B, *per_rank, H, nc * C), f32))
-    du_q, du_k, dqb, dkb, dinc, da, *ddt = pl.pallas_call(
-        functools.partial(_bwd_heads_kernel, rs=rs), grid=(B, nc, R, G),
-        in_specs=in_specs + [heads_rows, heads_rows], out_specs=out_specs, out_shape=out_shape,
-        interpret=rs.interpret, compiler_params=rs.heads_params, name="mamba3_rotate_qk_bwd",
-    )(q, k, qb, kb, inc, a, seg, *([dt] if rs.rate_heads else []), dqr, dkr)
-    if R > 1:
-        dinc, da = jnp.sum(dinc, axis=2), jnp.sum(da, axis=2)
-        ddt = [jnp.sum(d, axis=1) for d in ddt]
-    if shared:  # each group's share of d rate
-        dinc = jnp.sum(dinc, axis=2, keepdims=True)
-    return (du_q, du_k, jnp.sum(dqb, axis=(0, 1)), jnp.sum(dkb, axis=(0, 1)), dinc, da,
-            ddt[0] if ddt else None)
-
-
-def head_sum_supported(rs: RotShape) -> bool:
-    """`RotShape.head_sum` covers increments per head, one rate per head and one shared rate."""
-    return rs.rate_heads in (0, 1, rs.H)
-
-
 def _backward(rs: RotShape, q, k, qb, kb, inc, a, seg, dt, dqr, dkr):
-    if rs.head_sum and head_sum_supported(rs):
-        return _backward_heads(rs, q, k, qb, kb, inc, a, seg, dt, dqr, dkr)
     B, nc, C, R, G, H, N, S, hg = rs.B, rs.nc, rs.C, rs.R, rs.G, rs.H, rs.N, rs.S, rs.hg
     head = _head_rows(rs)
     bias = pl.BlockSpec((SQ, SQ, SQ, SQ, N), lambda b, c, r, h: (b, c, r, h, 0))

@@ -71,7 +71,8 @@ class DecodeBlocks:
     # dots with bf16 operands (the update's [beta x_prev mimo_x, gamma x mimo_x] against [k_prev;
     # k], zero-padded to 16, and the rounded new state against q), where the default issues
     # 2R FMAs and R reductions per state element on the CUDA cores (offline SASS: 52.6
-    # instructions per element at R 4, against 19.7 for SISO). Opt-in until timed
+    # instructions per element at R 4, against 19.7 for SISO). Session 15 timed it: the MIMO bf16
+    # N=128 default (`MEASURED`); at N=64 it lost to the FMA kernel (102.4 against 90.0 us)
     mma: bool = False
 
     def label(self) -> str:
@@ -92,12 +93,15 @@ class DecodeBlocks:
 # Session 12 (commit 5507f68) added launch shapes of fewer registers: MIMO fp32 N=128 at bp=16
 # on 4 warps with xla_trig (48-56 registers offline) ran 278.1 us against 289.1-297.6 for every
 # shape without it in the same call; the other rows held within 3%.
+# Session 15 (commit 9b8dcd9) timed the tensor-core update (`mma`, MIMO bf16 only): at N=128
+# bp=64 on 4 warps with xla_trig ran 147.1 us against 181.2 for the best shape without it (and the
+# layer step 0.197 against 0.229 ms); at N=64 the FMA row stands (90.0 us, mma's best 102.4).
 # key -> (fastest DecodeBlocks, its us, the XLA step's us)
 MEASURED = {
     ("float32", 128, 1): (DecodeBlocks(16, 4), 171.7, 113.9),
     ("float32", 128, 4): (DecodeBlocks(16, 4, xla_trig=True), 278.1, 418.3),
     ("bfloat16", 128, 1): (DecodeBlocks(16, 2), 96.4, 105.6),
-    ("bfloat16", 128, 4): (DecodeBlocks(32, 4, xla_trig=True), 178.3, 395.0),
+    ("bfloat16", 128, 4): (DecodeBlocks(64, 4, xla_trig=True, mma=True), 147.1, 395.2),
     ("float32", 64, 1): (DecodeBlocks(16, 2), 92.1, 79.3),
     ("float32", 64, 4): (DecodeBlocks(16, 2, xla_trig=True), 138.9, 231.3),
     ("bfloat16", 64, 1): (DecodeBlocks(32, 2, xla_trig=True), 54.2, 60.3),

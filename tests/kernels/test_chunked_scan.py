@@ -293,62 +293,6 @@ def test_pre_activation_angles(rate_heads, pre_dtype):
                       for g in want_g), GRAD_TOL["float32"])
 
 
-def _kernel_grids(fn, *args, name: str) -> list[tuple]:
-    """The grid of every Pallas kernel called `name` in the jaxpr of fn(*args)."""
-    from jax._src import core as jcore
-
-    found = []
-
-    def visit(jaxpr):
-        for eqn in jaxpr.eqns:
-            if eqn.primitive.name == "pallas_call" and name == str(eqn.params.get("name")):
-                found.append(tuple(eqn.params["grid_mapping"].grid))
-            for v in eqn.params.values():
-                if isinstance(v, (jcore.ClosedJaxpr, jcore.Jaxpr)):
-                    visit(getattr(v, "jaxpr", v))
-
-    visit(jax.make_jaxpr(fn)(*args).jaxpr)
-    return found
-
-
-@pytest.mark.parametrize("R,angles,groups", [(1, "shared", 1), (1, "pre", 1), (2, "per_head", 1),
-                                             (1, "dense", 2)])
-def test_rotary_head_sum(R, angles, groups):
-    """The rotation backward over a group's heads (TritonBlocks.rotary_head_sum: q, k and a
-    shared rate's gradients summed in the kernel): every gradient == the reference's and ==
-    the per-head kernel's, with one shared rate (the model's), its pre-activation, a rate per
-    head and MIMO ranks, and dense increments with two groups; resets and plain channels
-    (N > 2S) included. Its grid runs over groups, not heads."""
-    inp, state, p = make_problem(12, B, 44, R, H, N, P, S, jnp.float32, True, groups=groups)
-    wrap = _dense  # the factors' increments; "dense": the problem's own angle_inc
-    if angles == "dense":
-        def wrap(f):
-            return f
-    else:
-        inp = _with_factors(inp, H if angles == "per_head" else 1, 13)
-    if angles == "pre":
-        inp = inp._replace(angle_pre=1.5 * inp.angle_rate)
-        wrap = _from_pre
-    chunk = 32 // R
-    blocks = TritonBlocks(rotary_chunk=8 if INTERPRET else 16, factored_angles=2,
-                          rotary_head_sum=1)
-    fn = wrap(functools.partial(kernel, chunk=chunk, blocks=blocks))
-    per_head = wrap(functools.partial(kernel, chunk=chunk, blocks=dataclasses.replace(
-        blocks, rotary_head_sum=0)))
-    ref = wrap(reference)
-    ct = random_like(ref(inp, state, **p), 14)
-    got, want = vjp_all(fn, inp, state, p, ct), vjp_all(ref, inp, state, p, ct)
-    check_grads(got, want, GRAD_TOL["float32"])
-    check_grads(got, vjp_all(per_head, inp, state, p, ct), 1e-5)
-    if angles != "dense":
-        name = "angle_pre" if angles == "pre" else "angle_rate"
-        assert rel(getattr(got[0], name), getattr(want[0], name)) < GRAD_TOL["float32"]
-        assert float(jnp.abs(getattr(want[0], name)).max()) > 0
-
-    grids = _kernel_grids(lambda: vjp_all(fn, inp, state, p, ct), name="mamba3_rotate_qk_bwd")
-    assert grids and all(g[2:] == (R, groups) for g in grids), grids
-
-
 def test_factored_angles_bad_shapes():
     inp, state, p = make_problem(5, 1, 8, 1, H, N, P, S, jnp.float32)
     bad = _with_factors(inp, 1, 1)._replace(angle_dt=jnp.ones((1, 8, H + 1)))

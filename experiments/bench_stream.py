@@ -1,0 +1,191 @@
+"""How fast can a kernel stream the decode state? (issue 10, item 2: the step at >= 95% of the
+copy rate.) The same in-place update h <- h * a + 1 (float32 arithmetic, h in its own dtype) of a
+(B, H, P, N) decode state, written four ways and timed side by side in one process:
+
+- `xla`: a jitted elementwise expression, state donated (XLA's fusion);
+- `triton bp:warps`: Pallas Triton, one program per (P block, head, batch), the decode kernel's
+  grid and launch shapes (`decode_step.pallas_triton.DecodeBlocks`), h aliased in place;
+- `mosaic bp:stages:seq`: Pallas Mosaic GPU, TMA copies of (bp, N) tiles into shared memory and
+  back, h aliased in place; `seq` is the grid axis a CTA walks with `stages` copies in flight
+  (`-`: none, one tile a CTA; `p`: the head's P blocks; `h`: every head of a batch row, one CTA
+  per batch row: a persistent, pipelined stream).
+
+The decode kernel does this and more (the rank-1 updates, the readout's reduction, the
+rotation), so the fastest form here bounds what a decode kernel written that way can reach,
+and says which backend issue 10's 95% needs.
+
+    PYTHONPATH=. python experiments/bench_stream.py            # GPU, ~1 min
+    PYTHONPATH=. python experiments/bench_stream.py --smoke    # CPU: tiny, interpreted
+
+Timing as `bench_decode_step.py`: `--steps` updates chained in one jitted call (state
+donated), `--calls` calls back to back, median of `--reps`, per update; "% copy" is the state's
+bytes read and written over the fastest device copy measured in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import pallas as pl
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from mamba3_jax.benchmark import announce_ceilings, markdown_table  # noqa: E402
+from pallas_kernels._compat import SQ, compiler_params  # noqa: E402
+
+try:
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+except ImportError:  # pragma: no cover - a jax without Mosaic GPU
+    plgpu = None
+
+f32 = jnp.float32
+DECAY = 0.999  # the update's factor: any value the compiler cannot fold away
+
+
+def _update(h):
+    return (h.astype(f32) * DECAY + 1.0).astype(h.dtype)
+
+
+def xla_update(h):
+    return _update(h)
+
+
+def _tile_kernel(h_ref, o_ref):
+    o_ref[...] = _update(h_ref[...])
+
+
+def triton_update(h, bp: int, warps: int, interpret: bool = False):
+    """One program per (P block, head, batch), the decode kernel's order (memory order of h)."""
+    B, H, P, N = h.shape
+    spec = pl.BlockSpec((SQ, SQ, bp, N), lambda p, hh, b: (b, hh, p, 0))
+    return pl.pallas_call(
+        _tile_kernel, grid=(P // bp, H, B), in_specs=[spec], out_specs=spec,
+        out_shape=jax.ShapeDtypeStruct(h.shape, h.dtype), input_output_aliases={0: 0},
+        interpret=interpret, compiler_params=None if interpret else compiler_params(warps, 1),
+        name="stream_triton")(h)
+
+
+def mosaic_update(h, bp: int, stages: int, seq: str, interpret: bool = False):
+    """Mosaic GPU: TMA tiles of (bp, N). seq '-': grid (B, H, P / bp) all parallel; 'p': the P
+    blocks walked by a CTA of (b, h); 'h': the heads and P blocks of a batch row walked by one
+    CTA; `stages` TMA copies in flight along the walked axes."""
+    if plgpu is None:
+        raise RuntimeError("this jax has no Pallas Mosaic GPU")
+    B, H, P, N = h.shape
+    nb = P // bp
+    if seq == "h":  # grid (B, H * nb): one CTA per batch row
+        grid, index = (B, H * nb), (lambda b, j: (b, j // nb, j % nb, 0))
+        sem = ("parallel", "sequential")
+    else:
+        grid, index = (B, H, nb), (lambda b, hh, p: (b, hh, p, 0))
+        sem = ("parallel", "parallel", "sequential" if seq == "p" else "parallel")
+    spec = pl.BlockSpec((SQ, SQ, bp, N), index)
+    params = plgpu.CompilerParams(
+        dimension_semantics=sem, max_concurrent_steps=stages,
+        lowering_semantics=plgpu.LoweringSemantics.Lane)
+    return pl.pallas_call(
+        _tile_kernel, grid=grid, in_specs=[spec], out_specs=spec,
+        out_shape=jax.ShapeDtypeStruct(h.shape, h.dtype), input_output_aliases={0: 0},
+        interpret=interpret, compiler_params=params, name="stream_mosaic")(h)
+
+
+def variants(triton: str, mosaic: str, interpret: bool) -> dict:
+    """{label: update fn} from 'bp:warps,...' and 'bp:stages:seq,...' ('P' = all rows)."""
+    out = {"xla": xla_update}
+
+    def rows(bp, P):  # capped at P (the CPU smoke's P is 16)
+        return P if bp == "P" else min(int(bp), P)
+
+    for spec in filter(None, triton.split(",")):
+        bp, warps = spec.split(":")
+        out[f"triton {spec}"] = lambda h, bp=bp, w=int(warps): triton_update(
+            h, rows(bp, h.shape[2]), w, interpret)
+    for spec in filter(None, mosaic.split(",")):
+        bp, stages, seq = spec.split(":")
+        if seq not in ("-", "p", "h"):
+            raise SystemExit(f"bad mosaic variant {spec!r}: seq must be -, p or h")
+        out[f"mosaic {spec}"] = lambda h, bp=bp, s=int(stages), q=seq: mosaic_update(
+            h, rows(bp, h.shape[2]), s, q, interpret)
+    return out
+
+
+def chained(update, steps: int):
+    def run(h):
+        for _ in range(steps):
+            h = update(h)
+        return h
+
+    return jax.jit(run, donate_argnums=0)
+
+
+def time_update(update, h0, steps: int, calls: int, reps: int):
+    """(us per update, max abs error of one update against XLA's)."""
+    want = np.asarray(_update(h0).astype(f32))
+    got = np.asarray(jax.jit(update)(jnp.copy(h0)).astype(f32))
+    err = float(np.max(np.abs(got - want)))
+    run = chained(update, steps)
+    h = run(jnp.copy(h0))
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            h = run(h)
+        jax.block_until_ready(h)
+        times.append((time.perf_counter() - t0) / calls)
+    return 1e6 * float(np.median(times)) / steps, err
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--d_states", default="128,64")
+    ap.add_argument("--dtypes", default="bfloat16,float32")
+    ap.add_argument("--triton", default="16:2,32:4,P:4,P:8")
+    ap.add_argument("--mosaic", default="P:1:-,32:2:p,16:4:p,P:2:h,32:4:h,16:4:h")
+    ap.add_argument("--steps", type=int, default=16)
+    ap.add_argument("--calls", type=int, default=5)
+    ap.add_argument("--reps", type=int, default=10)
+    ap.add_argument("--smoke", action="store_true", help="tiny shapes, interpreted (CPU)")
+    args = ap.parse_args(argv)
+    B, H, P = (2, 2, 16) if args.smoke else (128, 64, 64)
+    if args.smoke:
+        args.steps, args.calls, args.reps = 2, 1, 1
+    ceil = announce_ceilings(smoke=args.smoke)
+    fns = variants(args.triton, args.mosaic, interpret=args.smoke)
+    rows = []
+    for N in (16,) if args.smoke else [int(n) for n in args.d_states.split(",")]:
+        for dtype in args.dtypes.split(","):
+            h0 = jax.random.normal(jax.random.PRNGKey(N), (B, H, P, N), dtype)
+            nbytes = 2 * h0.size * h0.dtype.itemsize
+            for label, fn in fns.items():
+                try:
+                    us, err = time_update(fn, h0, args.steps, args.calls, args.reps)
+                    pct = 100 * nbytes / (us * 1e-6) / ceil.copy
+                    row = {"N": N, "dtype": dtype, "impl": label, "us": us, "pct_copy": pct,
+                           "floor_us": 1e6 * nbytes / ceil.copy, "err": err}
+                except Exception as e:  # a variant this jax or device cannot build
+                    row = {"N": N, "dtype": dtype, "impl": label,
+                           "error": f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"}
+                print(json.dumps(row), flush=True)
+                rows.append(row)
+    print(markdown_table(
+        ["N", "dtype", "implementation", "us", "% copy", "floor us", "max err / error"],
+        [[r["N"], r["dtype"], r["impl"], f"{r['us']:.1f}" if "us" in r else "-",
+          f"{r['pct_copy']:.0f}%" if "us" in r else "-",
+          f"{r['floor_us']:.1f}" if "us" in r else "-",
+          f"{r['err']:.1e}" if "us" in r else r["error"]] for r in rows]))
+    out = os.environ.get("OUT")
+    if out:
+        with open(os.path.join(out, "bench_stream.json"), "w") as f:
+            json.dump({"ceilings": ceil.copies, "rows": rows}, f, indent=1, default=str)
+    return rows
+
+
+if __name__ == "__main__":
+    main()
