@@ -118,8 +118,8 @@ def variants(triton: str, mosaic: str, interpret: bool) -> dict:
 
 def chained(update, steps: int):
     def run(h):
-        for _ in range(steps):
-            h = update(h)
+        for _ in range(steps):  # the barrier keeps XLA from fusing the steps into one pass
+            h = jax.lax.optimization_barrier(update(h))
         return h
 
     return jax.jit(run, donate_argnums=0)
@@ -158,6 +158,7 @@ def main(argv=None):
         args.steps, args.calls, args.reps = 2, 1, 1
     ceil = announce_ceilings(smoke=args.smoke)
     fns = variants(args.triton, args.mosaic, interpret=args.smoke)
+    out = os.environ.get("OUT")
     rows = []
     for N in (16,) if args.smoke else [int(n) for n in args.d_states.split(",")]:
         for dtype in args.dtypes.split(","):
@@ -174,16 +175,15 @@ def main(argv=None):
                            "error": f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"}
                 print(json.dumps(row), flush=True)
                 rows.append(row)
+                if out:  # every row as it comes (a device fault ends the process)
+                    with open(os.path.join(out, "bench_stream.jsonl"), "a") as f:
+                        f.write(json.dumps(row) + "\n")
     print(markdown_table(
         ["N", "dtype", "implementation", "us", "% copy", "floor us", "max err / error"],
         [[r["N"], r["dtype"], r["impl"], f"{r['us']:.1f}" if "us" in r else "-",
           f"{r['pct_copy']:.0f}%" if "us" in r else "-",
           f"{r['floor_us']:.1f}" if "us" in r else "-",
           f"{r['err']:.1e}" if "us" in r else r["error"]] for r in rows]))
-    out = os.environ.get("OUT")
-    if out:
-        with open(os.path.join(out, "bench_stream.json"), "w") as f:
-            json.dump({"ceilings": ceil.copies, "rows": rows}, f, indent=1, default=str)
     return rows
 
 

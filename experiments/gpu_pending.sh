@@ -76,7 +76,11 @@ train5)  # the 1.5B unrolled step and compile without rematerialisation (23% few
   ;;
 stream)  # issue 10: how fast a kernel streams the decode state (XLA, Pallas Triton, Mosaic
   # GPU with TMA), beside the copy ceiling: which backend the step's 95% of copy needs
-  timeout 300 python3 experiments/bench_stream.py 2>&1 | grep -E "^\||ceilings|copy" | tail -30
+  timeout 300 python3 experiments/bench_stream.py --mosaic "" 2>&1 | grep -E "^\||ceilings" | tail -30
+  for m in P:1:- 32:2:p 16:4:p P:2:h 32:4:h; do  # one process each: a device fault ends one
+    timeout 100 python3 experiments/bench_stream.py --triton "" --d_states 128 --mosaic $m \
+      2>&1 | grep -E "^\| 128|Error|error" | grep -v "^\| 128 .* xla " | tail -4
+  done
   ;;
 profile)  # Nsight Compute of the prefill kernels with stall reasons; no CUDA graphs (ncu
   # segfaulted on the Triton forward in sessions 10 and 13, maybe on XLA's command buffers)
