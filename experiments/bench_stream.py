@@ -44,6 +44,10 @@ try:
     from jax.experimental.pallas import mosaic_gpu as plgpu
 except ImportError:  # pragma: no cover - a jax without Mosaic GPU
     plgpu = None
+try:  # jax 0.11 registers pallas_call's Mosaic GPU lowering only once this is imported
+    import jax._src.pallas.mosaic_gpu.pallas_call_registration  # noqa: F401
+except ImportError:  # pragma: no cover
+    pass
 
 f32 = jnp.float32
 DECAY = 0.999  # the update's factor: any value the compiler cannot fold away
@@ -172,7 +176,7 @@ def main(argv=None):
                            "floor_us": 1e6 * nbytes / ceil.copy, "err": err}
                 except Exception as e:  # a variant this jax or device cannot build
                     row = {"N": N, "dtype": dtype, "impl": label,
-                           "error": f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"}
+                           "error": f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:120]}"}
                 print(json.dumps(row), flush=True)
                 rows.append(row)
                 if out:  # every row as it comes (a device fault ends the process)
