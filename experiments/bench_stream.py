@@ -44,10 +44,6 @@ try:
     from jax.experimental.pallas import mosaic_gpu as plgpu
 except ImportError:  # pragma: no cover - a jax without Mosaic GPU
     plgpu = None
-try:  # jax 0.11 registers pallas_call's Mosaic GPU lowering only once this is imported
-    import jax._src.pallas.mosaic_gpu.pallas_call_registration  # noqa: F401
-except ImportError:  # pragma: no cover
-    pass
 
 f32 = jnp.float32
 DECAY = 0.999  # the update's factor: any value the compiler cannot fold away
@@ -77,27 +73,40 @@ def triton_update(h, bp: int, warps: int, interpret: bool = False):
 
 
 def mosaic_update(h, bp: int, stages: int, seq: str, interpret: bool = False):
-    """Mosaic GPU: TMA tiles of (bp, N). seq '-': grid (B, H, P / bp) all parallel; 'p': the P
-    blocks walked by a CTA of (b, h); 'h': the heads and P blocks of a batch row walked by one
-    CTA; `stages` TMA copies in flight along the walked axes."""
+    """Mosaic GPU (`plgpu.kernel`): each CTA streams its rows through shared memory in (bp, N)
+    tiles by TMA, `plgpu.emit_pipeline` keeping `stages` tiles in flight. seq '-': one tile a
+    CTA (B H P / bp CTAs); 'p': a head's P blocks a CTA (B H CTAs); 'h': a batch row's heads and
+    P blocks a CTA (B CTAs: a persistent stream). The result is a new buffer (pallas_call's
+    in-place aliasing is gone from jax 0.11 for Mosaic GPU; XLA's donated and fresh-buffer
+    updates stream at the same rate, `benchmark.measure_copy_rates`)."""
     if plgpu is None:
         raise RuntimeError("this jax has no Pallas Mosaic GPU")
     B, H, P, N = h.shape
     nb = P // bp
-    if seq == "h":  # grid (B, H * nb): one CTA per batch row
-        grid, index = (B, H * nb), (lambda b, j: (b, j // nb, j % nb, 0))
-        sem = ("parallel", "sequential")
+    steps = {"-": 1, "p": nb, "h": H * nb}[seq]
+    ctas = B * H * nb // steps
+    spec = pl.BlockSpec((bp, N), lambda j: (j, 0))
+
+    def tile(_, h_s, o_s):
+        o_s[...] = _update(h_s[...])
+
+    def kernel(h_g, o_g):
+        i = jax.lax.axis_index("i")
+        plgpu.emit_pipeline(tile, grid=(steps,), in_specs=[spec], out_specs=[spec],
+                            max_concurrent_steps=stages)(h_g.at[i], o_g.at[i])
+
+    rows = h.reshape(ctas, steps * bp, N)
+    if interpret:
+        from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
+        mode = InterpretGPUParams()
     else:
-        grid, index = (B, H, nb), (lambda b, hh, p: (b, hh, p, 0))
-        sem = ("parallel", "parallel", "sequential" if seq == "p" else "parallel")
-    spec = pl.BlockSpec((SQ, SQ, bp, N), index)
-    params = plgpu.CompilerParams(
-        dimension_semantics=sem, max_concurrent_steps=stages,
-        lowering_semantics=plgpu.LoweringSemantics.Lane)
-    return pl.pallas_call(
-        _tile_kernel, grid=grid, in_specs=[spec], out_specs=spec,
-        out_shape=jax.ShapeDtypeStruct(h.shape, h.dtype), input_output_aliases={0: 0},
-        interpret=interpret, compiler_params=params, name="stream_mosaic")(h)
+        mode = None
+    out = plgpu.kernel(
+        kernel, out_type=jax.ShapeDtypeStruct(rows.shape, rows.dtype), grid=(ctas,),
+        grid_names=("i",),
+        compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Lane),
+        interpret=mode)(rows)
+    return out.reshape(h.shape)
 
 
 def variants(triton: str, mosaic: str, interpret: bool) -> dict:
