@@ -15,7 +15,9 @@ rotation), so the fastest form here bounds what a decode kernel written that way
 and says which backend issue 10's 95% needs.
 
     PYTHONPATH=. python experiments/bench_stream.py            # GPU, ~1 min
-    PYTHONPATH=. python experiments/bench_stream.py --smoke    # CPU: tiny, interpreted
+    PYTHONPATH=. python experiments/bench_stream.py --smoke --mosaic ""   # CPU: tiny, interpreted
+    (jax's Mosaic GPU interpreter cannot run `emit_pipeline`'s predicated copies: on the CPU the
+    Mosaic forms are only lowered, tests/experiments/test_bench_stream.py)
 
 Timing as `bench_decode_step.py`: `--steps` updates chained in one jitted call (state
 donated), `--calls` calls back to back, median of `--reps`, per update; "% copy" is the state's

@@ -75,11 +75,11 @@ train5)  # the 1.5B unrolled step and compile without rematerialisation (23% few
   bench r3 $(left 330) --configs 1.5b $nd --set train.remat=none --trace_compile
   ;;
 stream)  # issue 10: how fast a kernel streams the decode state (XLA, Pallas Triton, Mosaic
-  # GPU with TMA), beside the copy ceiling: which backend the step's 95% of copy needs
-  timeout 300 python3 experiments/bench_stream.py --mosaic "" 2>&1 | grep -E "^\||ceilings" | tail -30
-  for m in P:1:- 32:2:p 16:4:p P:2:h 32:4:h; do  # one process each: a device fault ends one
-    timeout 100 python3 experiments/bench_stream.py --triton "" --d_states 128 --mosaic $m \
-      2>&1 | grep -E "^\| 128|Error|error" | grep -v "^\| 128 .* xla " | tail -4
+  # GPU with TMA), beside the copy ceiling (session 15, docs/benchmarks.md); the Mosaic
+  # variants in two processes, as session 15 ran them
+  for m in P:1:-,32:2:p,16:4:p,P:2:h P:3:h,32:4:h,16:4:h,32:8:h,16:8:h; do
+    timeout 200 python3 experiments/bench_stream.py --triton 16:2 --dtypes bfloat16,float32 \
+      --mosaic $m 2>&1 | grep -E "^\| |Error" | grep -v "^\| N\|---" | tail -22
   done
   ;;
 profile)  # Nsight Compute of the prefill kernels with stall reasons; no CUDA graphs (ncu

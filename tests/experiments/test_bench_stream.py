@@ -1,5 +1,7 @@
-"""experiments/bench_stream.py: every way of streaming the state computes the same update
-(interpreted on the CPU; the GPU run times them), and the Mosaic GPU forms lower for CUDA."""
+"""experiments/bench_stream.py: the XLA and Pallas Triton streams compute the same update
+(interpreted on the CPU), and the Mosaic GPU forms lower for CUDA (jax's Mosaic GPU interpreter
+has no predicated TMA copies, which `emit_pipeline` issues: their results are checked on the GPU,
+the benchmark's error column against XLA's)."""
 
 import jax
 import jax.numpy as jnp
@@ -9,9 +11,8 @@ from experiments import bench_stream
 
 
 def test_smoke_rows_agree_with_xla():
-    rows = bench_stream.main(["--smoke", "--triton", "16:2,P:4", "--mosaic", "P:1:-,8:2:p,8:2:h"])
-    assert {r["impl"] for r in rows} == {"xla", "triton 16:2", "triton P:4", "mosaic P:1:-",
-                                         "mosaic 8:2:p", "mosaic 8:2:h"}
+    rows = bench_stream.main(["--smoke", "--triton", "16:2,P:4,8:2", "--mosaic", ""])
+    assert {r["impl"] for r in rows} == {"xla", "triton 16:2", "triton P:4", "triton 8:2"}
     for r in rows:
         assert "error" not in r, r
         # float32: XLA may fuse the multiply-add into one FMA where the kernel rounds twice
@@ -30,3 +31,6 @@ def test_mosaic_lowers_for_cuda():
         text = jax.jit(lambda x, s=seq: bench_stream.mosaic_update(x, 32, 2, s)).trace(h).lower(
             lowering_platforms=("cuda",)).as_text()
         assert "mosaic_gpu" in text
+    with pytest.raises(ValueError, match="shared memory"):  # 4 stages of 2 x 32 KB tiles
+        jax.jit(lambda x: bench_stream.mosaic_update(x, 64, 4, "h")).trace(
+            jax.ShapeDtypeStruct((4, 8, 64, 128), jnp.float32)).lower(lowering_platforms=("cuda",))
