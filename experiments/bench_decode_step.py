@@ -10,7 +10,9 @@ MIMO R=4, one B/C group with per-head biases (as the layer passes them). One ste
 `Mamba3.step` runs between in_proj and out_proj: the SSM step and the gate epilogue.
 
 Timing: `--steps` steps chained in one jitted call (state donated, so it is updated in place; a
-different input set per step; every step's output returned so nothing is dead code), `--calls`
+different input set per step; every step's output returned so nothing is dead code; an
+optimisation barrier between steps, since session 15: without it XLA may fuse consecutive XLA
+steps into one pass over the state, which a generation loop cannot do), `--calls`
 such calls dispatched back to back, median over `--reps`, divided by the steps: device time per
 step, as a CUDA-graph timing sees it. Each variant's outputs and final state after its first
 call are compared with the XLA step's (max relative error, over all chained steps), and the
@@ -144,7 +146,9 @@ def chained(step):
     def run(state, inps, prm):
         outs = []
         for inp in inps:
-            out, state = step(state, inp, prm)
+            # the barrier keeps XLA from fusing one step's state update into the next step's
+            # (a pass over h for two steps): generation runs steps in a loop, one at a time
+            out, state = jax.lax.optimization_barrier(step(state, inp, prm))
             outs.append(out)
         return state, outs
 

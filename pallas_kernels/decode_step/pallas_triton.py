@@ -96,6 +96,9 @@ class DecodeBlocks:
 # Session 15 (commit 9b8dcd9) timed the tensor-core update (`mma`, MIMO bf16 only): at N=128
 # bp=64 on 4 warps with xla_trig ran 147.1 us against 181.2 for the best shape without it (and the
 # layer step 0.197 against 0.229 ms); at N=64 the FMA row stands (90.0 us, mma's best 102.4).
+# The XLA step's us of these rows come from chains without a barrier between steps, in which
+# XLA may fold one step's update into the next (session 15, docs/benchmarks.md): upper bounds on
+# its speed until timed again with `bench_decode_step.py`'s barrier.
 # key -> (fastest DecodeBlocks, its us, the XLA step's us)
 MEASURED = {
     ("float32", 128, 1): (DecodeBlocks(16, 4), 171.7, 113.9),
