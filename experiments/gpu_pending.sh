@@ -88,18 +88,14 @@ profile)  # Nsight Compute of the prefill kernels with stall reasons; no CUDA gr
     NCU_METRICS=stalls OUT=$OUT timeout 400 bash experiments/gpu_prefill.sh --shapes a \
     --modes fwd --variants ours --reps 2 | tail -30
   ;;
-decode)  # MIMO decode with tensor-core dots (DecodeBlocks.mma, bf16 state), step and layer
-  for n in 128 64; do
-    timeout 150 python3 experiments/bench_decode_step.py --ranks 4 --dtypes bfloat16 \
-      --d_states $n --variants "32:4:xlatrig,32:2:xlatrig,64:4:xlatrig:mma,32:4:xlatrig:mma,32:2:xlatrig:mma,16:4:xlatrig:mma" \
-      2>&1 | grep -E "^\|" | tail -8
-  done
-  timeout 100 python3 experiments/bench_decode_step.py --ranks 1 --dtypes bfloat16 \
-    --variants "16:2,32:2:xlatrig" 2>&1 | grep -E "^\|" | tail -6
-  for blocks in "" "64:4:xlatrig:mma"; do  # Table 6 cells, the layer step, MIMO / SISO
-    MAMBA3_DECODE_BLOCKS=$blocks timeout $(left 540) python3 experiments/bench_decode.py \
-      --models mamba3_siso,mamba3_mimo4 --dtypes bfloat16 2>&1 | grep -E "^\| mamba3" | tail -10
-  done
+decode)  # session 15's changes: a barrier between the chained steps (the XLA step's honest time,
+  # and whether MEASURED keeps it for SISO fp32) and the late in-place barrier (`:late`) beside
+  # each measured launch shape, with the official step; then the stream of the same bytes
+  timeout 420 python3 experiments/bench_decode_step.py --official .official --ranks 1,4 \
+    --variants "16:2,16:2:late,16:4,16:4:late,32:2:xlatrig,32:2:xlatrig:late,16:4:xlatrig,16:4:xlatrig:late,64:4:xlatrig:mma,64:4:xlatrig:mma:late" \
+    2>&1 | grep -E "^\|" | tail -60
+  timeout $(left 560) python3 experiments/bench_stream.py --mosaic "" --triton 16:2 2>&1 \
+    | grep -E "^\|" | tail -6
   ;;
 state)  # issue 13: modular arithmetic, four rates a seed, resumable (run the part again)
   mkdir -p runs/st_paper4

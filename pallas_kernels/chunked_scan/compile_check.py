@@ -109,16 +109,22 @@ def compile_stats(ttir: str, num_warps: int, num_stages: int, sass: bool = False
 
 def main_path_ops(sass: str) -> dict:
     """nvdisasm text -> {'main_path': instructions before the first EXIT, 'ops': Counter of
-    their opcodes (predicates and modifiers dropped: FFMA.FTZ counts as FFMA)}."""
+    their opcodes (predicates and modifiers dropped: FFMA.FTZ counts as FFMA), 'loads_before_bar':
+    global loads (LDG) issued before the main path's first barrier (BAR), or all of them when it
+    has none}."""
     ops = collections.Counter()
+    loads_before_bar = None
     for line in sass.splitlines():
         m = re.search(r"/\*[0-9a-f]{4}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)", line)
         if not m:
             continue
         if m.group(1) == "EXIT":
             break
+        if m.group(1) == "BAR" and loads_before_bar is None:
+            loads_before_bar = ops["LDG"]
         ops[m.group(1)] += 1
-    return dict(main_path=sum(ops.values()), ops=ops)
+    return dict(main_path=sum(ops.values()), ops=ops,
+                loads_before_bar=ops["LDG"] if loads_before_bar is None else loads_before_bar)
 
 
 def check(blocks: TritonBlocks, shape: str = "a", mode: str = "fwd+bwd", R: int = 1,

@@ -74,12 +74,20 @@ class DecodeBlocks:
     # instructions per element at R 4, against 19.7 for SISO). Session 15 timed it: the MIMO bf16
     # N=128 default (`MEASURED`); at N=64 it lost to the FMA kernel (102.4 against 90.0 us)
     mma: bool = False
+    # The barrier that keeps the in-place update safe (no warp stores rows of h that another
+    # warp of the program has still to load) placed just before the store of h instead of just
+    # after its load. A barrier orders the memory accesses before it (PTX bar.sync acts as
+    # membar.cta), so after the load it waits for the h tile to arrive before the program issues
+    # its small loads (q, k, biases, angles, scalars): two DRAM round trips in a row. Before the
+    # store the small loads fly with h's. Equally safe; opt-in until timed (session 15)
+    late_barrier: bool = False
 
     def label(self) -> str:
         return (f"bp={self.block_p or 'P'} w={self.num_warps}"
                 + ("" if self.evict_first else " no-evict")
                 + (" xla-trig" if self.xla_trig else "")
-                + (" fast-trig" if self.fast_trig else "") + (" mma" if self.mma else ""))
+                + (" fast-trig" if self.fast_trig else "") + (" mma" if self.mma else "")
+                + (" late-barrier" if self.late_barrier else ""))
 
 
 # The measured best launch shape per (state dtype, N, R), and the XLA step's time beside it.
@@ -120,17 +128,18 @@ def _measured(state_dtype, N: int, R: int):  # any MIMO rank: the R=4 row
 
 
 def parse_blocks(spec: str) -> DecodeBlocks:
-    """'bp:warps[:noevict][:xlatrig][:fasttrig][:mma]' (bp 'P' for all rows) -> DecodeBlocks,
-    e.g. '16:2'."""
+    """'bp:warps[:noevict][:xlatrig][:fasttrig][:mma][:late]' (bp 'P' for all rows) ->
+    DecodeBlocks, e.g. '16:2'; 'late' is `late_barrier`."""
     bp, _, rest = spec.partition(":")
     warps, *flags = rest.split(":") if rest else [""]
-    bad = [f for f in flags if f not in ("noevict", "xlatrig", "fasttrig", "mma")]
+    bad = [f for f in flags if f not in ("noevict", "xlatrig", "fasttrig", "mma", "late")]
     if not (bp == "P" or bp.isdigit()) or not warps.isdigit() or bad:
-        raise ValueError(f"bad decode launch shape {spec!r}: want "
-                         "bp:warps[:noevict][:xlatrig][:fasttrig][:mma] with bp a number or P")
+        raise ValueError(f"bad decode launch shape {spec!r}: want bp:warps[:noevict][:xlatrig]"
+                         "[:fasttrig][:mma][:late] with bp a number or P")
     return DecodeBlocks(block_p=None if bp == "P" else int(bp), num_warps=int(warps),
                         evict_first="noevict" not in flags, xla_trig="xlatrig" in flags,
-                        fast_trig="fasttrig" in flags, mma="mma" in flags)
+                        fast_trig="fasttrig" in flags, mma="mma" in flags,
+                        late_barrier="late" in flags)
 
 
 def mma_applies(state_dtype, R: int) -> bool:
@@ -180,13 +189,14 @@ def _store(ref, value, evict_first: bool):
 
 
 def _decode_kernel(*refs, in_names, out_names, R, N, S, has_norm, eps, interpret, evict_first,
-                   fast_trig=False, mma=False):
+                   fast_trig=False, mma=False, late_barrier=False):
     ref = dict(zip(in_names + out_names, refs, strict=True))
     get = lambda name: ref[name][...].astype(f32)  # noqa: E731
+    barrier = not interpret and plgpu is not None  # h's buffer is the output's (in place)
 
-    # the state rows first: h's buffer is the output's (in place)
+    # the state rows first
     h = _load(ref["h"], evict_first).astype(f32)  # (bp, N)
-    if not interpret and plgpu is not None:
+    if barrier and not late_barrier:
         plgpu.debug_barrier()
 
     keep = 1.0 - ref["reset"][...].astype(jnp.int32).astype(f32) if "reset" in ref else 1.0
@@ -268,6 +278,8 @@ def _decode_kernel(*refs, in_names, out_names, R, N, S, has_norm, eps, interpret
             h = h + (beta * x_prev * mimo_x[r])[:, None] * k_prev[r][None, :]
             h = h + (gamma * x * mimo_x[r])[:, None] * k[r][None, :]
     h_new = h.astype(ref["h_out"].dtype)
+    if barrier and late_barrier:
+        plgpu.debug_barrier()
     _store(ref["h_out"], h_new, evict_first)
     if mma:  # the readouts h' q_r from the stored (rounded) state: (bp, N) @ (N, 16)
         qcols = jax.lax.broadcasted_iota(jnp.int32, (N, 16), 1)
@@ -384,7 +396,7 @@ def decode_step(state: SSMState, q, k, x, z, angle_inc, log_decay, gamma, eta, r
         _decode_kernel, in_names=in_names, out_names=out_names, R=R, N=N, S=S,
         has_norm=norm_weight is not None, eps=float(norm_eps), interpret=bool(interpret),
         evict_first=blocks.evict_first and not interpret, fast_trig=blocks.fast_trig,
-        mma=blocks.mma)
+        mma=blocks.mma, late_barrier=blocks.late_barrier)
     results = pl.pallas_call(
         kernel,
         grid=(P // bp, H, B),

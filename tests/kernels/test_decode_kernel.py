@@ -81,7 +81,10 @@ VARIANTS = [(1, "float32", DecodeBlocks(), 8), (1, "bfloat16", DecodeBlocks(8, 2
             (1, "bfloat16", DecodeBlocks(8, 2, xla_trig=True), 0),
             # in-kernel cos / sin by the MUFU approximations (exact sin / cos when interpreted)
             (1, "float32", DecodeBlocks(8, 2, fast_trig=True), 8),
-            (4, "bfloat16", DecodeBlocks(16, 2, fast_trig=True), 16)]
+            (4, "bfloat16", DecodeBlocks(16, 2, fast_trig=True), 16),
+            # the in-place barrier before the store (the interpreter has no barrier: the GPU run
+            # and the offline compile check, tests/kernels/test_compile_check.py, test it)
+            (1, "bfloat16", DecodeBlocks(8, 2, late_barrier=True), 8)]
 
 
 @pytest.mark.parametrize("R,state_dtype,blocks,S", VARIANTS)
@@ -240,6 +243,7 @@ def test_launch_shape_from_a_string_and_the_environment(monkeypatch):
     assert parse_blocks("32:4:xlatrig") == DecodeBlocks(32, 4, xla_trig=True)
     assert parse_blocks("P:4:noevict") == DecodeBlocks(None, 4, evict_first=False)
     assert parse_blocks("32:4:xlatrig:mma") == DecodeBlocks(32, 4, xla_trig=True, mma=True)
+    assert parse_blocks("16:2:late") == DecodeBlocks(16, 2, late_barrier=True)
     monkeypatch.setenv("MAMBA3_DECODE_BLOCKS", "32:4")
     assert default_blocks("bfloat16", 128, 1, 64) == DecodeBlocks(32, 4)
     monkeypatch.setenv("MAMBA3_DECODE_BLOCKS", "32:4:mma")  # tensor cores: MIMO bf16 only
