@@ -1,12 +1,13 @@
 """How fast can a kernel stream the decode state? (issue 10, item 2: the step at >= 95% of the
-copy rate.) The same in-place update h <- h * a + 1 (float32 arithmetic, h in its own dtype) of a
-(B, H, P, N) decode state, written four ways and timed side by side in one process:
+copy rate.) The same update h <- h * a + 1 (float32 arithmetic, h in its own dtype) of a
+(B, H, P, N) decode state, written three ways and timed side by side in one process:
 
 - `xla`: a jitted elementwise expression, state donated (XLA's fusion);
 - `triton bp:warps`: Pallas Triton, one program per (P block, head, batch), the decode kernel's
   grid and launch shapes (`decode_step.pallas_triton.DecodeBlocks`), h aliased in place;
 - `mosaic bp:stages:seq`: Pallas Mosaic GPU, TMA copies of (bp, N) tiles into shared memory and
-  back, h aliased in place; `seq` is the grid axis a CTA walks with `stages` copies in flight
+  back to a new buffer (no aliasing in `plgpu.kernel`; XLA streams donated and fresh buffers at
+  one rate); `seq` is what a CTA walks with `stages` copies in flight
   (`-`: none, one tile a CTA; `p`: the head's P blocks; `h`: every head of a batch row, one CTA
   per batch row: a persistent, pipelined stream).
 
@@ -14,14 +15,16 @@ The decode kernel does this and more (the rank-1 updates, the readout's reductio
 rotation), so the fastest form here bounds what a decode kernel written that way can reach,
 and says which backend issue 10's 95% needs.
 
-    PYTHONPATH=. python experiments/bench_stream.py            # GPU, ~1 min
+    PYTHONPATH=. python experiments/bench_stream.py            # GPU, ~2 min
     PYTHONPATH=. python experiments/bench_stream.py --smoke --mosaic ""   # CPU: tiny, interpreted
     (jax's Mosaic GPU interpreter cannot run `emit_pipeline`'s predicated copies: on the CPU the
     Mosaic forms are only lowered, tests/experiments/test_bench_stream.py)
 
 Timing as `bench_decode_step.py`: `--steps` updates chained in one jitted call (state
-donated), `--calls` calls back to back, median of `--reps`, per update; "% copy" is the state's
-bytes read and written over the fastest device copy measured in the same run.
+donated; an optimisation barrier between updates, or XLA fuses them into one pass), `--calls`
+calls back to back, median of `--reps`, per update; "% copy" is the state's bytes read and
+written over the fastest device copy measured in the same run. Results in docs/benchmarks.md
+("Decode step alone", session 15).
 """
 
 from __future__ import annotations
