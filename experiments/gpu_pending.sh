@@ -94,8 +94,8 @@ decode)  # session 15's changes: a barrier between the chained steps (the XLA st
   timeout 420 python3 experiments/bench_decode_step.py --official .official --ranks 1,4 \
     --variants "16:2,16:2:late,16:4,16:4:late,32:2:xlatrig,32:2:xlatrig:late,16:4:xlatrig,16:4:xlatrig:late,64:4:xlatrig:mma,64:4:xlatrig:mma:late" \
     2>&1 | grep -E "^\|" | tail -60
-  timeout $(left 560) python3 experiments/bench_stream.py --mosaic "" --triton 16:2 2>&1 \
-    | grep -E "^\|" | tail -6
+  timeout $(left 560) python3 experiments/bench_stream.py --mosaic "" \
+    --triton "16:2,16:2:update,16:2:readout" 2>&1 | grep -E "^\|" | tail -18
   ;;
 state)  # issue 13: modular arithmetic, four rates a seed, resumable (run the part again)
   mkdir -p runs/st_paper4
