@@ -89,10 +89,11 @@ profile)  # Nsight Compute of the prefill kernels with stall reasons; no CUDA gr
     --modes fwd --variants ours --reps 2 | tail -30
   ;;
 decode)  # session 15's changes: a barrier between the chained steps (the XLA step's honest time,
-  # and whether MEASURED keeps it for SISO fp32) and the late in-place barrier (`:late`) beside
-  # each measured launch shape, with the official step; then the stream of the same bytes
+  # and whether MEASURED keeps it for SISO fp32), the late in-place barrier (`:late`) and q, k
+  # rotated by XLA (`:xlarot`) beside each measured launch shape, with the official step; then
+  # the stream of the same bytes and its work steps
   timeout 420 python3 experiments/bench_decode_step.py --official .official --ranks 1,4 \
-    --variants "16:2,16:2:late,16:4,16:4:late,32:2:xlatrig,32:2:xlatrig:late,16:4:xlatrig,16:4:xlatrig:late,64:4:xlatrig:mma,64:4:xlatrig:mma:late" \
+    --variants "16:2,16:2:late,16:2:xlarot,16:2:xlarot:late,16:4,16:4:late,32:2:xlatrig,32:2:xlatrig:late,32:2:xlarot,16:4:xlatrig,16:4:xlatrig:late,16:4:xlarot,64:4:xlatrig:mma,64:4:xlatrig:mma:late,64:4:mma:xlarot" \
     2>&1 | grep -E "^\|" | tail -60
   timeout $(left 560) python3 experiments/bench_stream.py --mosaic "" \
     --triton "16:2,16:2:update,16:2:readout" 2>&1 | grep -E "^\|" | tail -18

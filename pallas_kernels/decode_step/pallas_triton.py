@@ -19,7 +19,8 @@ A step is a stream over the state h (B, H, P, N): everything else is ~1% of the 
 
 The small state (angle, k_prev, x_prev) is written to fresh arrays, not in place: with several
 P blocks per head, one program would overwrite k_prev or the angle while another still reads
-them. The P block 0 program writes angle and k_prev. With `DecodeBlocks.xla_trig` XLA forms the
+them. The P block 0 program writes angle and k_prev (with `DecodeBlocks.xla_rot` XLA forms every
+head's rotated q and k and its k is the new k_prev). With `DecodeBlocks.xla_trig` XLA forms the
 new angle and its cos / sin (B, H, S) before the kernel instead (a small elementwise pass that
 XLA can fuse with whatever forms the increments), and the kernel only reads them. The state h
 may be float32 or bfloat16; the arithmetic is float32.
@@ -36,7 +37,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from mamba3_jax.ops.rotary import TWO_PI
+from mamba3_jax.ops.rotary import TWO_PI, rotate
 from mamba3_jax.ops.ssm import SSMState
 from pallas_kernels._compat import (
     SQ,
@@ -81,13 +82,21 @@ class DecodeBlocks:
     # its small loads (q, k, biases, angles, scalars): two DRAM round trips in a row. Before the
     # store the small loads fly with h's. Equally safe; opt-in until timed (session 15)
     late_barrier: bool = False
+    # XLA forms the rotated, biased q and k of every head (B, R, H, N) before the kernel (from
+    # the new angle, as `xla_trig`), and the kernel only loads them: no per-program rotation,
+    # bias, partner gathers or k_prev store (XLA's k is the new state's k_prev). Offline the
+    # rotation and its loads were most of the kernel's per-element instructions beyond the
+    # update and readout (`experiments/bench_stream.py`); costs two (B, R, H, N) tensors
+    # written and read (~3% of the state's bytes at N = 128). Opt-in until timed (session 15)
+    xla_rot: bool = False
 
     def label(self) -> str:
         return (f"bp={self.block_p or 'P'} w={self.num_warps}"
                 + ("" if self.evict_first else " no-evict")
                 + (" xla-trig" if self.xla_trig else "")
                 + (" fast-trig" if self.fast_trig else "") + (" mma" if self.mma else "")
-                + (" late-barrier" if self.late_barrier else ""))
+                + (" late-barrier" if self.late_barrier else "")
+                + (" xla-rot" if self.xla_rot else ""))
 
 
 # The measured best launch shape per (state dtype, N, R), and the XLA step's time beside it.
@@ -128,18 +137,19 @@ def _measured(state_dtype, N: int, R: int):  # any MIMO rank: the R=4 row
 
 
 def parse_blocks(spec: str) -> DecodeBlocks:
-    """'bp:warps[:noevict][:xlatrig][:fasttrig][:mma][:late]' (bp 'P' for all rows) ->
-    DecodeBlocks, e.g. '16:2'; 'late' is `late_barrier`."""
+    """'bp:warps[:noevict][:xlatrig][:fasttrig][:mma][:late][:xlarot]' (bp 'P' for all rows)
+    -> DecodeBlocks, e.g. '16:2'; 'late' is `late_barrier`, 'xlarot' `xla_rot`."""
     bp, _, rest = spec.partition(":")
     warps, *flags = rest.split(":") if rest else [""]
-    bad = [f for f in flags if f not in ("noevict", "xlatrig", "fasttrig", "mma", "late")]
+    bad = [f for f in flags
+           if f not in ("noevict", "xlatrig", "fasttrig", "mma", "late", "xlarot")]
     if not (bp == "P" or bp.isdigit()) or not warps.isdigit() or bad:
         raise ValueError(f"bad decode launch shape {spec!r}: want bp:warps[:noevict][:xlatrig]"
-                         "[:fasttrig][:mma][:late] with bp a number or P")
+                         "[:fasttrig][:mma][:late][:xlarot] with bp a number or P")
     return DecodeBlocks(block_p=None if bp == "P" else int(bp), num_warps=int(warps),
                         evict_first="noevict" not in flags, xla_trig="xlatrig" in flags,
                         fast_trig="fasttrig" in flags, mma="mma" in flags,
-                        late_barrier="late" in flags)
+                        late_barrier="late" in flags, xla_rot="xlarot" in flags)
 
 
 def mma_applies(state_dtype, R: int) -> bool:
@@ -206,6 +216,21 @@ def _decode_kernel(*refs, in_names, out_names, R, N, S, has_norm, eps, interpret
     gamma = get("gamma")
     first_block = pl.program_id(0) == 0
 
+    def rows(name):  # per-rank rows of a (R, M) block, float32 (Triton cannot index values)
+        return [ref[name][r, :].astype(f32) for r in range(R)] if name in ref else None
+
+    if "q_rot" in ref:  # rotated and biased by XLA (`DecodeBlocks.xla_rot`)
+        q, k = rows("q_rot"), rows("k_rot")
+    else:
+        q, k = _rotated_qk(ref, R, N, S, keep, first_block, fast_trig, interpret)
+    _decode_update(ref, h, q, k, rows, decay, beta, gamma, R, N, has_norm, eps, evict_first,
+                   mma, barrier and late_barrier)
+
+
+def _rotated_qk(ref, R, N, S, keep, first_block, fast_trig, interpret):
+    """The rotated, biased q (float32) and k (at the input's precision, stored as the next
+    k_prev by the P block 0 program) of this head, per rank."""
+    get = lambda name: ref[name][...].astype(f32)  # noqa: E731
     n = jax.lax.broadcasted_iota(jnp.int32, (N,), 0)
     if S:
         # per channel n the angle of its pair n // 2 (identity beyond the 2S rotated channels)
@@ -225,9 +250,6 @@ def _decode_kernel(*refs, in_names, out_names, R, N, S, has_norm, eps, interpret
             @pl.when(first_block)
             def _():
                 ref["angle_out"][...] = jnp.mod(get("angle") * keep + get("angle_inc"), TWO_PI)
-
-    def rows(name):  # per-rank rows of a (R, M) block, float32 (Triton cannot index values)
-        return [ref[name][r, :].astype(f32) for r in range(R)] if name in ref else None
 
     # each channel's pair partner is loaded (gather from L1) rather than shuffled in registers:
     # a register shuffle (reshape/split/join) costs layout conversions through shared memory
@@ -252,7 +274,13 @@ def _decode_kernel(*refs, in_names, out_names, R, N, S, has_norm, eps, interpret
         for r in range(R):
             ref["k_prev_out"][r, :] = k[r]
 
-    k = [v.astype(f32) for v in k]
+    return q, [v.astype(f32) for v in k]
+
+
+def _decode_update(ref, h, q, k, rows, decay, beta, gamma, R, N, has_norm, eps, evict_first,
+                   mma, late_barrier):
+    """The state update, its store and the readouts' epilogue, from the rotated q, k."""
+    get = lambda name: ref[name][...].astype(f32)  # noqa: E731
     k_prev = rows("k_prev")
     x_in = ref["x"][...]  # (bp,), stored as the next step's x_prev as it came
     x = x_in.astype(f32)
@@ -278,7 +306,7 @@ def _decode_kernel(*refs, in_names, out_names, R, N, S, has_norm, eps, interpret
             h = h + (beta * x_prev * mimo_x[r])[:, None] * k_prev[r][None, :]
             h = h + (gamma * x * mimo_x[r])[:, None] * k[r][None, :]
     h_new = h.astype(ref["h_out"].dtype)
-    if barrier and late_barrier:
+    if late_barrier:
         plgpu.debug_barrier()
     _store(ref["h_out"], h_new, evict_first)
     if mma:  # the readouts h' q_r from the stored (rounded) state: (bp, N) @ (N, 16)
@@ -360,10 +388,23 @@ def decode_step(state: SSMState, q, k, x, z, angle_inc, log_decay, gamma, eta, r
         "x_prev": (state.x_prev, spec((SQ, SQ, bp), lambda p, h, b: (b, h, p))),
         "h": (state.h, spec((SQ, SQ, bp, N), lambda p, h, b: (b, h, p, 0))),
     }
-    angle_new = None
-    if S and blocks.xla_trig:  # the new angle is the state's; the kernel gets its cos / sin
+    angle_new = k_rot = None
+    if S and (blocks.xla_trig or blocks.xla_rot):  # the new angle is the state's
         keep = 1.0 if reset is None else (~reset).astype(f32)[:, None, None]
         angle_new = jnp.mod(state.angle.astype(f32) * keep + angle_inc.astype(f32), TWO_PI)
+    if blocks.xla_rot:  # every head's rotated, biased q and k, as the kernel would form them
+        def per_head(u, bias):  # (B, R, Hq, N) -> (B, R, H, N) float32
+            u = jnp.repeat(u, heads_per_group, axis=2)
+            if bias is not None:
+                u = (u.astype(f32) + jnp.moveaxis(bias, 0, 1)[None].astype(f32)).astype(u.dtype)
+            return rotate(u, angle_new[:, None]) if S else u.astype(f32)
+
+        del ins["q"], ins["k"]
+        head = spec((SQ, R, SQ, N), lambda p, h, b: (b, 0, h, 0))
+        k_rot = per_head(k, k_bias).astype(state.k_prev.dtype)
+        ins["q_rot"], ins["k_rot"] = (per_head(q, q_bias), head), (k_rot, head)
+        q_bias = k_bias = None
+    elif S and blocks.xla_trig:  # the kernel gets the new angle's cos / sin
         ins["cos"] = (jnp.cos(angle_new), spec((SQ, SQ, S), lambda p, h, b: (b, h, 0)))
         ins["sin"] = (jnp.sin(angle_new), spec((SQ, SQ, S), lambda p, h, b: (b, h, 0)))
     elif S:
@@ -390,6 +431,8 @@ def decode_step(state: SSMState, q, k, x, z, angle_inc, log_decay, gamma, eta, r
     }
     if S and angle_new is None:
         outs["angle_out"] = (jax.ShapeDtypeStruct(state.angle.shape, f32), ins["angle"][1])
+    if k_rot is not None:  # XLA's k is the new k_prev
+        del outs["k_prev_out"]
 
     in_names, out_names = tuple(ins), tuple(outs)
     kernel = functools.partial(
@@ -411,5 +454,6 @@ def decode_step(state: SSMState, q, k, x, z, angle_inc, log_decay, gamma, eta, r
     res = dict(zip(out_names, results, strict=True))
     angle = state.angle if not S else res["angle_out"] if angle_new is None else angle_new
     new = SSMState(angle=angle, h=res["h_out"],
-                   k_prev=res["k_prev_out"], x_prev=res["x_prev_out"])
+                   k_prev=res["k_prev_out"] if k_rot is None else k_rot,
+                   x_prev=res["x_prev_out"])
     return res["out"], new

@@ -84,7 +84,11 @@ VARIANTS = [(1, "float32", DecodeBlocks(), 8), (1, "bfloat16", DecodeBlocks(8, 2
             (4, "bfloat16", DecodeBlocks(16, 2, fast_trig=True), 16),
             # the in-place barrier before the store (the interpreter has no barrier: the GPU run
             # and the offline compile check, tests/kernels/test_compile_check.py, test it)
-            (1, "bfloat16", DecodeBlocks(8, 2, late_barrier=True), 8)]
+            (1, "bfloat16", DecodeBlocks(8, 2, late_barrier=True), 8),
+            # q and k rotated and biased by XLA, the new k_prev XLA's
+            (1, "bfloat16", DecodeBlocks(8, 2, xla_rot=True), 8),
+            (4, "float32", DecodeBlocks(16, 4, xla_rot=True), 16),
+            (2, "float32", DecodeBlocks(16, 2, xla_rot=True), 0)]
 
 
 @pytest.mark.parametrize("R,state_dtype,blocks,S", VARIANTS)
@@ -244,6 +248,7 @@ def test_launch_shape_from_a_string_and_the_environment(monkeypatch):
     assert parse_blocks("P:4:noevict") == DecodeBlocks(None, 4, evict_first=False)
     assert parse_blocks("32:4:xlatrig:mma") == DecodeBlocks(32, 4, xla_trig=True, mma=True)
     assert parse_blocks("16:2:late") == DecodeBlocks(16, 2, late_barrier=True)
+    assert parse_blocks("16:2:xlarot") == DecodeBlocks(16, 2, xla_rot=True)
     monkeypatch.setenv("MAMBA3_DECODE_BLOCKS", "32:4")
     assert default_blocks("bfloat16", 128, 1, 64) == DecodeBlocks(32, 4)
     monkeypatch.setenv("MAMBA3_DECODE_BLOCKS", "32:4:mma")  # tensor cores: MIMO bf16 only
