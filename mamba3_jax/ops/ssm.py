@@ -130,7 +130,13 @@ def step_start(state: SSMState, q, k, angle_inc, reset=None):
         state = SSMState(*(jnp.where(keep.reshape((-1,) + (1,) * (s.ndim - 1)), s,
                                      jnp.zeros_like(s)) for s in state))
     angle = jnp.mod(state.angle + angle_inc.astype(f32), TWO_PI)
-    return state, angle, rotate(q, angle[:, None]), rotate(k, angle[:, None]).astype(k.dtype)
+    return (state, angle) + rotated_qk(q, k, angle)
+
+
+def rotated_qk(q, k, angle):
+    """q, k (B, R, H, N) rotated by the step's angle (B, H, S): q float32, k at its input
+    precision (as it is stored as the next k_prev and used)."""
+    return rotate(q, angle[:, None]), rotate(k, angle[:, None]).astype(k.dtype)
 
 
 def ssm_step(state: SSMState, q, k, x, angle_inc, log_decay, gamma, eta, reset=None,

@@ -37,8 +37,8 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from mamba3_jax.ops.rotary import TWO_PI, rotate
-from mamba3_jax.ops.ssm import SSMState
+from mamba3_jax.ops.rotary import TWO_PI
+from mamba3_jax.ops.ssm import SSMInputs, SSMState, per_head, rotated_qk
 from pallas_kernels._compat import (
     SQ,
     KernelUnsupported,
@@ -198,10 +198,20 @@ def _store(ref, value, evict_first: bool):
         ref[...] = value
 
 
+def _get(ref, name):
+    """A whole block of the kernel's refs (a dict by name), float32."""
+    return ref[name][...].astype(f32)
+
+
+def _rows(ref, name, R):
+    """Per-rank rows of a (R, M) block, float32 (Triton cannot index values); None if absent."""
+    return [ref[name][r, :].astype(f32) for r in range(R)] if name in ref else None
+
+
 def _decode_kernel(*refs, in_names, out_names, R, N, S, has_norm, eps, interpret, evict_first,
                    fast_trig=False, mma=False, late_barrier=False):
     ref = dict(zip(in_names + out_names, refs, strict=True))
-    get = lambda name: ref[name][...].astype(f32)  # noqa: E731
+    get = functools.partial(_get, ref)
     barrier = not interpret and plgpu is not None  # h's buffer is the output's (in place)
 
     # the state rows first
@@ -216,21 +226,18 @@ def _decode_kernel(*refs, in_names, out_names, R, N, S, has_norm, eps, interpret
     gamma = get("gamma")
     first_block = pl.program_id(0) == 0
 
-    def rows(name):  # per-rank rows of a (R, M) block, float32 (Triton cannot index values)
-        return [ref[name][r, :].astype(f32) for r in range(R)] if name in ref else None
-
     if "q_rot" in ref:  # rotated and biased by XLA (`DecodeBlocks.xla_rot`)
-        q, k = rows("q_rot"), rows("k_rot")
+        q, k = _rows(ref, "q_rot", R), _rows(ref, "k_rot", R)
     else:
         q, k = _rotated_qk(ref, R, N, S, keep, first_block, fast_trig, interpret)
-    _decode_update(ref, h, q, k, rows, decay, beta, gamma, R, N, has_norm, eps, evict_first,
-                   mma, barrier and late_barrier)
+    _decode_update(ref, h, q, k, decay, beta, gamma, R, N, has_norm, eps, evict_first, mma,
+                   barrier and late_barrier)
 
 
 def _rotated_qk(ref, R, N, S, keep, first_block, fast_trig, interpret):
     """The rotated, biased q (float32) and k (at the input's precision, stored as the next
     k_prev by the P block 0 program) of this head, per rank."""
-    get = lambda name: ref[name][...].astype(f32)  # noqa: E731
+    get = functools.partial(_get, ref)
     n = jax.lax.broadcasted_iota(jnp.int32, (N,), 0)
     if S:
         # per channel n the angle of its pair n // 2 (identity beyond the 2S rotated channels)
@@ -277,10 +284,11 @@ def _rotated_qk(ref, R, N, S, keep, first_block, fast_trig, interpret):
     return q, [v.astype(f32) for v in k]
 
 
-def _decode_update(ref, h, q, k, rows, decay, beta, gamma, R, N, has_norm, eps, evict_first,
-                   mma, late_barrier):
+def _decode_update(ref, h, q, k, decay, beta, gamma, R, N, has_norm, eps, evict_first, mma,
+                   late_barrier):
     """The state update, its store and the readouts' epilogue, from the rotated q, k."""
-    get = lambda name: ref[name][...].astype(f32)  # noqa: E731
+    get = functools.partial(_get, ref)
+    rows = functools.partial(_rows, ref, R=R)
     k_prev = rows("k_prev")
     x_in = ref["x"][...]  # (bp,), stored as the next step's x_prev as it came
     x = x_in.astype(f32)
@@ -392,17 +400,16 @@ def decode_step(state: SSMState, q, k, x, z, angle_inc, log_decay, gamma, eta, r
     if S and (blocks.xla_trig or blocks.xla_rot):  # the new angle is the state's
         keep = 1.0 if reset is None else (~reset).astype(f32)[:, None, None]
         angle_new = jnp.mod(state.angle.astype(f32) * keep + angle_inc.astype(f32), TWO_PI)
-    if blocks.xla_rot:  # every head's rotated, biased q and k, as the kernel would form them
-        def per_head(u, bias):  # (B, R, Hq, N) -> (B, R, H, N) float32
-            u = jnp.repeat(u, heads_per_group, axis=2)
-            if bias is not None:
-                u = (u.astype(f32) + jnp.moveaxis(bias, 0, 1)[None].astype(f32)).astype(u.dtype)
-            return rotate(u, angle_new[:, None]) if S else u.astype(f32)
-
+    if blocks.xla_rot:  # every head's biased q, k rotated as the XLA step does (`rotated_qk`)
+        heads = per_head(SSMInputs(q[:, None], k[:, None], x[:, None], angle_inc[:, None],
+                                   log_decay[:, None], gamma[:, None], eta[:, None], None,
+                                   q_bias, k_bias))
+        q_rot, k_rot = rotated_qk(heads.q[:, 0], heads.k[:, 0],
+                                  state.angle if angle_new is None else angle_new)
+        k_rot = k_rot.astype(state.k_prev.dtype)  # the state's dtype, as the kernel stores it
         del ins["q"], ins["k"]
         head = spec((SQ, R, SQ, N), lambda p, h, b: (b, 0, h, 0))
-        k_rot = per_head(k, k_bias).astype(state.k_prev.dtype)
-        ins["q_rot"], ins["k_rot"] = (per_head(q, q_bias), head), (k_rot, head)
+        ins["q_rot"], ins["k_rot"] = (q_rot, head), (k_rot, head)
         q_bias = k_bias = None
     elif S and blocks.xla_trig:  # the kernel gets the new angle's cos / sin
         ins["cos"] = (jnp.cos(angle_new), spec((SQ, SQ, S), lambda p, h, b: (b, h, 0)))
@@ -431,7 +438,7 @@ def decode_step(state: SSMState, q, k, x, z, angle_inc, log_decay, gamma, eta, r
     }
     if S and angle_new is None:
         outs["angle_out"] = (jax.ShapeDtypeStruct(state.angle.shape, f32), ins["angle"][1])
-    if k_rot is not None:  # XLA's k is the new k_prev
+    if blocks.xla_rot:  # XLA's k is the new k_prev
         del outs["k_prev_out"]
 
     in_names, out_names = tuple(ins), tuple(outs)
@@ -454,6 +461,6 @@ def decode_step(state: SSMState, q, k, x, z, angle_inc, log_decay, gamma, eta, r
     res = dict(zip(out_names, results, strict=True))
     angle = state.angle if not S else res["angle_out"] if angle_new is None else angle_new
     new = SSMState(angle=angle, h=res["h_out"],
-                   k_prev=res["k_prev_out"] if k_rot is None else k_rot,
+                   k_prev=k_rot if blocks.xla_rot else res["k_prev_out"],
                    x_prev=res["x_prev_out"])
     return res["out"], new
