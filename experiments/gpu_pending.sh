@@ -82,21 +82,21 @@ stream)  # issue 10: how fast a kernel streams the decode state (XLA, Pallas Tri
       --mosaic $m 2>&1 | grep -E "^\| |Error" | grep -v "^\| N\|---" | tail -22
   done
   ;;
-profile)  # Nsight Compute of the prefill kernels with stall reasons; no CUDA graphs (ncu
-  # segfaulted on the Triton forward in sessions 10 and 13, maybe on XLA's command buffers)
-  XLA_FLAGS=--xla_gpu_enable_command_buffer= NCU=1 NCU_MODES=fwd,fwd+bwd \
-    NCU_METRICS=stalls OUT=$OUT timeout 400 bash experiments/gpu_prefill.sh --shapes a \
-    --modes fwd --variants ours --reps 2 | tail -30
+profile)  # per-kernel device time of the prefill kernels from jax's profiler (`--trace`: ncu
+  # segfaulted in sessions 10, 13 and 17), beside the official kernels, SISO and MIMO
+  (cd .official && OFFICIAL_DIR=. OUT=$OUT timeout 120 python3 fast.py > "$OUT/official.log" 2>&1)
+  timeout $(left 560) python3 -m pallas_kernels.chunked_scan.bench --official "$OUT/official.json" \
+    --shapes a,b,c --modes fwd,fwd+bwd --variants ours --mimo --reps 10 --trace 3 \
+    > "$OUT/trace.log" 2>&1
+  tail -12 "$OUT/trace.log"
   ;;
-decode)  # session 15's changes: a barrier between the chained steps (the XLA step's honest time,
-  # and whether MEASURED keeps it for SISO fp32), the late in-place barrier (`:late`) and q, k
-  # rotated by XLA (`:xlarot`) beside each measured launch shape, with the official step; then
-  # the stream of the same bytes and its work steps
+decode)  # after session 17: MIMO fp32 N=64's measured shape beside xla_rot (not in one call
+  # yet), the new MIMO bf16 N=64 default, the SISO defaults; the whole table comes back in
+  # $OUT (session 17's tail -60 cut the N=128 rows from the log; its JSON kept them)
   timeout 420 python3 experiments/bench_decode_step.py --official .official --ranks 1,4 \
-    --variants "16:2,16:2:late,16:2:xlarot,16:2:xlarot:late,16:4,16:4:late,32:2:xlatrig,32:2:xlatrig:late,32:2:xlarot,16:4:xlatrig,16:4:xlatrig:late,16:4:xlarot,64:4:xlatrig:mma,64:4:xlatrig:mma:late,64:4:mma:xlarot" \
-    2>&1 | grep -E "^\|" | tail -60
-  timeout $(left 560) python3 experiments/bench_stream.py --mosaic "" \
-    --triton "16:2,16:2:update,16:2:readout" 2>&1 | grep -E "^\|" | tail -18
+    --variants "16:2,16:4,16:2:xlatrig,16:2:xlarot,16:4:xlatrig,32:2:xlatrig,32:2:xlarot,64:4:xlatrig:mma" \
+    > "$OUT/decode.log" 2>&1
+  grep -E "^\|" "$OUT/decode.log" | tail -80
   ;;
 state)  # issue 13: modular arithmetic, four rates a seed, resumable (run the part again)
   mkdir -p runs/st_paper4

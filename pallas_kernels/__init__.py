@@ -16,7 +16,7 @@ GPU backends: "pallas_gpu" (compiled; refuses off a CUDA device), "pallas_gpu_st
 kernel for L == 1, the reference form otherwise; both take group-level q/k plus biases) and
 their interpret-mode twins "pallas_gpu_interpret", "pallas_gpu_interpret_step" (CPU; slow, for
 tests). "pallas_gpu_auto_step" is the step of `auto` on a GPU: the decode kernel, or the XLA step
-where that measured faster (SISO with a float32 state; `decode_step.pallas_triton.MEASURED`).
+where that measured faster (`decode_step.pallas_triton.MEASURED`: nowhere since session 17).
 """
 
 from __future__ import annotations

@@ -114,6 +114,20 @@ def profiled(fn, a):
     stop()
 
 
+def traced(fn, call, n: int) -> str:
+    """fn(*call) n times under jax.profiler: device time per call by kernel, as a table."""
+    from mamba3_jax.training import trace_summary
+
+    jax.block_until_ready(fn(*call))
+
+    def run():
+        for _ in range(n):
+            out = fn(*call)
+        jax.block_until_ready(out)
+
+    return trace_summary.report(trace_summary.trace_rows(run), steps=n, top=40)
+
+
 def parse_variant(spec: str) -> tuple[TritonBlocks, dict]:
     """'ours' (the defaults) or 'field=value;field=value': TritonBlocks fields, and `rotary`
     (a `chunked_scan` option: 'kernel' or 'xla')."""
@@ -151,6 +165,9 @@ def main():
     ap.add_argument("--profile", action="store_true",
                     help="one extra call between cudaProfilerStart/Stop for "
                     "`ncu --profile-from-start off`")
+    ap.add_argument("--trace", type=int, default=0, metavar="N",
+                    help="N more calls of each case under jax.profiler, then its device time "
+                    "per call by kernel (ncu without ncu: it segfaulted in sessions 10, 13, 17)")
     ap.add_argument("--dump_hlo", default=None, metavar="DIR",
                     help="write each case's compiled (optimised) HLO to DIR: which XLA fusion "
                     "is which kernel of an ncu or trace_summary table")
@@ -193,6 +210,9 @@ def main():
                     call = (sets[0],) if mode == "fwd" else (sets[0], douts[0])  # one call
                     if args.profile:
                         profiled(fn, call)
+                    if args.trace:
+                        print(f"== trace: {tag} {name} {mode}\n" + traced(fn, call, args.trace),
+                              flush=True)
                     if args.dump_hlo:
                         os.makedirs(args.dump_hlo, exist_ok=True)
                         label = re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{tag}_{name}_{mode}")

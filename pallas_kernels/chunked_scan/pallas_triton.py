@@ -44,7 +44,8 @@ class TritonBlocks:
     """Launch parameters. bp: head-dim block of the two sequential passes (more programs for
     small B H); warps/stages per kernel."""
 
-    bp: int = 0  # 0: all of P
+    # P rows per program of the two sequential passes; 0: `auto_bp` (16 where B H is small)
+    bp: int = 0
     warps_state: int = 4
     stages_state: int = 2
     warps_output: int = 4
@@ -113,6 +114,18 @@ def parse_blocks(spec: str) -> TritonBlocks:
     return TritonBlocks(**kw)
 
 
+# Below this many (batch, head) programs the sequential passes split P into blocks of 16 rows.
+# H200 (session 17, docs/benchmarks.md), fwd+bwd ms for bp = P / 32 / 16: B1 L16384 H64 (64
+# programs) 5.003 / 4.914 / 4.744, forward 1.241 / 1.305 / 1.240; B8 L2048 H32 (256) 2.280 /
+# 2.533 / 2.388 and H64 (512) 4.447 / 4.565 / 4.799: whole P there.
+SMALL_BH = 128
+
+
+def auto_bp(bh: int, P: int) -> int:
+    """The sequential passes' P block when `TritonBlocks.bp` is 0."""
+    return P if bh >= SMALL_BH else min(16, P)
+
+
 def default_blocks() -> TritonBlocks:
     """TritonBlocks(), or the fields set in $MAMBA3_TRITON_BLOCKS (e.g. 'factored_angles=1'):
     how a whole training run or benchmark tries a kernel option without code changes."""
@@ -141,7 +154,7 @@ class CoreShape:
 
     @property
     def bp(self) -> int:
-        return self.blocks.bp or self.P
+        return self.blocks.bp or auto_bp(self.B * self.H, self.P)
 
     @property
     def prec(self):

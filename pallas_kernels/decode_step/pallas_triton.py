@@ -113,19 +113,22 @@ class DecodeBlocks:
 # Session 15 (commit 9b8dcd9) timed the tensor-core update (`mma`, MIMO bf16 only): at N=128
 # bp=64 on 4 warps with xla_trig ran 147.1 us against 181.2 for the best shape without it (and the
 # layer step 0.197 against 0.229 ms); at N=64 the FMA row stands (90.0 us, mma's best 102.4).
-# The XLA step's us of these rows come from chains without a barrier between steps, in which
-# XLA may fold one step's update into the next (session 15, docs/benchmarks.md): upper bounds on
-# its speed until timed again with `bench_decode_step.py`'s barrier.
+# Session 17 (commit 2c699ad, `experiments/gpu_pending.sh decode`) timed the XLA step with a
+# barrier between the chained steps (before, XLA could fold one step's update into the next:
+# its old figures were 35-55% too fast) and the session 15 options: the third column is that
+# call's XLA step, which now loses to the kernel in every row (SISO float32 N=128: 179.7 against
+# 169.8 us, the official step 169.8). `xla_rot` won MIMO bf16 N=64 (87.0 against 94.7 us for
+# the old row's shape, same call); `late_barrier` was within 2.5% everywhere (not taken).
 # key -> (fastest DecodeBlocks, its us, the XLA step's us)
 MEASURED = {
-    ("float32", 128, 1): (DecodeBlocks(16, 4), 171.7, 113.9),
-    ("float32", 128, 4): (DecodeBlocks(16, 4, xla_trig=True), 278.1, 418.3),
-    ("bfloat16", 128, 1): (DecodeBlocks(16, 2), 96.4, 105.6),
-    ("bfloat16", 128, 4): (DecodeBlocks(64, 4, xla_trig=True, mma=True), 147.1, 395.2),
-    ("float32", 64, 1): (DecodeBlocks(16, 2), 92.1, 79.3),
-    ("float32", 64, 4): (DecodeBlocks(16, 2, xla_trig=True), 138.9, 231.3),
-    ("bfloat16", 64, 1): (DecodeBlocks(32, 2, xla_trig=True), 54.2, 60.3),
-    ("bfloat16", 64, 4): (DecodeBlocks(32, 2, xla_trig=True), 89.3, 220.9),
+    ("float32", 128, 1): (DecodeBlocks(16, 4), 171.7, 179.7),
+    ("float32", 128, 4): (DecodeBlocks(16, 4, xla_trig=True), 278.1, 452.6),
+    ("bfloat16", 128, 1): (DecodeBlocks(16, 2), 96.4, 120.8),
+    ("bfloat16", 128, 4): (DecodeBlocks(64, 4, xla_trig=True, mma=True), 147.1, 470.1),
+    ("float32", 64, 1): (DecodeBlocks(16, 2), 92.1, 116.1),
+    ("float32", 64, 4): (DecodeBlocks(16, 2, xla_trig=True), 138.9, 242.8),
+    ("bfloat16", 64, 1): (DecodeBlocks(32, 2, xla_trig=True), 54.2, 70.9),
+    ("bfloat16", 64, 4): (DecodeBlocks(32, 2, xla_rot=True), 87.0, 247.2),
 }
 # unmeasured (dtype, N): bp=16 w=2 was within 6% of the best in every measured case (the old
 # default, whole P on 4 warps, was up to 1.6x slower)
@@ -177,12 +180,10 @@ def default_blocks(state_dtype, N: int, R: int, P: int, has_norm: bool = False) 
 
 def xla_step_faster(state_dtype, N: int, R: int) -> bool:
     """Whether the XLA step beat every kernel launch shape in `MEASURED` (the 'auto' step
-    backend then runs it): SISO float32 state only. Unmeasured N: as measured for that dtype
-    and R (both N agree)."""
+    backend then runs it). Since session 17's barrier timing, nowhere; unmeasured N: the
+    kernel, as in every measured row."""
     hit = _measured(state_dtype, N, R)
-    if hit:
-        return hit[2] < hit[1]
-    return R == 1 and jnp.dtype(state_dtype) == jnp.float32
+    return bool(hit) and hit[2] < hit[1]
 
 
 def _load(ref, evict_first: bool):

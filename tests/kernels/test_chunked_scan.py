@@ -312,6 +312,26 @@ def test_gradients_p_blocks_resets_on_chunk_edges():
     check_grads(got, want, GRAD_TOL["float32"])
 
 
+def test_auto_p_blocks():
+    """bp = 0 splits P into 16-row blocks only where B H leaves the sequential passes few
+    programs (`auto_bp`); forward and gradients agree with the whole-P launch."""
+    from pallas_kernels.chunked_scan.pallas_triton import SMALL_BH, auto_bp
+
+    assert auto_bp(SMALL_BH - 1, 64) == 16 and auto_bp(SMALL_BH, 64) == 64
+    assert auto_bp(1, 8) == 8
+    inp, state, p = make_problem(4, B, 40, 1, H, N, 32, S, jnp.float32, True)
+    assert B * H < SMALL_BH  # so the default launch here is bp = 16 < P
+    got, got_state = kernel(inp, state, 16, **p)
+    whole, whole_state = kernel(inp, state, 16, TritonBlocks(bp=32), **p)
+    assert rel(got, whole) < 1e-6
+    check_state(got_state, whole_state, 1e-6)
+    ct = random_like((got, got_state), 5)
+    g_auto = vjp_all(functools.partial(kernel, chunk=16), inp, state, p, ct)
+    g_whole = vjp_all(functools.partial(kernel, chunk=16, blocks=TritonBlocks(bp=32)), inp,
+                      state, p, ct)
+    check_grads(g_auto, g_whole, 1e-5)
+
+
 def test_bad_options_rejected():
     inp, state, p = make_problem(5, 1, 8, 1, H, N, P, S, jnp.float32)
     with pytest.raises(ValueError, match="rotary"):
