@@ -3,10 +3,10 @@
 # (each under 10 minutes on one H200; a helper issues them back to back to stay in the warm
 # window). From the repo root, with .whl (../shared/wheels) and .official
 # (../shared/bench/official/README.md) carried:
-#     OUT=$OUT MAMBA3_COMMIT=<short HEAD> bash experiments/gpu_pending.sh train|train3|train4|train5|stream|profile|decode|state
+#     OUT=$OUT MAMBA3_COMMIT=<short HEAD> bash experiments/gpu_pending.sh train|train3|train4|train5|stream|prefill|profile|decode|state
 # Results land in $OUT (at most 8 files come back: keep the logs few).
 set -u
-part=${1:?part: train, train3, train4, train5, stream, profile, decode or state}
+part=${1:?part: train, train3, train4, train5, stream, prefill, profile, decode or state}
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT" runs
 # the image lacks ml_collections, grain and jax-triton: plain `pip install` put them where the
@@ -81,6 +81,11 @@ stream)  # issue 10: how fast a kernel streams the decode state (XLA, Pallas Tri
     timeout 200 python3 experiments/bench_stream.py --triton 16:2 --dtypes bfloat16,float32 \
       --mosaic $m 2>&1 | grep -E "^\| |Error" | grep -v "^\| N\|---" | tail -22
   done
+  ;;
+prefill)  # the opt-in kernel options built since the last timing, beside the official kernels:
+  # `pass_unroll` (session 17: the sequential passes' chain at small B H, shape c)
+  OUT=$OUT timeout $(left 560) bash experiments/gpu_prefill.sh --shapes a,c --modes fwd,fwd+bwd \
+    --variants "ours,pass_unroll=2,pass_unroll=4" --reps 10 | tail -16
   ;;
 profile)  # per-kernel device time of the prefill kernels from jax's profiler (`--trace`: ncu
   # segfaulted in sessions 10, 13 and 17), beside the official kernels, SISO and MIMO

@@ -99,6 +99,14 @@ class TritonBlocks:
     # computed, 1 waits for each chunk's own copies
     mosaic_stages: int = 2
     f32_mode: str = "tf32x3"
+    # > 1: the two sequential passes form this many chunks' own shares (loads and the dot, which
+    # do not depend on the carried state) before stepping the state through them, so those are
+    # in flight together and only an FMA and a store per chunk stay in the chain. Their time at
+    # small B H is that chain (1.7 us a chunk at B1 L16384 H64, session 17). Applies where the
+    # P block is <= 16 rows (`auto_bp` at small B H); offline sm_90a at B1 L16384 H64: 2 takes
+    # the state pass 146 -> 148 registers and dstate 96 -> 190, no spills (4 spills dstate).
+    # Opt-in until timed
+    pass_unroll: int = 1
 
 
 def parse_blocks(spec: str) -> TritonBlocks:
@@ -157,6 +165,12 @@ class CoreShape:
         return self.blocks.bp or auto_bp(self.B * self.H, self.P)
 
     @property
+    def pass_unroll(self) -> int:
+        """`TritonBlocks.pass_unroll` where the P block is at most 16 rows (at whole P the
+        unrolled chunks' tiles spill, compile_check: 255 registers), else 1."""
+        return self.blocks.pass_unroll if self.bp <= 16 else 1
+
+    @property
     def prec(self):
         return dot_precision(self.cdt, self.interpret, self.blocks.f32_mode)
 
@@ -213,18 +227,46 @@ def _silu_gated(y, z):
 # ----------------------------------------------------------------------------- forward
 
 
+def _unrolled_chain(n: int, unroll: int, emit, local, carry):
+    """For i in 0..n-1: emit(i, carry) (the stores of what enters step i), then carry <- dec *
+    carry + share with (dec, share) = local(i), which does not depend on the carry. With unroll
+    > 1, `unroll` steps' local parts (their loads and dot) are formed before those steps, so
+    they are in flight together and only the stores and an FMA per step stay in the chain
+    (`TritonBlocks.pass_unroll`)."""
+    def one(i, carry):
+        emit(i, carry)
+        dec, share = local(i)
+        return dec * carry + share
+
+    def group(g, carry):
+        parts = [local(g * unroll + j) for j in range(unroll)]
+        for j, (dec, share) in enumerate(parts):
+            emit(g * unroll + j, carry)
+            carry = dec * carry + share
+        return carry
+
+    if unroll <= 1:
+        return jax.lax.fori_loop(0, n, one, carry)
+    full = n // unroll
+    carry = jax.lax.fori_loop(0, full, group, carry) if full else carry
+    return jax.lax.fori_loop(full * unroll, n, one, carry) if n % unroll else carry
+
+
 def _state_kernel(k_ref, v_ref, cs_ref, sc_ref, sg_ref, g0_ref, st_ref, gl_ref, *, cs_: CoreShape):
     CR, cdt, prec = cs_.CR, jnp.dtype(cs_.cdt), cs_.prec
 
-    def body(c, g):
-        rows = pl.ds(pl.multiple_of(c * CR, CR), CR)
+    def emit(c, g):  # the state entering chunk c
         st_ref[c] = g.astype(st_ref.dtype)
+
+    def local(c):  # chunk c's decay and its own share of the state leaving it
+        rows = pl.ds(pl.multiple_of(c * CR, CR), CR)
         cs, sc, seg = cs_ref[rows], sc_ref[rows], sg_ref[rows]
         _, to_end, dec = _chunk_decays(cs, seg)
         kw = (k_ref[rows, :].astype(f32) * (to_end * sc)[:, None]).astype(cdt)
-        return dec * g + dot(v_ref[rows, :], kw, ta=True, precision=prec)
+        return dec, dot(v_ref[rows, :], kw, ta=True, precision=prec)
 
-    gl_ref[...] = jax.lax.fori_loop(0, cs_.nc, body, g0_ref[...].astype(f32))
+    gl_ref[...] = _unrolled_chain(cs_.nc, cs_.pass_unroll, emit, local,
+                                  g0_ref[...].astype(f32))
 
 
 def _output_kernel(q_ref, k_ref, v_ref, cs_ref, sc_ref, gm_ref, sg_ref, st_ref, *refs,
@@ -330,18 +372,22 @@ def _dstate_kernel(q_ref, dy_ref, cs_ref, sg_ref, st_ref, dgl_ref, dst_ref, dg0_
                    cs_: CoreShape):
     CR, nc, cdt, prec = cs_.CR, cs_.nc, jnp.dtype(cs_.cdt), cs_.prec
 
-    def body(i, dG):
+    def emit(i, dG):  # chunk c = nc - 1 - i: the gradient of the state leaving it
         c = nc - 1 - i
-        rows = pl.ds(pl.multiple_of(c * CR, CR), CR)
-        dst_ref[c] = dG.astype(dst_ref.dtype)  # the gradient of the state leaving chunk c
+        dst_ref[c] = dG.astype(dst_ref.dtype)
         # d(chunk decay) = <dG leaving, state entering> (this P block's share)
         ddec_ref[c] = jnp.sum(dG * st_ref[c].astype(f32))
+
+    def local(i):  # chunk c's decay and its share of the gradient of the state entering it
+        c = nc - 1 - i
+        rows = pl.ds(pl.multiple_of(c * CR, CR), CR)
         cs, seg = cs_ref[rows], sg_ref[rows]
         e, _, dec = _chunk_decays(cs, seg)
         dye = (dy_ref[rows, :].astype(f32) * e[:, None]).astype(cdt)
-        return dec * dG + dot(dye, q_ref[rows, :], ta=True, precision=prec)
+        return dec, dot(dye, q_ref[rows, :], ta=True, precision=prec)
 
-    dg0_ref[...] = jax.lax.fori_loop(0, nc, body, dgl_ref[...].astype(f32))
+    dg0_ref[...] = _unrolled_chain(nc, cs_.pass_unroll, emit, local,
+                                   dgl_ref[...].astype(f32))
 
 
 def _grad_kernel(q_ref, k_ref, v_ref, cs_ref, sc_ref, gm_ref, sg_ref, st_ref, dst_ref, dy_ref,

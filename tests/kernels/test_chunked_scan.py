@@ -332,6 +332,25 @@ def test_auto_p_blocks():
     check_grads(g_auto, g_whole, 1e-5)
 
 
+@pytest.mark.parametrize("unroll", [2, 3])
+def test_pass_unroll(unroll):
+    """`pass_unroll`: the sequential passes form several chunks' shares before stepping through
+    them; 5 chunks (a tail after the unrolled groups), resets, a padded length, two P blocks:
+    output, final state and every gradient equal the one-chunk-a-step passes'."""
+    inp, state, p = make_problem(7, B, 72, 1, H, N, 32, S, jnp.float32, True)
+    blocks = TritonBlocks(bp=16, pass_unroll=unroll)
+    got, got_state = kernel(inp, state, 16, blocks, **p)
+    want, want_state = kernel(inp, state, 16, TritonBlocks(bp=16), **p)
+    assert rel(got, want) < 1e-6
+    check_state(got_state, want_state, 1e-6)
+    ct = random_like((got, got_state), 6)
+    check_grads(vjp_all(functools.partial(kernel, chunk=16, blocks=blocks), inp, state, p, ct),
+                vjp_all(functools.partial(kernel, chunk=16, blocks=TritonBlocks(bp=16)), inp,
+                        state, p, ct), 1e-6)
+    ref, _ = reference(inp, state, **p)
+    assert rel(got, ref) < TOL["float32"]
+
+
 def test_bad_options_rejected():
     inp, state, p = make_problem(5, 1, 8, 1, H, N, P, S, jnp.float32)
     with pytest.raises(ValueError, match="rotary"):

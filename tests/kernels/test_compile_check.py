@@ -40,6 +40,17 @@ def test_inference_forward_does_not_spill():
         assert r["spill_stores"] == 0, r
 
 
+def test_small_bh_passes_do_not_spill():
+    """B1 L16384 H64 (64 (batch, head) programs): the sequential passes on 16-row P blocks
+    (`auto_bp`), one chunk a step and `pass_unroll=2`, without spills."""
+    for blocks in (TritonBlocks(), TritonBlocks(pass_unroll=2)):
+        rows = [r for r in check(blocks, "c", "fwd+bwd")
+                if r["kernel"] in ("mamba3_ssd_state", "mamba3_ssd_dstate")]
+        assert len(rows) == 2, rows
+        for r in rows:
+            assert r["spill_stores"] == 0, (blocks, r)
+
+
 def test_fast_trig_rotation_kernels_use_mufu_and_issue_fewer_instructions():
     """`TritonBlocks(fast_trig=1)`: the rotation kernels' cos / sin are the MUFU approximations
     (no libdevice sinf / cosf left in their Triton IR) and their main paths shrink (the accurate
