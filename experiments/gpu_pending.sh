@@ -82,10 +82,11 @@ stream)  # issue 10: how fast a kernel streams the decode state (XLA, Pallas Tri
       --mosaic $m 2>&1 | grep -E "^\| |Error" | grep -v "^\| N\|---" | tail -22
   done
   ;;
-prefill)  # the opt-in kernel options built since the last timing, beside the official kernels:
-  # `pass_unroll` (session 17: the sequential passes' chain at small B H, shape c)
-  OUT=$OUT timeout $(left 560) bash experiments/gpu_prefill.sh --shapes a,c --modes fwd,fwd+bwd \
-    --variants "ours,pass_unroll=2,pass_unroll=4" --reps 10 | tail -16
+prefill)  # the opt-in kernel options built since the last timing, beside the official kernels
+  # (session 17): `pass_unroll` (the sequential passes' chain at small B H: shape c) and
+  # `pre_angles=2` (the chunk totals' backward forms pi tanh again: fwd+bwd at a, b)
+  OUT=$OUT timeout $(left 560) bash experiments/gpu_prefill.sh --shapes a,b,c --modes fwd,fwd+bwd \
+    --variants "ours,pass_unroll=2,pass_unroll=4,pre_angles=2" --reps 10 | tail -28
   ;;
 profile)  # per-kernel device time of the prefill kernels from jax's profiler (`--trace`: ncu
   # segfaulted in sessions 10, 13 and 17), beside the official kernels, SISO and MIMO

@@ -83,17 +83,47 @@ def chunk_angles(inc, seg, angle0, C: int):
     return theta.reshape(B, Lp, H, S)
 
 
-def _token_sum(inc, w):
+_HI = jax.lax.Precision.HIGHEST
+
+
+def _token_sum(inc, w, pre_vjp: bool = False):
     """sum_t w[b, n, t] inc[b, n, t, h, s] -> (B, n, H, S). inc is the increments (B, n, T, H, S)
     or their factors (rate (B, n, T, Ha, S), dt (B, n, T, H)): then a dot over t, and the
-    per-head increments are never formed."""
+    per-head increments are never formed. pre_vjp: inc's rate is the raw angle before pi tanh
+    (`_pre_token_sum`)."""
     if not isinstance(inc, tuple):
         return jnp.sum(jnp.where(w[..., None, None] > 0, inc, 0.0), axis=2)
     rate, dt = inc
     (B, n, T, Ha, S), H = rate.shape, dt.shape[-1]
     wdt = (dt * w[..., None]).reshape(B, n, T, Ha, H // Ha)
-    return jnp.einsum("bntaj,bntas->bnajs", wdt, rate,
-                      precision=jax.lax.Precision.HIGHEST).reshape(B, n, H, S)
+    if pre_vjp:
+        return _pre_token_sum(rate, wdt).reshape(B, n, H, S)
+    return jnp.einsum("bntaj,bntas->bnajs", wdt, rate, precision=_HI).reshape(B, n, H, S)
+
+
+@jax.custom_vjp
+def _pre_token_sum(pre, wdt):
+    """sum_t wdt[b, n, t, a, j] pi tanh(pre[b, n, t, a, s]) -> (B, n, Ha, J, S). Its backward
+    forms pi tanh again from `pre` (in its own dtype, bf16 in the model) instead of keeping the
+    float32 rate of the forward: under plain autodiff XLA stores that rate (B, L, H, S) and
+    reads it back twice (`TritonBlocks.pre_angles=2`)."""
+    return jnp.einsum("bntaj,bntas->bnajs", wdt, math.pi * jnp.tanh(pre.astype(f32)),
+                      precision=_HI)
+
+
+def _pre_token_sum_fwd(pre, wdt):
+    return _pre_token_sum(pre, wdt), (pre, wdt)
+
+
+def _pre_token_sum_bwd(res, d):
+    pre, wdt = res
+    t = jnp.tanh(pre.astype(f32))
+    d_rate = jnp.einsum("bntaj,bnajs->bntas", wdt, d, precision=_HI)
+    d_wdt = jnp.einsum("bntas,bnajs->bntaj", math.pi * t, d, precision=_HI)
+    return (d_rate * (math.pi * (1.0 - t * t))).astype(pre.dtype), d_wdt
+
+
+_pre_token_sum.defvjp(_pre_token_sum_fwd, _pre_token_sum_bwd)
 
 
 def _time_view(inc, fn):
@@ -101,42 +131,47 @@ def _time_view(inc, fn):
     return tuple(fn(a) for a in inc) if isinstance(inc, tuple) else fn(inc)
 
 
-def chunk_carry(inc, seg, angle0, C: int):
+def chunk_carry(inc, seg, angle0, C: int, pre_vjp: bool = False):
     """Angle entering every chunk (B, nc, H, S): a scan over the chunk totals (the increments of
     each chunk's last segment). inc (B, Lp, H, S) f32 or its factors (rate (B, Lp, Ha, S), dt
-    (B, Lp, H)), seg (B, Lp) chunk-local segment ids."""
+    (B, Lp, H)), seg (B, Lp) chunk-local segment ids. pre_vjp: `_token_sum`'s."""
     B, Lp = seg.shape
     sg = seg.reshape(B, Lp // C, C)
     last = (sg == sg[:, :, -1:]).astype(f32)
-    totals = _token_sum(_time_view(inc, lambda a: a.reshape(B, Lp // C, C, *a.shape[2:])), last)
+    totals = _token_sum(_time_view(inc, lambda a: a.reshape(B, Lp // C, C, *a.shape[2:])), last,
+                        pre_vjp)
     return _mod_scan((sg[:, :, -1] == 0).astype(f32), totals, angle0.astype(f32))
 
 
-def theta_at(inc, seg, carry, t: int, C: int):
+def theta_at(inc, seg, carry, t: int, C: int, pre_vjp: bool = False):
     """Cumulative angle (B, H, S) at token t (an XLA sum over t's chunk up to t)."""
     c0 = (t // C) * C
     sg = seg[:, c0:t + 1]
     mine = (sg == sg[:, -1:]).astype(f32)
-    local = _token_sum(_time_view(inc, lambda a: a[:, None, c0:t + 1]), mine[:, None])[:, 0]
+    local = _token_sum(_time_view(inc, lambda a: a[:, None, c0:t + 1]), mine[:, None],
+                       pre_vjp)[:, 0]
     return local + jnp.where((sg[:, -1] == 0)[:, None, None], carry[:, t // C], 0.0)
 
 
 def _carried_angles(inp: SSMInputs, state: SSMState, seg, padt, C: int, L: int,
-                    factored: bool = False, pre: bool = False):
+                    factored: bool = False, pre: int = 0):
     """The padded increments (B, Lp, H, S) f32 as the rotation kernels take them (factored: the
     padded rate (B, Lp, Ha, S) and dt (B, Lp, H); with `pre`, `inp.angle_pre` in its dtype in
     place of the rate), the angle entering every chunk (`chunk_carry`) and the cumulative angle
-    at the last token (B, H, S)."""
+    at the last token (B, H, S). pre = 2: the reductions' backward forms pi tanh again from the
+    raw angles (`_pre_token_sum`)."""
+    recompute = bool(factored and pre == 2)
     if factored:
         dt = padt(inp.angle_dt.astype(f32))
         # with pre, XLA forms the rate only inside the reductions below (fused, not stored)
-        rate = (math.pi * jnp.tanh(padt(inp.angle_pre).astype(f32)) if pre
+        rate = (padt(inp.angle_pre) if recompute
+                else math.pi * jnp.tanh(padt(inp.angle_pre).astype(f32)) if pre
                 else padt(inp.angle_rate.astype(f32)))
         inc = (rate, dt)
     else:
         inc = padt(inp.angle_inc.astype(f32))
-    carry = chunk_carry(inc, seg, state.angle, C)
-    theta_last = theta_at(inc, seg, carry, L - 1, C)
+    carry = chunk_carry(inc, seg, state.angle, C, recompute)
+    theta_last = theta_at(inc, seg, carry, L - 1, C, recompute)
     return ((padt(inp.angle_pre), inc[1]) if pre else inc), carry, theta_last
 
 
@@ -242,13 +277,13 @@ def prepare_rows(inp: SSMInputs, state: SSMState, mimo_x, C: int, cdt, *, interp
         Cr, seg_r = _rotation_chunks(inp, seg, padt, Lp, C, rotary_chunk)
         factored = inp.angle_rate is not None and (
             factored_angles >= 2 or (factored_angles == 1 and R == 1))
-        pre = factored and bool(pre_angles) and inp.angle_pre is not None
+        pre = pre_angles if factored and inp.angle_pre is not None else 0
         inc, carry, theta_last = _carried_angles(inp, state, seg_r, padt, Cr, L, factored, pre)
         dt = None
         if factored:  # the rate and dt (B, H, Lp), the kernels' layout for per-head scalars
             inc, dt = inc[0], jnp.swapaxes(inc[1], 1, 2)
         rs = _rot_shape(B, Lp, Cr, R, G, H, N, S, cdt, interpret=interpret,
-                        angle_mode=angle_mode, fast_trig=fast_trig, rate_tanh=pre,
+                        angle_mode=angle_mode, fast_trig=fast_trig, rate_tanh=bool(pre),
                         warps_rotary=warps_rotary, rate_heads=inc.shape[2] if factored else 0)
         permuted = True
 
@@ -377,7 +412,7 @@ def _rotated_in_kernels(o: _Opts, inp, state, z, D):
     Lp = -(-L // C) * C
     padt = _padder(L, Lp)
     seg, cs, sc, gm, seg_rows, g0 = _scalars(inp, state, None, C, 1, Lp)
-    pre = bool(o.blocks.pre_angles) and inp.angle_pre is not None
+    pre = o.blocks.pre_angles if inp.angle_pre is not None else 0
     inc, carry, theta_last = _carried_angles(inp, state, seg, padt, C, L, True, pre)
     rate, dt = inc[0], jnp.swapaxes(inc[1], 1, 2)
 
@@ -397,7 +432,7 @@ def _rotated_in_kernels(o: _Opts, inp, state, z, D):
             dt_r = jnp.swapaxes(dt_r, 1, 2)
         rs = _rot_shape(B, Lp, Cr, 1, G, H, N, S, cdt, interpret=o.interpret,
                         angle_mode=o.blocks.angle_mode, fast_trig=o.blocks.fast_trig,
-                        rate_tanh=pre, warps_rotary=o.blocks.warps_rotary,
+                        rate_tanh=bool(pre), warps_rotary=o.blocks.warps_rotary,
                         rate_heads=rate.shape[2])
         k_rows = rotate_k(rs, k[:, :, None], kb[:, None], rate_r, carry_r, seg_r,
                           dt_r).reshape(B, Lp, H, N)
@@ -407,11 +442,12 @@ def _rotated_in_kernels(o: _Opts, inp, state, z, D):
                                                   to_pair_blocks(g0, S))
     else:
         states, g_last = pallas_mosaic_gpu.rotating_state_pass(
-            k, kb, v, cs, sc, seg_rows, to_pair_blocks(g0, S), rate, dt, carry, rate_tanh=pre,
+            k, kb, v, cs, sc, seg_rows, to_pair_blocks(g0, S), rate, dt, carry,
+            rate_tanh=bool(pre),
             stages=o.blocks.mosaic_stages, interpret=o.interpret)
     out = pallas_mosaic_gpu.rotating_output(
         q, qb, k, kb, v, cs, sc, gm, seg_rows, states, padt(z.astype(cdt)),
-        jnp.broadcast_to(D.astype(f32)[:, None], (H, P)), rate, dt, carry, rate_tanh=pre,
+        jnp.broadcast_to(D.astype(f32)[:, None], (H, P)), rate, dt, carry, rate_tanh=bool(pre),
         interpret=o.interpret)
     last = _per_head_rows(inp.k[:, L - 1:], inp.k_bias, theta_last[:, None], H, cdt)
     return out[:, :L], _final_state(inp, state, theta_last, from_pair_blocks(g_last, S), last)

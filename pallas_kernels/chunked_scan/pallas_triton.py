@@ -84,7 +84,11 @@ class TritonBlocks:
     # 1: with factored angles, when the caller gives `SSMInputs.angle_pre`, the rotation kernels
     # read it and form pi tanh in registers (0: they read the float32 `angle_rate`). H200
     # (session 12, with fast_trig): fwd 0.630 -> 0.547 ms (B8 L2048 H32), 1.360 -> 1.234
-    # (B1 L16384); fwd+bwd 2.288 -> 2.207 (H32), 4.520 -> 4.420 (H64), 4.949 -> 5.030 (B1 L16384)
+    # (B1 L16384); fwd+bwd 2.288 -> 2.207 (H32), 4.520 -> 4.420 (H64), 4.949 -> 5.030 (B1 L16384).
+    # 2: also the backward of XLA's chunk totals forms pi tanh again from the raw angles instead
+    # of keeping the float32 rate (B, L, H, S) of the forward, which XLA stored and read twice
+    # (loop_tanh_fusion, 0.05 ms, and two readers, 0.23 ms with other work, of fwd+bwd at B8
+    # L2048 H64: session 17's compiled HLO; `api._pre_token_sum`). Opt-in until timed
     pre_angles: int = 1
     # 1: the chunk output kernel as a Pallas Mosaic GPU kernel (`pallas_mosaic_gpu`: TMA, wgmma)
     # where it covers the shape (bf16 / f16 SISO, 64-token chunks), the Triton one elsewhere;

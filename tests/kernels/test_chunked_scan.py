@@ -264,7 +264,7 @@ def test_pre_activation_angles(rate_heads, pre_dtype):
     """The rotation kernels on the rate's pre-activation (`SSMInputs.angle_pre`, pi tanh in
     registers; the official kernels' input): forward, state and every gradient (angle_pre and
     dt included) == the reference's on pi tanh(angle_pre) * dt, and == the kernels on the float32
-    rate (`pre_angles=0`)."""
+    rate (`pre_angles=0`); `pre_angles=2` == 1."""
     inp, state, p = make_problem(8, B, 44, 1, H, N, P, S, jnp.float32, True, groups=1)
     inp = _with_factors(inp, rate_heads, 9)
     inp = inp._replace(angle_pre=(1.5 * inp.angle_rate).astype(pre_dtype))
@@ -291,6 +291,16 @@ def test_pre_activation_angles(rate_heads, pre_dtype):
                       for g in got_g),
                 tuple(g._replace(angle_pre=None) if hasattr(g, "angle_pre") else g
                       for g in want_g), GRAD_TOL["float32"])
+    # pre_angles=2: the chunk totals' backward forms pi tanh again (`_pre_token_sum`): the same
+    # output and gradients as pre_angles=1 (the same operations, in a custom VJP)
+    again = _from_pre(functools.partial(kernel, chunk=32, blocks=dataclasses.replace(
+        blocks, pre_angles=2)))
+    got2, state2 = again(inp, state, **p)
+    assert rel(got2, got) < 1e-6
+    check_state(state2, got_state, 1e-6)
+    got2_g = vjp_all(again, inp, state, p, ct)
+    assert got2_g[0].angle_pre.dtype == jnp.dtype(pre_dtype)
+    check_grads(got2_g, got_g, 1e-6)
 
 
 def test_factored_angles_bad_shapes():
