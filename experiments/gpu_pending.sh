@@ -84,9 +84,11 @@ stream)  # issue 10: how fast a kernel streams the decode state (XLA, Pallas Tri
   ;;
 prefill)  # the opt-in kernel options built since the last timing, beside the official kernels
   # (session 17): `pass_unroll` (the sequential passes' chain at small B H: shape c) and
-  # `pre_angles=2` (the chunk totals' backward forms pi tanh again: fwd+bwd at a, b)
+  # `pre_angles=2` (the chunk totals' backward forms pi tanh again: fwd+bwd at a, b) and
+  # `rotary_chunk_infer` (the inference forward's rotation on larger chunks: fwd)
   OUT=$OUT timeout $(left 560) bash experiments/gpu_prefill.sh --shapes a,b,c --modes fwd,fwd+bwd \
-    --variants "ours,pass_unroll=2,pass_unroll=4,pre_angles=2" --reps 10 | tail -28
+    --variants "ours,pass_unroll=2,pass_unroll=4,pre_angles=2,rotary_chunk_infer=32,rotary_chunk_infer=64" \
+    --reps 10 | tail -40
   ;;
 profile)  # per-kernel device time of the prefill kernels from jax's profiler (`--trace`: ncu
   # segfaulted in sessions 10, 13 and 17), beside the official kernels, SISO and MIMO

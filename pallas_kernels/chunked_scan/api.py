@@ -336,13 +336,16 @@ class _Opts:
     norm_eps: float
 
 
-def _prepare(o: _Opts, inp, state, mimo_x, cdt):
-    """`prepare_rows` with this call's options."""
+def _prepare(o: _Opts, inp, state, mimo_x, cdt, inference: bool = False):
+    """`prepare_rows` with this call's options (inference: the forward outside autodiff, whose
+    rotation may take its own chunk, `TritonBlocks.rotary_chunk_infer`)."""
+    b = o.blocks
     return prepare_rows(
         inp, state, mimo_x, o.C, cdt, interpret=o.interpret, rotary=o.rotary,
-        warps_rotary=o.blocks.warps_rotary, angle_mode=o.blocks.angle_mode,
-        rotary_chunk=o.blocks.rotary_chunk, factored_angles=o.blocks.factored_angles,
-        fast_trig=o.blocks.fast_trig, pre_angles=o.blocks.pre_angles)
+        warps_rotary=b.warps_rotary, angle_mode=b.angle_mode,
+        rotary_chunk=(b.rotary_chunk_infer if inference and b.rotary_chunk_infer
+                      else b.rotary_chunk),
+        factored_angles=b.factored_angles, fast_trig=b.fast_trig, pre_angles=b.pre_angles)
 
 
 def _rows_path(o: _Opts, inp, state, z, D, mimo_x=None, mimo_z=None, mimo_o=None,
@@ -354,7 +357,8 @@ def _rows_path(o: _Opts, inp, state, z, D, mimo_x=None, mimo_z=None, mimo_o=None
     H, P = inp.x.shape[2], inp.x.shape[3]
     S = inp.angle_inc.shape[-1]
     cdt = jnp.dtype(inp.x.dtype)
-    ops, theta_last, k_rows, Lp, permuted = _prepare(o, inp, state, mimo_x, cdt)
+    ops, theta_last, k_rows, Lp, permuted = _prepare(o, inp, state, mimo_x, cdt,
+                                                     inference=gate_in_kernel)
     shape = CoreShape(B=B, H=H, nc=Lp // o.C, C=o.C, R=R, N=N, P=P, cdt=cdt.name,
                       interpret=o.interpret, blocks=o.blocks)
     if gate_in_kernel:
@@ -499,9 +503,10 @@ def chunked_scan(inp: SSMInputs, state: SSMState, *, z, D, mimo_x=None, mimo_z=N
     R, N, P = inp.q.shape[2], inp.q.shape[4], inp.x.shape[3]
     _check(blocks.bp == 0 or (is_pow2(blocks.bp) and blocks.bp >= 16 and P % blocks.bp == 0),
            f"block bp {blocks.bp} must be a power of two >= 16 dividing P = {P}")
-    _check(blocks.rotary_chunk == 0 or (is_pow2(blocks.rotary_chunk) and (
-        interpret or blocks.rotary_chunk >= 16)),
-           f"rotary_chunk {blocks.rotary_chunk} must be 0 or a power of two (>= 16 compiled)")
+    for name in ("rotary_chunk", "rotary_chunk_infer"):
+        n = getattr(blocks, name)
+        _check(n == 0 or (is_pow2(n) and (interpret or n >= 16)),
+               f"{name} {n} must be 0 or a power of two (>= 16 compiled)")
     S = inp.angle_inc.shape[-1]
     plain = N - 2 * S
     if not interpret and S and not (S >= 16 and is_pow2(S) and (plain == 0 or (

@@ -60,6 +60,11 @@ class TritonBlocks:
     # tokens per rotation program (0: the core's chunk; prepare_rows). 16 (2 warps): fwd+bwd
     # 2.35-2.39 vs 2.56 ms at B8 L2048 H32, 5.18 vs 5.65 at B1 L16384 H64 on an H200 (session 6)
     rotary_chunk: int = 16
+    # the rotation's chunk in the inference forward (outside autodiff, where no backward shares
+    # it); 0: rotary_chunk. 32 / 64 (4 warps): fewer, larger programs, half or a quarter of the
+    # per-program work (prefix-sum matrix, segment ids, biases, index maths) per token; the
+    # forward-only rotation ran at ~2.5 TB/s on 16-token chunks (session 17). Opt-in until timed
+    rotary_chunk_infer: int = 0
     # 1: outside autodiff, SISO without RMSNorm: D and the gate in the output kernel's epilogue
     # (the output is written once, gated, instead of y then an XLA pass over y, x and z).
     inference_gate: int = 1

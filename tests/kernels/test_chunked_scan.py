@@ -141,6 +141,29 @@ def test_rotary_chunk(R):
     _matches_reference(functools.partial(kernel, chunk=32, blocks=blocks), inp, state, p, 10)
 
 
+def test_rotary_chunk_infer():
+    """`rotary_chunk_infer`: the inference forward's rotation on its own chunks (here 32 tokens
+    against 16 under autodiff): the same output and final state, the training path untouched."""
+    inp, state, p = make_problem(9, B, 72, 1, H, N, P, S, jnp.float32, True, groups=1)
+    inp = inp._replace(reset=inp.reset.at[:, 20].set(True))
+    small = 8 if INTERPRET else 16
+    base = TritonBlocks(rotary_chunk=small)
+    infer = dataclasses.replace(base, rotary_chunk_infer=32)
+    got, got_state = kernel(inp, state, 32, infer, **p)
+    want, want_state = kernel(inp, state, 32, base, **p)
+    assert rel(got, want) < 1e-6
+    check_state(got_state, want_state, 1e-6)
+    grids = {b: _kernel_bodies(lambda i, b=b: kernel(i, state, 32, b, **p), inp,
+                               name="mamba3_rotate_qk", grids=True) for b in (base, infer)}
+    Lp = 96  # 72 tokens padded to chunks of 32
+    assert [g[1] for g in grids[base]] == [Lp // small]
+    assert [g[1] for g in grids[infer]] == [Lp // 32]
+    train = _kernel_bodies(jax.grad(lambda x: jnp.sum(kernel(inp._replace(x=x), state, 32, infer,
+                                                            **p)[0])),
+                           inp.x, name="mamba3_rotate_qk", grids=True)
+    assert train and all(g[1] == Lp // small for g in train)
+
+
 def _matches_reference(fn, inp, state, p, seed):
     """fn's output, final state and every input gradient == the reference's (float32)."""
     want, want_state = reference(inp, state, **p)
@@ -240,8 +263,9 @@ def _from_pre(fn):
     return g
 
 
-def _kernel_bodies(fn, *args, name: str) -> list[str]:
-    """The jaxpr text of every Pallas kernel called `name` that fn(*args) runs."""
+def _kernel_bodies(fn, *args, name: str, grids: bool = False) -> list:
+    """The jaxpr text (or with `grids`, the grid) of every Pallas kernel called `name` that
+    fn(*args) runs."""
     from jax._src import core as jcore
 
     found = []
@@ -249,7 +273,8 @@ def _kernel_bodies(fn, *args, name: str) -> list[str]:
     def visit(jaxpr):
         for eqn in jaxpr.eqns:
             if eqn.primitive.name == "pallas_call" and name in str(eqn.params.get("name")):
-                found.append(str(eqn.params["jaxpr"]))
+                found.append(tuple(eqn.params["grid_mapping"].grid) if grids
+                             else str(eqn.params["jaxpr"]))
             for v in eqn.params.values():
                 if isinstance(v, (jcore.ClosedJaxpr, jcore.Jaxpr)):
                     visit(getattr(v, "jaxpr", v))
