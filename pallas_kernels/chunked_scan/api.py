@@ -507,6 +507,9 @@ def chunked_scan(inp: SSMInputs, state: SSMState, *, z, D, mimo_x=None, mimo_z=N
         n = getattr(blocks, name)
         _check(n == 0 or (is_pow2(n) and (interpret or n >= 16)),
                f"{name} {n} must be 0 or a power of two (>= 16 compiled)")
+    if blocks.pre_angles not in (0, 1, 2) or blocks.pass_unroll < 1:
+        raise ValueError(f"TritonBlocks pre_angles must be 0, 1 or 2 (got {blocks.pre_angles}) "
+                         f"and pass_unroll >= 1 (got {blocks.pass_unroll})")
     S = inp.angle_inc.shape[-1]
     plain = N - 2 * S
     if not interpret and S and not (S >= 16 and is_pow2(S) and (plain == 0 or (

@@ -394,6 +394,11 @@ def test_bad_options_rejected():
         kernel(inp, state, 16, TritonBlocks(bp=24), **p)
     with pytest.raises(backends.Unsupported, match="rotary_chunk 12"):
         kernel(inp, state, 16, TritonBlocks(rotary_chunk=12), **p)
+    with pytest.raises(backends.Unsupported, match="rotary_chunk_infer 24"):
+        kernel(inp, state, 16, TritonBlocks(rotary_chunk_infer=24), **p)
+    for bad in (TritonBlocks(pre_angles=3), TritonBlocks(pass_unroll=0)):
+        with pytest.raises(ValueError, match="pre_angles must be 0, 1 or 2"):
+            kernel(inp, state, 16, bad, **p)
 
 
 @pytest.mark.parametrize("R", [2])  # R = 1 hand-over: test_decode_kernel's prefill test
