@@ -82,13 +82,17 @@ stream)  # issue 10: how fast a kernel streams the decode state (XLA, Pallas Tri
       --mosaic $m 2>&1 | grep -E "^\| |Error" | grep -v "^\| N\|---" | tail -22
   done
   ;;
-prefill)  # the opt-in kernel options built since the last timing, beside the official kernels
-  # (session 17): `pass_unroll` (the sequential passes' chain at small B H: shape c) and
-  # `pre_angles=2` (the chunk totals' backward forms pi tanh again: fwd+bwd at a, b) and
-  # `rotary_chunk_infer` (the inference forward's rotation on larger chunks: fwd)
-  OUT=$OUT timeout $(left 560) bash experiments/gpu_prefill.sh --shapes a,b,c --modes fwd,fwd+bwd \
-    --variants "ours,pass_unroll=2,pass_unroll=4,pre_angles=2,rotary_chunk_infer=32,rotary_chunk_infer=64" \
-    --reps 10 | tail -40
+prefill)  # the opt-in kernel options built in session 17, beside the official kernels:
+  # `pass_unroll` (the sequential passes' chain at small B H: shape c), `pre_angles=2` and
+  # `core_gate=1` (XLA work of the backward: fwd+bwd at a, b), `rotary_chunk_infer` (the
+  # inference forward's rotation on larger chunks: fwd at a, b)
+  OUT=$OUT timeout 240 bash experiments/gpu_prefill.sh --shapes c --modes fwd,fwd+bwd \
+    --variants "ours,pass_unroll=2,pass_unroll=4" --reps 10 | tail -8
+  b() { timeout $(left $1) python3 -m pallas_kernels.chunked_scan.bench \
+    --official "$OUT/official.json" --reps 10 "${@:2}" 2>&1 | grep -v '^{' | tail -12; }
+  b 420 --shapes a,b --modes fwd+bwd \
+    --variants "ours,pre_angles=2,core_gate=1,pre_angles=2;core_gate=1"
+  b 570 --shapes a,b --modes fwd --variants "ours,rotary_chunk_infer=32,rotary_chunk_infer=64"
   ;;
 profile)  # per-kernel device time of the prefill kernels from jax's profiler (`--trace`: ncu
   # segfaulted in sessions 10, 13 and 17), beside the official kernels, SISO and MIMO

@@ -113,15 +113,21 @@ def _skip_gate_fwd(y, x, z, D):
     return _skip_gate(y, x, z, D), (y, x, z, D)
 
 
-def _skip_gate_bwd(res, g):
-    y, x, z, D = res
+def skip_gate_grads(y, x, z, D, g):
+    """`skip_gate`'s backward without d x: du = d(y + D x) (float32; d y is du, d x is D du),
+    dz in z's dtype and dD in D's, for the output cotangent g."""
     zf, xf, Df = z.astype(f32), x.astype(f32), D.astype(f32)[:, None]
     sig = jax.nn.sigmoid(zf)
-    du = g * (zf * sig)  # d (y + D x)
+    du = g * (zf * sig)
     dz = g * (y.astype(f32) + Df * xf) * sig * (1.0 + zf * (1.0 - sig))  # silu' = s (1 + z (1 - s))
     dD = jnp.sum(du * xf, axis=tuple(range(du.ndim - 2)) + (du.ndim - 1,))
-    return (du.astype(y.dtype), (Df * du).astype(x.dtype), dz.astype(z.dtype),
-            dD.astype(D.dtype))
+    return du, dz.astype(z.dtype), dD.astype(D.dtype)
+
+
+def _skip_gate_bwd(res, g):
+    y, x, z, D = res
+    du, dz, dD = skip_gate_grads(y, x, z, D, g)
+    return du.astype(y.dtype), (D.astype(f32)[:, None] * du).astype(x.dtype), dz, dD
 
 
 skip_gate.defvjp(_skip_gate_fwd, _skip_gate_bwd)

@@ -309,6 +309,9 @@ def prepare_rows(inp: SSMInputs, state: SSMState, mimo_x, C: int, cdt, *, interp
 IMPLEMENTATIONS = {"pallas_triton": pallas_triton.ssd_core}  # (CoreShape, *operands) -> y, h
 # forward only, D and the gate in the output kernel: (CoreShape, *operands, z, D) -> out, _, h
 GATED_FORWARD = {"pallas_triton": pallas_triton.forward}
+# the core and its skip and gate under one VJP (SISO, no RMSNorm; `TritonBlocks.core_gate`):
+# (CoreShape, *operands, z, D) -> float32 out (B, L, H, P), h
+GATED_CORE = {"pallas_triton": pallas_triton.ssd_core_gated}
 
 
 def check_supported(inp: SSMInputs, C: int, interpret: bool):
@@ -367,6 +370,9 @@ def _rows_path(o: _Opts, inp, state, z, D, mimo_x=None, mimo_z=None, mimo_o=None
         out, _, g_last = GATED_FORWARD[o.impl](dataclasses.replace(shape, gate=True), *ops,
                                                z=zr, D=Dp)
         out = out[:, :L]
+    elif o.blocks.core_gate and R == 1 and norm_weight is None and o.impl in GATED_CORE and all(
+            m is None for m in (mimo_x, mimo_z, mimo_o)):
+        out, g_last = GATED_CORE[o.impl](shape, *ops, z, D)
     else:
         y, g_last = IMPLEMENTATIONS[o.impl](shape, *ops)
         y = y.reshape(B, Lp, R, H, P)[:, :L]

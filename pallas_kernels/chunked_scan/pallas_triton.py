@@ -33,6 +33,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
+from mamba3_jax.ops.mixer import skip_gate, skip_gate_grads
 from pallas_kernels._compat import SQ, compiler_params, dot, dot_precision
 from pallas_kernels.chunked_scan import pallas_mosaic_gpu
 
@@ -108,6 +109,12 @@ class TritonBlocks:
     # computed, 1 waits for each chunk's own copies
     mosaic_stages: int = 2
     f32_mode: str = "tf32x3"
+    # 1: the training path's core and its skip and gate (SISO without RMSNorm) as one custom
+    # VJP (`ssd_core_gated`): the gate's backward in one XLA pass before the kernels and D dy
+    # added to dv in the dk/dv kernel, where XLA ran it in two passes around the kernels (dy
+    # before, 0.1 ms; dz, dx and dD after, 0.214 ms, at B8 L2048 H64 in session 17's compiled
+    # HLO). Opt-in until timed
+    core_gate: int = 0
     # > 1: the two sequential passes form this many chunks' own shares (loads and the dot, which
     # do not depend on the carried state) before stepping the state through them, so those are
     # in flight together and only an FMA and a store per chunk stay in the chain. Their time at
@@ -400,10 +407,13 @@ def _dstate_kernel(q_ref, dy_ref, cs_ref, sg_ref, st_ref, dgl_ref, dst_ref, dg0_
 
 
 def _grad_kernel(q_ref, k_ref, v_ref, cs_ref, sc_ref, gm_ref, sg_ref, st_ref, dst_ref, dy_ref,
-                 *out_refs, cs_: CoreShape, part: str):
+                 *out_refs, cs_: CoreShape, part: str, skip: bool = False):
     """One chunk's gradients. `part` names what this kernel computes, any of 'q', 'k', 'v' (one
     kernel or several: fewer live tiles per kernel). Outputs: the named gradients in q, k, v
-    order, then this part's share of d cs and (with 'k' or 'v') of d sc, then d gm with 'k'."""
+    order, then this part's share of d cs and (with 'k' or 'v') of d sc, then d gm with 'k'.
+    skip: the first ref is D (P,) of the head and dv gets D dy too (the skip term D v of
+    `ssd_core_gated`, whose output is (y + D v) silu(z))."""
+    d_ref, out_refs = (out_refs[0], out_refs[1:]) if skip else (None, out_refs)
     cdt, prec, CR = jnp.dtype(cs_.cdt), cs_.prec, cs_.CR
     cs, sc, gm, seg = cs_ref[...], sc_ref[...], gm_ref[...], sg_ref[...]
     e, to_end, _ = _chunk_decays(cs, seg)
@@ -443,6 +453,8 @@ def _grad_kernel(q_ref, k_ref, v_ref, cs_ref, sc_ref, gm_ref, sg_ref, st_ref, ds
         # state; before dk, so that k's tile and sW are dead when dk's accumulator is live
         kdg = dot(k_ref[...], dst_ref[...], tb=True, precision=prec)  # (CR, P)
         dv = dot(sW, dyc, ta=True, precision=prec) + te[:, None] * kdg
+        if skip:
+            dv = dv + d_ref[...][None, :] * dyc.astype(f32)
         grad_refs["v"][...] = dv.astype(v_ref.dtype)
         dte = jnp.sum(kdg * v_ref[...].astype(f32), axis=1)  # d(to_end * sc) per row
         dsc = dsc + to_end * dte
@@ -458,7 +470,8 @@ def _grad_kernel(q_ref, k_ref, v_ref, cs_ref, sc_ref, gm_ref, sg_ref, st_ref, ds
         outs.pop(0)[...] = dgm
 
 
-def backward(cs_: CoreShape, q, k, v, cs, sc, gm, seg, states, dy, dgl):
+def backward(cs_: CoreShape, q, k, v, cs, sc, gm, seg, states, dy, dgl, D=None):
+    """The core's VJP; with D (H, P) float32, dv also gets D dy (`ssd_core_gated`)."""
     B, H, nc, CR, N, P, bp = cs_.B, cs_.H, cs_.nc, cs_.CR, cs_.N, cs_.P, cs_.bp
     Lr = nc * CR
     nP = P // bp
@@ -485,6 +498,9 @@ def backward(cs_: CoreShape, q, k, v, cs, sc, gm, seg, states, dy, dgl):
                 pl.BlockSpec((SQ, CR), lambda b, h, c: (b, c)), chunk_state, chunk_state,
                 _row_spec(cs_, P)]
     args = (q, k, v, cs, sc, gm, seg, states, dstates, dy)
+    if D is not None:
+        in_specs = in_specs + [pl.BlockSpec((SQ, P), lambda b, h, c: (h, 0))]
+        args = args + (D,)
     grad_out = {"q": (_row_spec(cs_, N), jax.ShapeDtypeStruct(q.shape, q.dtype)),
                 "k": (_row_spec(cs_, N), jax.ShapeDtypeStruct(k.shape, k.dtype)),
                 "v": (_row_spec(cs_, P), jax.ShapeDtypeStruct(v.shape, v.dtype))}
@@ -494,7 +510,7 @@ def backward(cs_: CoreShape, q, k, v, cs, sc, gm, seg, states, dy, dgl):
         outs = [grad_out[x] for x in part] + [scalar] * (1 + ("k" in part or "v" in part)
                                                         + ("k" in part))
         return pl.pallas_call(
-            functools.partial(_grad_kernel, cs_=cs_, part=part),
+            functools.partial(_grad_kernel, cs_=cs_, part=part, skip=D is not None),
             grid=(B, H, nc), in_specs=in_specs,
             out_specs=[o[0] for o in outs], out_shape=[o[1] for o in outs],
             interpret=cs_.interpret,
@@ -544,3 +560,41 @@ def _core_bwd(cs_, res, cts):
 
 
 ssd_core.defvjp(_core_fwd, _core_bwd)
+
+
+def _gate_rows(cs_: CoreShape, y, v, z, D):
+    """(y + D v) silu(z) over the first L = z.shape[1] tokens: y, v (B, Lr, H, P) rows (SISO),
+    z (B, L, H, P), D (H,) -> float32 (B, L, H, P)."""
+    L = z.shape[1]
+    return skip_gate(y[:, :L], v[:, :L], z, D)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def ssd_core_gated(cs_: CoreShape, q, k, v, cs, sc, gm, seg, g0, z, D):
+    """`ssd_core`, then the skip and gate (y + D v) silu(z) (SISO without RMSNorm: v is x),
+    with one VJP for both (`TritonBlocks.core_gate`): XLA forms dy, dz and dD in one pass
+    before the kernels, and the dk/dv kernel adds D dy to dv, so nothing of the gate's backward
+    runs after them (XLA split it around the kernels: two passes over dout and z). Returns the
+    float32 output (B, L, H, P) and the final state."""
+    y, g_last = ssd_core(cs_, q, k, v, cs, sc, gm, seg, g0)
+    return _gate_rows(cs_, y, v, z, D), g_last
+
+
+def _gated_fwd(cs_, q, k, v, cs, sc, gm, seg, g0, z, D):
+    y, states, g_last = forward(cs_, q, k, v, cs, sc, gm, seg, g0)
+    return (_gate_rows(cs_, y, v, z, D), g_last), (q, k, v, cs, sc, gm, seg, states, y, z, D)
+
+
+def _gated_bwd(cs_, res, cts):
+    q, k, v, cs, sc, gm, seg, states, y, z, D = res
+    dout, dgl = cts
+    L = z.shape[1]
+    du, dz, dD = skip_gate_grads(y[:, :L], v[:, :L], z, D, dout)
+    dy = jnp.pad(du.astype(y.dtype), [(0, 0), (0, y.shape[1] - L), (0, 0), (0, 0)])
+    Dp = jnp.broadcast_to(D.astype(f32)[:, None], (cs_.H, cs_.P))
+    dq, dk, dv, dcs, dsc, dgm, dg0 = backward(cs_, q, k, v, cs, sc, gm, seg, states, dy, dgl,
+                                              D=Dp)
+    return dq, dk, dv, dcs, dsc, dgm, None, dg0, dz, dD
+
+
+ssd_core_gated.defvjp(_gated_fwd, _gated_bwd)

@@ -263,9 +263,9 @@ def _from_pre(fn):
     return g
 
 
-def _kernel_bodies(fn, *args, name: str, grids: bool = False) -> list:
-    """The jaxpr text (or with `grids`, the grid) of every Pallas kernel called `name` that
-    fn(*args) runs."""
+def _kernel_bodies(fn, *args, name: str, grids: bool = False, nargs: bool = False) -> list:
+    """The jaxpr text (with `grids` the grid, with `nargs` the number of operands) of every
+    Pallas kernel called `name` that fn(*args) runs."""
     from jax._src import core as jcore
 
     found = []
@@ -274,7 +274,7 @@ def _kernel_bodies(fn, *args, name: str, grids: bool = False) -> list:
         for eqn in jaxpr.eqns:
             if eqn.primitive.name == "pallas_call" and name in str(eqn.params.get("name")):
                 found.append(tuple(eqn.params["grid_mapping"].grid) if grids
-                             else str(eqn.params["jaxpr"]))
+                             else len(eqn.invars) if nargs else str(eqn.params["jaxpr"]))
             for v in eqn.params.values():
                 if isinstance(v, (jcore.ClosedJaxpr, jcore.Jaxpr)):
                     visit(getattr(v, "jaxpr", v))
@@ -384,6 +384,37 @@ def test_pass_unroll(unroll):
                         state, p, ct), 1e-6)
     ref, _ = reference(inp, state, **p)
     assert rel(got, ref) < TOL["float32"]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_core_gate(dtype):
+    """`core_gate`: the core with its skip and gate under one VJP (D dy added to dv in the dk/dv
+    kernel): the training path's output, final state and every gradient (z and D included)
+    equal the core-then-XLA-gate path's, SISO with resets and a padded length; MIMO keeps the
+    XLA gate."""
+    inp, state, p = make_problem(10, B, 40, 1, H, N, P, S, jnp.dtype(dtype), True, groups=1)
+    on = TritonBlocks(core_gate=1)
+    train = functools.partial(kernel, chunk=16)
+    ct = random_like(kernel(inp, state, 16, **p), 11)
+    got_g = vjp_all(functools.partial(train, blocks=on), inp, state, p, ct)
+    want_g = vjp_all(train, inp, state, p, ct)
+    # float32: the same sums; bf16: d x is D dy + the kernel's dv in float32, rounded once
+    # (the XLA path adds two bf16 gradients): 2.6e-3 apart there, every other gradient equal
+    check_grads(got_g, want_g, 1e-6 if dtype == "float32" else 5e-3)
+    ref_g = vjp_all(reference, inp, state, p, cast_like(ct, reference, inp, state, p))
+    check_grads(got_g, ref_g, GRAD_TOL[dtype])
+
+    def dkv_operands(blocks):  # the dk/dv kernel reads D (H, P) under core_gate
+        return _kernel_bodies(lambda i: vjp_all(functools.partial(train, blocks=blocks), i,
+                                                state, p, ct), inp,
+                              name="mamba3_ssd_grad_dkv", nargs=True)
+
+    assert dkv_operands(on) == [n + 1 for n in dkv_operands(TritonBlocks())] != []
+    if dtype == "float32":  # MIMO: the option does not apply
+        inp2, state2, p2 = make_problem(10, B, 40, 2, H, N, P, S, jnp.float32, True, groups=1)
+        ct2 = random_like(kernel(inp2, state2, 8, **p2), 12)
+        check_grads(vjp_all(functools.partial(kernel, chunk=8, blocks=on), inp2, state2, p2, ct2),
+                    vjp_all(functools.partial(kernel, chunk=8), inp2, state2, p2, ct2), 1e-6)
 
 
 def test_bad_options_rejected():
