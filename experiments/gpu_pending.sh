@@ -3,10 +3,10 @@
 # (each under 10 minutes on one H200; a helper issues them back to back to stay in the warm
 # window). From the repo root, with .whl (../shared/wheels) and .official
 # (../shared/bench/official/README.md) carried:
-#     OUT=$OUT MAMBA3_COMMIT=<short HEAD> bash experiments/gpu_pending.sh train|train3|train4|train5|stream|prefill|profile|decode|state
+#     OUT=$OUT MAMBA3_COMMIT=<short HEAD> bash experiments/gpu_pending.sh train|train3|train4|train5|train6|stream|prefill|profile|decode|state
 # Results land in $OUT (at most 8 files come back: keep the logs few).
 set -u
-part=${1:?part: train, train3, train4, train5, stream, prefill, profile, decode or state}
+part=${1:?part: train, train3, train4, train5, train6, stream, prefill, profile, decode or state}
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT" runs
 # the image lacks ml_collections, grain and jax-triton: plain `pip install` put them where the
@@ -73,6 +73,12 @@ train5)  # the 1.5B unrolled step and compile without rematerialisation (23% few
   bench r1 115 --configs 1.5b $nd $kept
   bench r2 115 --configs 1.5b $nd --set train.remat=none
   bench r3 $(left 330) --configs 1.5b $nd --set train.remat=none --trace_compile
+  ;;
+train6)  # session 17's `core_gate` in the 180M training step (SISO without RMSNorm: the model's
+  # default), beside the default in the same call
+  bench g1 150 --configs 180m
+  MAMBA3_TRITON_BLOCKS=core_gate=1 bench g2 150 --configs 180m
+  MAMBA3_TRITON_BLOCKS=core_gate=1 bench g3 $(left 560) --configs 1.5b
   ;;
 stream)  # issue 10: how fast a kernel streams the decode state (XLA, Pallas Triton, Mosaic
   # GPU with TMA), beside the copy ceiling (session 15, docs/benchmarks.md); the Mosaic
