@@ -120,7 +120,7 @@ class TritonBlocks:
     # in flight together and only an FMA and a store per chunk stay in the chain. Their time at
     # small B H is that chain (1.7 us a chunk at B1 L16384 H64, session 17). Applies where the
     # P block is <= 16 rows (`auto_bp` at small B H); offline sm_90a at B1 L16384 H64: 2 takes
-    # the state pass 146 -> 148 registers and dstate 96 -> 190, no spills (4 spills dstate).
+    # the state pass 146 -> 148 registers and dstate 96 -> 190, no spills (u = 4: dstate spills).
     # Opt-in until timed
     pass_unroll: int = 1
 
