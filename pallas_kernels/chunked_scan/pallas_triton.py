@@ -562,7 +562,7 @@ def _core_bwd(cs_, res, cts):
 ssd_core.defvjp(_core_fwd, _core_bwd)
 
 
-def _gate_rows(cs_: CoreShape, y, v, z, D):
+def _gate_rows(y, v, z, D):
     """(y + D v) silu(z) over the first L = z.shape[1] tokens: y, v (B, Lr, H, P) rows (SISO),
     z (B, L, H, P), D (H,) -> float32 (B, L, H, P)."""
     L = z.shape[1]
@@ -577,12 +577,12 @@ def ssd_core_gated(cs_: CoreShape, q, k, v, cs, sc, gm, seg, g0, z, D):
     runs after them (XLA split it around the kernels: two passes over dout and z). Returns the
     float32 output (B, L, H, P) and the final state."""
     y, g_last = ssd_core(cs_, q, k, v, cs, sc, gm, seg, g0)
-    return _gate_rows(cs_, y, v, z, D), g_last
+    return _gate_rows(y, v, z, D), g_last
 
 
 def _gated_fwd(cs_, q, k, v, cs, sc, gm, seg, g0, z, D):
     y, states, g_last = forward(cs_, q, k, v, cs, sc, gm, seg, g0)
-    return (_gate_rows(cs_, y, v, z, D), g_last), (q, k, v, cs, sc, gm, seg, states, y, z, D)
+    return (_gate_rows(y, v, z, D), g_last), (q, k, v, cs, sc, gm, seg, states, y, z, D)
 
 
 def _gated_bwd(cs_, res, cts):

@@ -118,7 +118,8 @@ class DecodeBlocks:
 # its old figures were 35-55% too fast) and the session 15 options: the third column is that
 # call's XLA step, which now loses to the kernel in every row (SISO float32 N=128: 179.7 against
 # 169.8 us, the official step 169.8). `xla_rot` won MIMO bf16 N=64 (87.0 against 94.7 us for
-# the old row's shape, same call); `late_barrier` was within 2.5% everywhere (not taken).
+# the old row's shape, same call); `late_barrier` moved shapes by -4.5% to +13.5% and no case's
+# best with it beat the best without it by more than 2.5% (not taken).
 # key -> (fastest DecodeBlocks, its us, the XLA step's us)
 MEASURED = {
     ("float32", 128, 1): (DecodeBlocks(16, 4), 171.7, 179.7),
