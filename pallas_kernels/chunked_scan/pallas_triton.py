@@ -356,7 +356,8 @@ def _output_kernel(q_ref, k_ref, v_ref, cs_ref, sc_ref, gm_ref, sg_ref, st_ref, 
     ks = _operands(k_ref, slice(None), cs_, krot)
     cs, seg = cs_ref[...], sg_ref[...]
     W, _, _ = _weights(cs, sc_ref[...], gm_ref[...], seg, cs_.R)
-    s = _sum(dot(qa, ka, tb=True, precision=prec) for (_, qa), (_, ka) in zip(qs, ks))
+    s = _sum(dot(qa, ka, tb=True, precision=prec) for (_, qa), (_, ka) in zip(qs, ks,
+                                                                            strict=True))
     v = v_ref[...]
     y = dot((s * W).astype(cdt), v, precision=prec)
     e = jnp.where(seg == 0, jnp.exp(cs), 0.0)
