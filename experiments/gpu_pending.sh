@@ -3,10 +3,10 @@
 # (each under 10 minutes on one H200; a helper issues them back to back to stay in the warm
 # window). From the repo root, with .whl (../shared/wheels) and .official
 # (../shared/bench/official/README.md) carried:
-#     OUT=$OUT MAMBA3_COMMIT=<short HEAD> bash experiments/gpu_pending.sh train|train3|train4|train5|train6|stream|prefill|rotate|profile|decode|state
+#     OUT=$OUT MAMBA3_COMMIT=<short HEAD> bash experiments/gpu_pending.sh train|train3|train4|train5|train6|stream|prefill|rotate|lm|profile|decode|state
 # Results land in $OUT (at most 8 files come back: keep the logs few).
 set -u
-part=${1:?part: train, train3, train4, train5, train6, stream, prefill, rotate, profile, decode or state}
+part=${1:?part: train, train3, train4, train5, train6, stream, prefill, rotate, lm, profile, decode or state}
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT" runs
 # the image lacks ml_collections, grain and jax-triton: plain `pip install` put them where the
@@ -111,6 +111,27 @@ rotate)  # session 18's `rotate_in_core` (the inference forward without per-head
     --shapes a,b --modes fwd --variants "rotate_in_core=2;warps_state=8" --reps 5 --trace 3 \
     > "$OUT/trace.log" 2>&1
   grep -v "^{" "$OUT/trace.log" | tail -70
+  ;;
+lm)  # issue 13's state-size study, its central cells first (Mamba-3 SISO at d_state 64 against
+  # Mamba-2 at 128, each beside the other's size), two seeds, 1,000 steps (65M tokens) a run;
+  # four shards share the GPU (a small_gpu run leaves most of it idle). Resumable: run the part
+  # again while the machine is warm (TERM checkpoints the runs; the compile cache skips the
+  # compiles). The runs' metrics come back as a tar.
+  mkdir -p runs/lm_state_size runs/jax_cache
+  export JAX_COMPILATION_CACHE_DIR=$PWD/runs/jax_cache
+  [ -d shared/data ] || { echo "shared/data missing"; exit 1; }
+  sel="--study state_size --variants ${LM_VARIANTS:-siso_N64,siso_N128,mamba2_N64,mamba2_N128}
+    --seeds 0,1 --set train.steps=1000 --workdir runs/lm_state_size --out runs/lm_state_size_out"
+  budget=$(left 560)
+  for i in 0 1 2 3; do
+    timeout -s TERM $budget python3 experiments/lm_compare.py $sel --shard $i/4 \
+      --time_budget $((budget - 20)) > "$OUT/lm_$i.log" 2>&1 &
+  done
+  wait
+  python3 experiments/lm_compare.py $sel --collect_only 2>&1 | tail -15
+  tail -3 "$OUT"/lm_*.log runs/lm_state_size/*/train.log | cut -c1-200
+  tar -czf "$OUT/lm_state_size.tgz" --exclude='checkpoints' --exclude='*.npz' -C runs \
+    lm_state_size lm_state_size_out 2>/dev/null; ls -la "$OUT"
   ;;
 profile)  # per-kernel device time of the prefill kernels from jax's profiler (`--trace`: ncu
   # segfaulted in sessions 10, 13 and 17), beside the official kernels, SISO and MIMO

@@ -31,6 +31,7 @@ import math
 import os
 import sys
 import time
+from typing import Optional
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -70,9 +71,16 @@ PAPER_PPL = {"full": 15.72, "nobias_euler": 16.68, "nobias": 16.49, "full_conv":
              "bias_frozen1": 15.80}
 
 
-def plan(study: str, config: str, workdir: str, seeds, fixed: dict) -> list[dict]:
+def plan(study: str, config: str, workdir: str, seeds, fixed: dict,
+         variants: Optional[list[str]] = None) -> list[dict]:
+    """The study's runs (every variant, or those named, in the study's order) x seeds."""
+    unknown = sorted(set(variants or ()) - set(STUDIES[study]))
+    if unknown:
+        raise SystemExit(f"unknown {study} variants {unknown}; valid: {sorted(STUDIES[study])}")
     runs = []
     for variant, over in STUDIES[study].items():
+        if variants and variant not in variants:
+            continue
         for seed in seeds:
             name = f"{variant}_seed{seed}"
             overrides = {"data.eval_source.split": "test", "train.seed": str(seed), **fixed,
@@ -147,6 +155,9 @@ def main(argv=None):
     ap.add_argument("--workdir", required=True)
     ap.add_argument("--config", default="configs/small_gpu.py")
     ap.add_argument("--seeds", default="0,1")
+    ap.add_argument("--variants", default=None, metavar="A,B",
+                    help="only these variants of the study (a batch that fits a lent machine; "
+                         "the tables cover the runs of the same selection)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="override for every run, e.g. train.steps=1500")
     ap.add_argument("--dry_run", action="store_true")
@@ -161,7 +172,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
     fixed = dict(sweep.parse_fixed(s) for s in args.set)
     runs = plan(args.study, args.config, args.workdir, [int(s) for s in args.seeds.split(",")],
-                fixed)
+                fixed, args.variants.split(",") if args.variants else None)
     shard, n_shards = sweep.parse_shard(args.shard)
     mine = runs[shard::n_shards]  # this process trains these; the tables cover all runs
     if args.dry_run:
