@@ -3,10 +3,10 @@
 # (each under 10 minutes on one H200; a helper issues them back to back to stay in the warm
 # window). From the repo root, with .whl (../shared/wheels) and .official
 # (../shared/bench/official/README.md) carried:
-#     OUT=$OUT MAMBA3_COMMIT=<short HEAD> bash experiments/gpu_pending.sh train|train3|train4|train5|train6|stream|prefill|rotate|lm|profile|decode|state
+#     OUT=$OUT MAMBA3_COMMIT=<short HEAD> bash experiments/gpu_pending.sh train|train3|train4|train5|train6|stream|prefill|lm|profile|decode|state
 # Results land in $OUT (at most 8 files come back: keep the logs few).
 set -u
-part=${1:?part: train, train3, train4, train5, train6, stream, prefill, rotate, lm, profile, decode or state}
+part=${1:?part: train, train3, train4, train5, train6, stream, prefill, lm, profile, decode or state}
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT" runs
 # the image lacks ml_collections, grain and jax-triton: plain `pip install` put them where the
@@ -99,18 +99,6 @@ prefill)  # the opt-in kernel options built in session 17, beside the official k
   b 420 --shapes a,b --modes fwd+bwd \
     --variants "ours,pre_angles=2,core_gate=1,pre_angles=2;core_gate=1"
   b 570 --shapes a,b --modes fwd --variants "ours,rotary_chunk_infer=32,rotary_chunk_infer=64"
-  ;;
-rotate)  # session 18's `rotate_in_core` (the inference forward without per-head q, k rows)
-  # beside the default and the official kernels, its tests on the GPU, then per-kernel times
-  OUT=$OUT timeout 300 bash experiments/gpu_prefill.sh --shapes a,b,c --modes fwd \
-    --variants "ours,rotate_in_core=1,rotate_in_core=2;warps_state=8,rotate_in_core=2;stages_state=1,rotate_in_core=2;warps_state=8;pass_unroll=2" \
-    --reps 10 | tail -20
-  timeout $(left 420) python3 -m pytest -q -p no:cacheprovider tests/kernels/test_chunked_scan.py \
-    -k "rotate_in_core or test_forward" 2>&1 | tail -3
-  timeout $(left 570) python3 -m pallas_kernels.chunked_scan.bench --official "$OUT/official.json" \
-    --shapes a,b --modes fwd --variants "rotate_in_core=2;warps_state=8" --reps 5 --trace 3 \
-    > "$OUT/trace.log" 2>&1
-  grep -v "^{" "$OUT/trace.log" | tail -70
   ;;
 lm)  # issue 13's state-size study, its central cells first (Mamba-3 SISO at d_state 64 against
   # Mamba-2 at 128, each beside the other's size), two seeds, 1,000 steps (65M tokens) a run;

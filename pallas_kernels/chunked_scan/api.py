@@ -35,7 +35,6 @@ from pallas_kernels.chunked_scan import pallas_mosaic_gpu, pallas_triton
 from pallas_kernels.chunked_scan.pallas_triton import CoreShape, TritonBlocks, default_blocks
 from pallas_kernels.chunked_scan.pallas_triton_rotary import (
     RotShape,
-    angles,
     from_pair_blocks,
     rotate_k,
     rotate_qk,
@@ -464,50 +463,6 @@ def _rotated_in_kernels(o: _Opts, inp, state, z, D):
     return out[:, :L], _final_state(inp, state, theta_last, from_pair_blocks(g_last, S), last)
 
 
-def _triton_rotates(o: _Opts, inp) -> bool:
-    """Whether `_rotating_forward` covers this inference call (`TritonBlocks.rotate_in_core`:
-    SISO, rotated channels, factored angles, the Triton core)."""
-    return bool(o.blocks.rotate_in_core and o.rotary == "kernel" and inp.q.shape[2] == 1
-                and inp.angle_inc.shape[-1] and inp.angle_rate is not None
-                and o.impl == "pallas_triton")
-
-
-def _rotating_forward(o: _Opts, inp, state, z, D):
-    """The SISO inference forward without per-head q rows (and with `rotate_in_core=2`, no k
-    rows either): the rotation's angles from a small kernel (`angles`, on the rotation's own
-    chunks, as `prepare_rows` forms them), the group's q, k rotated inside the Triton state
-    pass and output kernel, D and the gate in the output kernel."""
-    B, L, _, G, N = inp.q.shape
-    H, P = inp.x.shape[2], inp.x.shape[3]
-    S = inp.angle_inc.shape[-1]
-    C, cdt, b = o.C, jnp.dtype(inp.x.dtype), o.blocks
-    Lp = -(-L // C) * C
-    padt = _padder(L, Lp)
-    seg, cs, sc, gm, seg_rows, g0 = _scalars(inp, state, None, C, 1, Lp)
-    Cr, seg_r = _rotation_chunks(inp, seg, padt, Lp, C, b.rotary_chunk)
-    pre = b.pre_angles if inp.angle_pre is not None else 0
-    (rate, dt), carry, theta_last = _carried_angles(inp, state, seg_r, padt, Cr, L, True, pre)
-    dt = jnp.swapaxes(dt, 1, 2)
-    rs = _rot_shape(B, Lp, Cr, 1, G, H, N, S, cdt, interpret=o.interpret,
-                    angle_mode=b.angle_mode, fast_trig=b.fast_trig, rate_tanh=bool(pre),
-                    warps_rotary=b.warps_rotary, rate_heads=rate.shape[2])
-    theta = angles(rs, rate, carry, seg_r, dt)
-    qg, kg = (to_pair_blocks(padt(u)[:, :, 0].astype(cdt), S) for u in (inp.q, inp.k))
-    qb, kb = (_pair_bias(u, H, 1, N, S)[:, 0] for u in (inp.q_bias, inp.k_bias))
-    k_rows = None
-    if b.rotate_in_core == 1:  # the state pass on k rows from the rotation kernel
-        k_rows = rotate_k(rs, kg[:, :, None], kb[:, None], rate, carry, seg_r,
-                          dt).reshape(B, Lp, H, N)
-    shape = CoreShape(B=B, H=H, nc=Lp // C, C=C, R=1, N=N, P=P, cdt=cdt.name,
-                      interpret=o.interpret, blocks=b, gate=True, S=S, G=G)
-    out, _, g_last = pallas_triton.forward(
-        shape, qg, kg, padt(inp.x.astype(cdt)), cs, sc, gm, seg_rows, to_pair_blocks(g0, S),
-        z=padt(z.astype(cdt)), D=jnp.broadcast_to(D.astype(f32)[:, None], (H, P)),
-        rot=(qb, kb, theta), k_rows=k_rows)
-    last = _per_head_rows(inp.k[:, L - 1:], inp.k_bias, theta_last[:, None], H, cdt)
-    return out[:, :L], _final_state(inp, state, theta_last, from_pair_blocks(g_last, S), last)
-
-
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _inference(o: _Opts, inp, state, z, D, mimo_x, mimo_z, mimo_o, norm_weight):
     """The forward when not differentiated (custom_vjp: the primal only runs outside
@@ -519,8 +474,6 @@ def _inference(o: _Opts, inp, state, z, D, mimo_x, mimo_z, mimo_o, norm_weight):
                           mimo_z, mimo_o, norm_weight)
     if _mosaic_rotates(o, inp):
         return _rotated_in_kernels(o, inp, state, z, D)
-    if _triton_rotates(o, inp):
-        return _rotating_forward(o, inp, state, z, D)
     return _rows_path(o, inp, state, z, D, gate_in_kernel=True)
 
 

@@ -34,9 +34,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from mamba3_jax.ops.mixer import skip_gate, skip_gate_grads
-from pallas_kernels._compat import SQ, compiler_params, dot, dot_precision, sincos
+from pallas_kernels._compat import SQ, compiler_params, dot, dot_precision
 from pallas_kernels.chunked_scan import pallas_mosaic_gpu
-from pallas_kernels.chunked_scan.pallas_triton_rotary import rotated_blocks
 
 f32 = jnp.float32
 
@@ -124,14 +123,6 @@ class TritonBlocks:
     # the state pass 146 -> 148 registers and dstate 96 -> 190, no spills (u = 4: dstate spills).
     # Opt-in until timed
     pass_unroll: int = 1
-    # The inference forward (SISO with factored angles, outside autodiff) without per-head q, k
-    # rows: a small kernel writes the cumulative angles (B, H, L, S) float32 (`rotary.angles`,
-    # the bits the rotation kernel rotates by) and the SSD kernels bias, round and rotate the
-    # group's q, k in registers (`rotary.rotated_blocks`) before their dots. 1: the output
-    # kernel rotates, the state pass reads k rows from `rotate_k`; 2: both rotate (no rows:
-    # 4 S bytes a token and head written and read twice instead of 2 x 2N bytes of rows written
-    # and 3 x 2N read). Opt-in until timed
-    rotate_in_core: int = 0
 
 
 def parse_blocks(spec: str) -> TritonBlocks:
@@ -180,10 +171,6 @@ class CoreShape:
     interpret: bool
     blocks: TritonBlocks
     gate: bool = False  # forward only: the output kernel applies D and silu(z) (SISO)
-    # forward only: S > 0 means q, k are the B/C groups' rows (B, Lr, G, N) in pair-block
-    # order, rotated in the kernels (`TritonBlocks.rotate_in_core`); G groups
-    S: int = 0
-    G: int = 1
 
     @property
     def CR(self) -> int:
@@ -202,15 +189,6 @@ class CoreShape:
     @property
     def prec(self):
         return dot_precision(self.cdt, self.interpret, self.blocks.f32_mode)
-
-    @property
-    def col_blocks(self):
-        """(offset, width) of the state's column blocks: all N, or with in-kernel rotation the
-        pair members' [0, S), [S, 2S) and the plain rest (the rotated tiles' blocks)."""
-        S, N = self.S, self.N
-        if not S:
-            return [(0, N)]
-        return [(0, S), (S, S)] + ([(2 * S, N - 2 * S)] if N > 2 * S else [])
 
     def params(self, warps: int, stages: int):
         return None if self.interpret else compiler_params(warps, stages)
@@ -256,28 +234,6 @@ def _weights(cs, sc, gm, seg, R: int):
     return _mix(expo, diag, sc, gm), expo, diag
 
 
-def _cols(cs_: CoreShape, off: int, w: int):
-    """Index of columns [off, off + w) of a width-N tile (all of it: a plain slice)."""
-    return slice(None) if (off, w) == (0, cs_.N) else pl.ds(off, w)
-
-
-def _operands(ref, rows, cs_: CoreShape, rot=None):
-    """[(column offset, tile in the compute dtype)] of q or k rows `rows`: the stored per-head
-    rows as one block or, with rot = (bias ref, cos, sin), the group's rows biased, rounded
-    and rotated in registers, as the rotation kernel stores them (`rotated_blocks`)."""
-    if rot is None:
-        return [(0, ref[rows, :])]
-    return rotated_blocks(ref, *rot, cs_.S, cs_.N, jnp.dtype(cs_.cdt), rows)
-
-
-def _sum(tiles):
-    tiles = list(tiles)
-    out = tiles[0]
-    for t in tiles[1:]:
-        out = out + t
-    return out
-
-
 def _silu_gated(y, z):
     """y * silu(z), float32 (z in any dtype)."""
     zf = z.astype(f32)
@@ -293,19 +249,16 @@ def _unrolled_chain(n: int, unroll: int, emit, local, carry):
     > 1, `unroll` steps' local parts (their loads and dot) are formed before those steps, so
     they are in flight together and only the stores and an FMA per step stay in the chain
     (`TritonBlocks.pass_unroll`)."""
-    def step(dec, carry, share):  # carry and share: tuples of column blocks
-        return tuple(dec * c + s for c, s in zip(carry, share, strict=True))
-
     def one(i, carry):
         emit(i, carry)
         dec, share = local(i)
-        return step(dec, carry, share)
+        return dec * carry + share
 
     def group(g, carry):
         parts = [local(g * unroll + j) for j in range(unroll)]
         for j, (dec, share) in enumerate(parts):
             emit(g * unroll + j, carry)
-            carry = step(dec, carry, share)
+            carry = dec * carry + share
         return carry
 
     if unroll <= 1:
@@ -315,54 +268,35 @@ def _unrolled_chain(n: int, unroll: int, emit, local, carry):
     return jax.lax.fori_loop(full * unroll, n, one, carry) if n % unroll else carry
 
 
-def _state_kernel(k_ref, v_ref, cs_ref, sc_ref, sg_ref, g0_ref, *refs, cs_: CoreShape):
-    """refs: (states, end state), or with `cs_.S` (k is the group's rows) (k bias, angles,
-    states, end state): then the state is carried as `col_blocks` tiles."""
+def _state_kernel(k_ref, v_ref, cs_ref, sc_ref, sg_ref, g0_ref, st_ref, gl_ref, *, cs_: CoreShape):
     CR, cdt, prec = cs_.CR, jnp.dtype(cs_.cdt), cs_.prec
-    kb_ref, th_ref, st_ref, gl_ref = refs if cs_.S else (None, None) + refs
-    cols = cs_.col_blocks
 
     def emit(c, g):  # the state entering chunk c
-        for (off, w), gi in zip(cols, g, strict=True):
-            st_ref[c, :, _cols(cs_, off, w)] = gi.astype(st_ref.dtype)
+        st_ref[c] = g.astype(st_ref.dtype)
 
     def local(c):  # chunk c's decay and its own share of the state leaving it
         rows = pl.ds(pl.multiple_of(c * CR, CR), CR)
         cs, sc, seg = cs_ref[rows], sc_ref[rows], sg_ref[rows]
         _, to_end, dec = _chunk_decays(cs, seg)
-        rot = (kb_ref, *sincos(th_ref[rows, :], cs_.blocks.fast_trig, cs_.interpret)) \
-            if cs_.S else None
-        v, w = v_ref[rows, :], (to_end * sc)[:, None]
-        return dec, tuple(dot(v, (kt.astype(f32) * w).astype(cdt), ta=True, precision=prec)
-                          for _, kt in _operands(k_ref, rows, cs_, rot))
+        kw = (k_ref[rows, :].astype(f32) * (to_end * sc)[:, None]).astype(cdt)
+        return dec, dot(v_ref[rows, :], kw, ta=True, precision=prec)
 
-    g0 = tuple(g0_ref[:, _cols(cs_, off, w)].astype(f32) for off, w in cols)
-    gl = _unrolled_chain(cs_.nc, cs_.pass_unroll, emit, local, g0)
-    for (off, w), gi in zip(cols, gl, strict=True):
-        gl_ref[:, _cols(cs_, off, w)] = gi
+    gl_ref[...] = _unrolled_chain(cs_.nc, cs_.pass_unroll, emit, local,
+                                  g0_ref[...].astype(f32))
 
 
 def _output_kernel(q_ref, k_ref, v_ref, cs_ref, sc_ref, gm_ref, sg_ref, st_ref, *refs,
                    cs_: CoreShape):
-    """refs: (y,) or, with `cs_.gate`, (z, D, out): out = (y + D v) silu(z) (SISO: v is x);
-    with `cs_.S` (q, k are the group's rows) the q and k biases and the angles first."""
+    """refs: (y,) or, with `cs_.gate`, (z, D, out): out = (y + D v) silu(z) (SISO: v is x)."""
     cdt, prec = jnp.dtype(cs_.cdt), cs_.prec
-    qrot = krot = None
-    if cs_.S:
-        qb_ref, kb_ref, th_ref, *refs = refs
-        cos, sin = sincos(th_ref[...], cs_.blocks.fast_trig, cs_.interpret)
-        qrot, krot = (qb_ref, cos, sin), (kb_ref, cos, sin)
-    qs = _operands(q_ref, slice(None), cs_, qrot)
-    ks = _operands(k_ref, slice(None), cs_, krot)
+    q = q_ref[...]
     cs, seg = cs_ref[...], sg_ref[...]
     W, _, _ = _weights(cs, sc_ref[...], gm_ref[...], seg, cs_.R)
-    s = _sum(dot(qa, ka, tb=True, precision=prec) for (_, qa), (_, ka) in zip(qs, ks,
-                                                                            strict=True))
+    s = dot(q, k_ref[...], tb=True, precision=prec)
     v = v_ref[...]
     y = dot((s * W).astype(cdt), v, precision=prec)
     e = jnp.where(seg == 0, jnp.exp(cs), 0.0)
-    y = y + e[:, None] * _sum(dot(qa, st_ref[:, _cols(cs_, off, qa.shape[1])], tb=True,
-                                  precision=prec) for off, qa in qs)
+    y = y + e[:, None] * dot(q, st_ref[...], tb=True, precision=prec)
     if cs_.gate:
         z_ref, d_ref, y_ref = refs
         # y rounded to the input dtype first, as the unfused path stores it
@@ -391,48 +325,38 @@ def _pass_out_shapes(cs_: CoreShape):
             jax.ShapeDtypeStruct((B, H, P, N), f32)]
 
 
-def state_pass(cs_: CoreShape, k, v, cs, sc, seg, g0, rot=()):
+def state_pass(cs_: CoreShape, k, v, cs, sc, seg, g0):
     """The sequential pass: the state entering every chunk (B, H, nc, P, N) in the input dtype
-    and the final state (B, H, P, N) float32. With `cs_.S`, k is the groups' rows (B, Lr, G, N)
-    and rot = (k bias (H, N) float32, angles (B, H, Lr, S) float32): k rotated in the kernel."""
+    and the final state (B, H, P, N) float32."""
     B, H, nc, CR, N, P, bp = cs_.B, cs_.H, cs_.nc, cs_.CR, cs_.N, cs_.P, cs_.bp
     Lr = nc * CR
-    hg = H // cs_.G if cs_.S else 1
-    kseq = pl.BlockSpec((SQ, Lr, SQ, N), lambda b, h, p: (b, 0, h // hg, 0))
+    kseq = pl.BlockSpec((SQ, Lr, SQ, N), lambda b, h, p: (b, 0, h, 0))
     vseq = pl.BlockSpec((SQ, Lr, SQ, bp), lambda b, h, p: (b, 0, h, p))
     sseq = pl.BlockSpec((SQ, SQ, Lr), lambda b, h, p: (b, h, 0))
     gseq = pl.BlockSpec((SQ, Lr), lambda b, h, p: (b, 0))
-    rot_specs = [pl.BlockSpec((SQ, N), lambda b, h, p: (h, 0)),
-                 pl.BlockSpec((SQ, SQ, Lr, cs_.S), lambda b, h, p: (b, h, 0, 0))] if cs_.S else []
     states, g_last = pl.pallas_call(
         functools.partial(_state_kernel, cs_=cs_),
         grid=(B, H, P // bp),
         in_specs=[kseq, vseq, sseq, sseq, gseq,
-                  pl.BlockSpec((SQ, SQ, bp, N), lambda b, h, p: (b, h, p, 0))] + rot_specs,
+                  pl.BlockSpec((SQ, SQ, bp, N), lambda b, h, p: (b, h, p, 0))],
         out_specs=_pass_out_specs(cs_),
         out_shape=_pass_out_shapes(cs_),
         interpret=cs_.interpret,
         compiler_params=cs_.params(cs_.blocks.warps_state, cs_.blocks.stages_state),
         name="mamba3_ssd_state",
-    )(k, v, cs, sc, seg, g0, *(rot if cs_.S else ()))
+    )(k, v, cs, sc, seg, g0)
     return states, g_last
 
 
-def forward(cs_: CoreShape, q, k, v, cs, sc, gm, seg, g0, z=None, D=None, rot=(),
-            k_rows=None):
+def forward(cs_: CoreShape, q, k, v, cs, sc, gm, seg, g0, z=None, D=None):
     """y (or with `cs_.gate`, the gated output from z (B, Lr, H, P) and D (H, P) float32), the
-    per-chunk states and the final state. With `cs_.S`: q, k are the groups' rows in
-    pair-block order and rot = (q bias, k bias (H, N) float32, angles (B, H, Lr, S)), both
-    kernels rotate them, or the state pass reads the per-head `k_rows` when given."""
+    per-chunk states and the final state."""
     B, H, nc, CR, N, P = cs_.B, cs_.H, cs_.nc, cs_.CR, cs_.N, cs_.P
     Lr = nc * CR
     cdt = jnp.dtype(cs_.cdt)
-    if k_rows is not None:
-        states, g_last = state_pass(dataclasses.replace(cs_, S=0), k_rows, v, cs, sc, seg, g0)
-    else:
-        states, g_last = state_pass(cs_, k, v, cs, sc, seg, g0, rot[1:])
-    if not cs_.S and cs_.blocks.mosaic_output and pallas_mosaic_gpu.covers(
-            cs_.C, cs_.R, cs_.N, cs_.P, cs_.cdt):
+    states, g_last = state_pass(cs_, k, v, cs, sc, seg, g0)
+    if cs_.blocks.mosaic_output and pallas_mosaic_gpu.covers(cs_.C, cs_.R, cs_.N, cs_.P,
+                                                             cs_.cdt):
         y = pallas_mosaic_gpu.output(q, k, v, cs, sc, gm, seg, states,
                                      *((z, D) if cs_.gate else ()), interpret=cs_.interpret)
         return y, states, g_last
@@ -441,25 +365,19 @@ def forward(cs_: CoreShape, q, k, v, cs, sc, gm, seg, g0, z=None, D=None, rot=()
     if cs_.gate:
         gate_specs = [_row_spec(cs_, P), pl.BlockSpec((SQ, P), lambda b, h, c: (h, 0))]
         gate_args = (z, D)
-    qk_spec, rot_specs = _row_spec(cs_, N), []
-    if cs_.S:  # the groups' rows, the heads' biases and angles
-        hg = H // cs_.G
-        qk_spec = pl.BlockSpec((SQ, CR, SQ, N), lambda b, h, c: (b, c, h // hg, 0))
-        bias = pl.BlockSpec((SQ, N), lambda b, h, c: (h, 0))
-        rot_specs = [bias, bias, pl.BlockSpec((SQ, SQ, CR, cs_.S), lambda b, h, c: (b, h, c, 0))]
     y = pl.pallas_call(
         functools.partial(_output_kernel, cs_=cs_),
         grid=(B, H, nc),
-        in_specs=[qk_spec, qk_spec, _row_spec(cs_, P), rows, rows, rows,
+        in_specs=[_row_spec(cs_, N), _row_spec(cs_, N), _row_spec(cs_, P), rows, rows, rows,
                   pl.BlockSpec((SQ, CR), lambda b, h, c: (b, c)),
                   pl.BlockSpec((SQ, SQ, SQ, P, N), lambda b, h, c: (b, h, c, 0, 0))]
-        + rot_specs + gate_specs,
+        + gate_specs,
         out_specs=_row_spec(cs_, P),
         out_shape=jax.ShapeDtypeStruct((B, Lr, H, P), cdt),  # bf16 y: half the bytes
         interpret=cs_.interpret,
         compiler_params=cs_.params(cs_.blocks.warps_output, cs_.blocks.stages_output),
         name="mamba3_ssd_output",
-    )(q, k, v, cs, sc, gm, seg, states, *(rot if cs_.S else ()), *gate_args)
+    )(q, k, v, cs, sc, gm, seg, states, *gate_args)
     return y, states, g_last
 
 
@@ -471,7 +389,7 @@ def _dstate_kernel(q_ref, dy_ref, cs_ref, sg_ref, st_ref, dgl_ref, dst_ref, dg0_
     CR, nc, cdt, prec = cs_.CR, cs_.nc, jnp.dtype(cs_.cdt), cs_.prec
 
     def emit(i, dG):  # chunk c = nc - 1 - i: the gradient of the state leaving it
-        (dG,), c = dG, nc - 1 - i
+        c = nc - 1 - i
         dst_ref[c] = dG.astype(dst_ref.dtype)
         # d(chunk decay) = <dG leaving, state entering> (this P block's share)
         ddec_ref[c] = jnp.sum(dG * st_ref[c].astype(f32))
@@ -482,10 +400,10 @@ def _dstate_kernel(q_ref, dy_ref, cs_ref, sg_ref, st_ref, dgl_ref, dst_ref, dg0_
         cs, seg = cs_ref[rows], sg_ref[rows]
         e, _, dec = _chunk_decays(cs, seg)
         dye = (dy_ref[rows, :].astype(f32) * e[:, None]).astype(cdt)
-        return dec, (dot(dye, q_ref[rows, :], ta=True, precision=prec),)
+        return dec, dot(dye, q_ref[rows, :], ta=True, precision=prec)
 
-    (dg0_ref[...],) = _unrolled_chain(nc, cs_.pass_unroll, emit, local,
-                                      (dgl_ref[...].astype(f32),))
+    dg0_ref[...] = _unrolled_chain(nc, cs_.pass_unroll, emit, local,
+                                   dgl_ref[...].astype(f32))
 
 
 def _grad_kernel(q_ref, k_ref, v_ref, cs_ref, sc_ref, gm_ref, sg_ref, st_ref, dst_ref, dy_ref,

@@ -111,25 +111,9 @@ def _theta(inc, a_in, seg, prec):
     return th + jnp.where(seg == 0, 1.0, 0.0)[:, None] * a_in[None, :], tri
 
 
-def _biased(ref, bias, off, w, cdt, rows=slice(None)):
-    """Columns [off, off + w) of rows `rows` of a (C, N) ref plus the bias, rounded like
-    `per_head` does."""
-    return (ref[rows, pl.ds(off, w)].astype(f32) + bias[None, :]).astype(cdt).astype(f32)
-
-
-def rotated_blocks(src, b_ref, cos, sin, S: int, N: int, cdt, rows=slice(None)):
-    """Rows `rows` of a group's q or k (pair-block order) plus a head's bias (b_ref (N,)),
-    rounded and rotated by (cos, sin) (C, S): [(column offset, tile)] of the head's rows in
-    `cdt`, the pair members' blocks [0, S) and [S, 2S), then the N - 2S plain channels. The
-    rotation kernels store these; the SSD kernels' in-kernel rotation uses them as operands
-    (`TritonBlocks.rotate_in_core`), so both form the same bits."""
-    a = _biased(src, b_ref[pl.ds(0, S)], 0, S, cdt, rows)  # pair member 1 of each rotated pair
-    b = _biased(src, b_ref[pl.ds(S, S)], S, S, cdt, rows)  # pair member 2
-    out = [(0, (a * cos - b * sin).astype(cdt)), (S, (a * sin + b * cos).astype(cdt))]
-    if N > 2 * S:
-        out.append((2 * S, _biased(src, b_ref[pl.ds(2 * S, N - 2 * S)], 2 * S, N - 2 * S, cdt,
-                                   rows).astype(cdt)))
-    return out
+def _biased(ref, bias, off, w, cdt):
+    """Columns [off, off + w) of a (C, N) ref plus the bias, rounded like `per_head` does."""
+    return (ref[:, pl.ds(off, w)].astype(f32) + bias[None, :]).astype(cdt).astype(f32)
 
 
 def _rate(inc_ref, rate_tanh: bool):
@@ -171,17 +155,13 @@ def _rotate_rows(parts, inc_ref, a_ref, sg_ref, dt_ref, rs: RotShape):
                    rs.angle_prec)
     cos, sin = sincos(th, rs.fast_trig, rs.interpret)
     for src, b_ref, out in parts:
-        for off, tile in rotated_blocks(src, b_ref, cos, sin, S, N, cdt):
-            out[:, pl.ds(off, tile.shape[1])] = tile.astype(out.dtype)
-
-
-def _angles_kernel(*refs, rs: RotShape):
-    """One head and chunk: the cumulative angles (C, S), float32."""
-    inc_ref, a_ref, sg_ref = refs[:3]
-    dt_ref = refs[3] if rs.rate_heads else None
-    th, _ = _theta(_increments(_rate(inc_ref, rs.rate_tanh), dt_ref), a_ref[...], sg_ref[...],
-                   rs.angle_prec)
-    refs[-1][...] = th
+        a = _biased(src, b_ref[pl.ds(0, S)], 0, S, cdt)  # pair member 1 of each rotated pair
+        b = _biased(src, b_ref[pl.ds(S, S)], S, S, cdt)  # pair member 2
+        out[:, pl.ds(0, S)] = (a * cos - b * sin).astype(out.dtype)
+        out[:, pl.ds(S, S)] = (a * sin + b * cos).astype(out.dtype)
+        if N > 2 * S:
+            out[:, pl.ds(2 * S, N - 2 * S)] = _biased(
+                src, b_ref[pl.ds(2 * S, N - 2 * S)], 2 * S, N - 2 * S, cdt).astype(out.dtype)
 
 
 def _unrotate(da, db, cos, sin):
@@ -289,20 +269,6 @@ def rotate_k(rs: RotShape, k, kb, inc, a, seg, dt=None):
         out_shape=jax.ShapeDtypeStruct((B, nc * C, R, H, N), jnp.dtype(rs.cdt)),
         interpret=rs.interpret, compiler_params=rs.params, name="mamba3_rotate_k",
     )(k, kb, inc, a, seg, *([dt] if rs.rate_heads else []))
-
-
-def angles(rs: RotShape, inc, a, seg, dt=None):
-    """Forward only: the cumulative angles theta (B, H, Lp, S) float32 that `rotate_qk` rotates
-    by (the same bits), for SSD kernels that rotate the group's q, k themselves
-    (`TritonBlocks.rotate_in_core`): 4 S bytes a token and head where the rows are 2 N."""
-    B, nc, C, H, S = rs.B, rs.nc, rs.C, rs.H, rs.S
-    return pl.pallas_call(
-        functools.partial(_angles_kernel, rs=rs), grid=(B, nc, rs.R, H),
-        in_specs=_specs(rs)[4:],
-        out_specs=pl.BlockSpec((SQ, SQ, C, S), lambda b, c, r, h: (b, h, c, 0)),
-        out_shape=jax.ShapeDtypeStruct((B, H, nc * C, S), f32),
-        interpret=rs.interpret, compiler_params=rs.params, name="mamba3_angles",
-    )(inc, a, seg, *([dt] if rs.rate_heads else []))
 
 
 def _backward(rs: RotShape, q, k, qb, kb, inc, a, seg, dt, dqr, dkr):

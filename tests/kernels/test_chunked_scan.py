@@ -385,48 +385,6 @@ def test_pass_unroll():
     assert rel(got, ref) < TOL["float32"]
 
 
-@pytest.mark.parametrize("mode,dtype,rate_heads,groups,bp,unroll", [
-    (2, "float32", 1, 1, 0, 1),
-    (2, "bfloat16", H, None, 16, 2),
-    (1, "float32", H, 1, 0, 1),
-    (1, "bfloat16", 1, None, 0, 1),
-])
-def test_rotate_in_core(mode, dtype, rate_heads, groups, bp, unroll):
-    """`rotate_in_core`: the inference forward whose SSD kernels rotate the group's q (and with
-    2, k) themselves from the angles kernel's output: the output and final state of the
-    per-head-rows forward (the same rotated operands; only the dots' split over column blocks
-    differs) and of the reference, with resets (one on a rotation-chunk edge), a padded
-    length, groups, per-head and shared rates, P blocks and the unrolled pass; no rotation
-    kernel writes q rows (mode 2: no rows at all); under autodiff the training path runs."""
-    inp, state, p = make_problem(12, B, 72, 1, H, N, 32, S, jnp.dtype(dtype), True,
-                                 groups=groups)
-    inp = _with_factors(inp, rate_heads, 13)
-    inp = inp._replace(reset=inp.reset.at[:, 16].set(True))
-    small = 8 if INTERPRET else 16
-    base = TritonBlocks(rotary_chunk=small, bp=bp, pass_unroll=unroll)
-    rot = dataclasses.replace(base, rotate_in_core=mode)
-    fn = _dense(functools.partial(kernel, chunk=32, blocks=rot))
-    got, got_state = fn(inp, state, **p)
-    want, want_state = _dense(functools.partial(kernel, chunk=32, blocks=base))(inp, state, **p)
-    # float32: the same operands, dots summed over column blocks in another order; bf16: the
-    # output is rounded to bf16 after those sums, so a value near a rounding edge may round
-    # the other way (one bf16 ulp, 2^-8 relative)
-    tol = 1e-6 if dtype == "float32" else 4e-3
-    assert rel(got, want) < tol, rel(got, want)
-    check_state(got_state, want_state, tol)
-    ref, ref_state = _dense(reference)(inp, state, **p)
-    assert rel(got, ref) < TOL[dtype], rel(got, ref)
-    check_state(got_state, ref_state, TOL[dtype])
-    rows = {n: _kernel_bodies(lambda i: fn(i, state, **p), inp, name=n)
-            for n in ("mamba3_rotate_qk", "mamba3_rotate_k", "mamba3_angles")}
-    assert not rows["mamba3_rotate_qk"] and len(rows["mamba3_angles"]) == 1
-    assert len(rows["mamba3_rotate_k"]) == (mode == 1)
-    ct = random_like((got, got_state), 14)
-    check_grads(vjp_all(fn, inp, state, p, ct),
-                vjp_all(_dense(functools.partial(kernel, chunk=32, blocks=base)), inp, state, p,
-                        ct), 1e-6 if dtype == "float32" else 1e-2)
-
-
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_core_gate(dtype):
     """`core_gate`: the core with its skip and gate under one VJP (D dy added to dv in the dk/dv
