@@ -86,44 +86,16 @@ def chunk_angles(inc, seg, angle0, C: int):
 _HI = jax.lax.Precision.HIGHEST
 
 
-def _token_sum(inc, w, pre_vjp: bool = False):
+def _token_sum(inc, w):
     """sum_t w[b, n, t] inc[b, n, t, h, s] -> (B, n, H, S). inc is the increments (B, n, T, H, S)
     or their factors (rate (B, n, T, Ha, S), dt (B, n, T, H)): then a dot over t, and the
-    per-head increments are never formed. pre_vjp: inc's rate is the raw angle before pi tanh
-    (`_pre_token_sum`)."""
+    per-head increments are never formed."""
     if not isinstance(inc, tuple):
         return jnp.sum(jnp.where(w[..., None, None] > 0, inc, 0.0), axis=2)
     rate, dt = inc
     (B, n, T, Ha, S), H = rate.shape, dt.shape[-1]
     wdt = (dt * w[..., None]).reshape(B, n, T, Ha, H // Ha)
-    if pre_vjp:
-        return _pre_token_sum(rate, wdt).reshape(B, n, H, S)
     return jnp.einsum("bntaj,bntas->bnajs", wdt, rate, precision=_HI).reshape(B, n, H, S)
-
-
-@jax.custom_vjp
-def _pre_token_sum(pre, wdt):
-    """sum_t wdt[b, n, t, a, j] pi tanh(pre[b, n, t, a, s]) -> (B, n, Ha, J, S). Its backward
-    forms pi tanh again from `pre` (in its own dtype, bf16 in the model) instead of keeping the
-    float32 rate of the forward: under plain autodiff XLA stores that rate (B, L, H, S) and
-    reads it back twice (`TritonBlocks.pre_angles=2`)."""
-    return jnp.einsum("bntaj,bntas->bnajs", wdt, math.pi * jnp.tanh(pre.astype(f32)),
-                      precision=_HI)
-
-
-def _pre_token_sum_fwd(pre, wdt):
-    return _pre_token_sum(pre, wdt), (pre, wdt)
-
-
-def _pre_token_sum_bwd(res, d):
-    pre, wdt = res
-    t = jnp.tanh(pre.astype(f32))
-    d_rate = jnp.einsum("bntaj,bnajs->bntas", wdt, d, precision=_HI)
-    d_wdt = jnp.einsum("bntas,bnajs->bntaj", math.pi * t, d, precision=_HI)
-    return (d_rate * (math.pi * (1.0 - t * t))).astype(pre.dtype), d_wdt
-
-
-_pre_token_sum.defvjp(_pre_token_sum_fwd, _pre_token_sum_bwd)
 
 
 def _time_view(inc, fn):
@@ -131,25 +103,23 @@ def _time_view(inc, fn):
     return tuple(fn(a) for a in inc) if isinstance(inc, tuple) else fn(inc)
 
 
-def chunk_carry(inc, seg, angle0, C: int, pre_vjp: bool = False):
+def chunk_carry(inc, seg, angle0, C: int):
     """Angle entering every chunk (B, nc, H, S): a scan over the chunk totals (the increments of
     each chunk's last segment). inc (B, Lp, H, S) f32 or its factors (rate (B, Lp, Ha, S), dt
-    (B, Lp, H)), seg (B, Lp) chunk-local segment ids. pre_vjp: `_token_sum`'s."""
+    (B, Lp, H)), seg (B, Lp) chunk-local segment ids."""
     B, Lp = seg.shape
     sg = seg.reshape(B, Lp // C, C)
     last = (sg == sg[:, :, -1:]).astype(f32)
-    totals = _token_sum(_time_view(inc, lambda a: a.reshape(B, Lp // C, C, *a.shape[2:])), last,
-                        pre_vjp)
+    totals = _token_sum(_time_view(inc, lambda a: a.reshape(B, Lp // C, C, *a.shape[2:])), last)
     return _mod_scan((sg[:, :, -1] == 0).astype(f32), totals, angle0.astype(f32))
 
 
-def theta_at(inc, seg, carry, t: int, C: int, pre_vjp: bool = False):
+def theta_at(inc, seg, carry, t: int, C: int):
     """Cumulative angle (B, H, S) at token t (an XLA sum over t's chunk up to t)."""
     c0 = (t // C) * C
     sg = seg[:, c0:t + 1]
     mine = (sg == sg[:, -1:]).astype(f32)
-    local = _token_sum(_time_view(inc, lambda a: a[:, None, c0:t + 1]), mine[:, None],
-                       pre_vjp)[:, 0]
+    local = _token_sum(_time_view(inc, lambda a: a[:, None, c0:t + 1]), mine[:, None])[:, 0]
     return local + jnp.where((sg[:, -1] == 0)[:, None, None], carry[:, t // C], 0.0)
 
 
@@ -158,20 +128,17 @@ def _carried_angles(inp: SSMInputs, state: SSMState, seg, padt, C: int, L: int,
     """The padded increments (B, Lp, H, S) f32 as the rotation kernels take them (factored: the
     padded rate (B, Lp, Ha, S) and dt (B, Lp, H); with `pre`, `inp.angle_pre` in its dtype in
     place of the rate), the angle entering every chunk (`chunk_carry`) and the cumulative angle
-    at the last token (B, H, S). pre = 2: the reductions' backward forms pi tanh again from the
-    raw angles (`_pre_token_sum`)."""
-    recompute = bool(factored and pre == 2)
+    at the last token (B, H, S)."""
     if factored:
         dt = padt(inp.angle_dt.astype(f32))
         # with pre, XLA forms the rate only inside the reductions below (fused, not stored)
-        rate = (padt(inp.angle_pre) if recompute
-                else math.pi * jnp.tanh(padt(inp.angle_pre).astype(f32)) if pre
+        rate = (math.pi * jnp.tanh(padt(inp.angle_pre).astype(f32)) if pre
                 else padt(inp.angle_rate.astype(f32)))
         inc = (rate, dt)
     else:
         inc = padt(inp.angle_inc.astype(f32))
-    carry = chunk_carry(inc, seg, state.angle, C, recompute)
-    theta_last = theta_at(inc, seg, carry, L - 1, C, recompute)
+    carry = chunk_carry(inc, seg, state.angle, C)
+    theta_last = theta_at(inc, seg, carry, L - 1, C)
     return ((padt(inp.angle_pre), inc[1]) if pre else inc), carry, theta_last
 
 
@@ -339,15 +306,12 @@ class _Opts:
     norm_eps: float
 
 
-def _prepare(o: _Opts, inp, state, mimo_x, cdt, inference: bool = False):
-    """`prepare_rows` with this call's options (inference: the forward outside autodiff, whose
-    rotation may take its own chunk, `TritonBlocks.rotary_chunk_infer`)."""
+def _prepare(o: _Opts, inp, state, mimo_x, cdt):
+    """`prepare_rows` with this call's options."""
     b = o.blocks
     return prepare_rows(
         inp, state, mimo_x, o.C, cdt, interpret=o.interpret, rotary=o.rotary,
-        warps_rotary=b.warps_rotary, angle_mode=b.angle_mode,
-        rotary_chunk=(b.rotary_chunk_infer if inference and b.rotary_chunk_infer
-                      else b.rotary_chunk),
+        warps_rotary=b.warps_rotary, angle_mode=b.angle_mode, rotary_chunk=b.rotary_chunk,
         factored_angles=b.factored_angles, fast_trig=b.fast_trig, pre_angles=b.pre_angles)
 
 
@@ -360,8 +324,7 @@ def _rows_path(o: _Opts, inp, state, z, D, mimo_x=None, mimo_z=None, mimo_o=None
     H, P = inp.x.shape[2], inp.x.shape[3]
     S = inp.angle_inc.shape[-1]
     cdt = jnp.dtype(inp.x.dtype)
-    ops, theta_last, k_rows, Lp, permuted = _prepare(o, inp, state, mimo_x, cdt,
-                                                     inference=gate_in_kernel)
+    ops, theta_last, k_rows, Lp, permuted = _prepare(o, inp, state, mimo_x, cdt)
     shape = CoreShape(B=B, H=H, nc=Lp // o.C, C=o.C, R=R, N=N, P=P, cdt=cdt.name,
                       interpret=o.interpret, blocks=o.blocks)
     if gate_in_kernel:
@@ -509,12 +472,11 @@ def chunked_scan(inp: SSMInputs, state: SSMState, *, z, D, mimo_x=None, mimo_z=N
     R, N, P = inp.q.shape[2], inp.q.shape[4], inp.x.shape[3]
     _check(blocks.bp == 0 or (is_pow2(blocks.bp) and blocks.bp >= 16 and P % blocks.bp == 0),
            f"block bp {blocks.bp} must be a power of two >= 16 dividing P = {P}")
-    for name in ("rotary_chunk", "rotary_chunk_infer"):
-        n = getattr(blocks, name)
-        _check(n == 0 or (is_pow2(n) and (interpret or n >= 16)),
-               f"{name} {n} must be 0 or a power of two (>= 16 compiled)")
-    if blocks.pre_angles not in (0, 1, 2) or blocks.pass_unroll < 1:
-        raise ValueError(f"TritonBlocks pre_angles must be 0, 1 or 2 (got {blocks.pre_angles}) "
+    n = blocks.rotary_chunk
+    _check(n == 0 or (is_pow2(n) and (interpret or n >= 16)),
+           f"rotary_chunk {n} must be 0 or a power of two (>= 16 compiled)")
+    if blocks.pre_angles not in (0, 1) or blocks.pass_unroll < 1:
+        raise ValueError(f"TritonBlocks pre_angles must be 0 or 1 (got {blocks.pre_angles}) "
                          f"and pass_unroll >= 1 (got {blocks.pass_unroll})")
     S = inp.angle_inc.shape[-1]
     plain = N - 2 * S

@@ -61,11 +61,6 @@ class TritonBlocks:
     # tokens per rotation program (0: the core's chunk; prepare_rows). 16 (2 warps): fwd+bwd
     # 2.35-2.39 vs 2.56 ms at B8 L2048 H32, 5.18 vs 5.65 at B1 L16384 H64 on an H200 (session 6)
     rotary_chunk: int = 16
-    # the rotation's chunk in the inference forward (outside autodiff, where no backward shares
-    # it); 0: rotary_chunk. 32 / 64 (4 warps): fewer, larger programs, half or a quarter of the
-    # per-program work (prefix-sum matrix, segment ids, biases, index maths) per token; the
-    # forward-only rotation ran at ~2.5 TB/s on 16-token chunks (session 17). Opt-in until timed
-    rotary_chunk_infer: int = 0
     # 1: outside autodiff, SISO without RMSNorm: D and the gate in the output kernel's epilogue
     # (the output is written once, gated, instead of y then an XLA pass over y, x and z).
     inference_gate: int = 1
@@ -91,10 +86,8 @@ class TritonBlocks:
     # read it and form pi tanh in registers (0: they read the float32 `angle_rate`). H200
     # (session 12, with fast_trig): fwd 0.630 -> 0.547 ms (B8 L2048 H32), 1.360 -> 1.234
     # (B1 L16384); fwd+bwd 2.288 -> 2.207 (H32), 4.520 -> 4.420 (H64), 4.949 -> 5.030 (B1 L16384).
-    # 2: also the backward of XLA's chunk totals forms pi tanh again from the raw angles instead
-    # of keeping the float32 rate (B, L, H, S) of the forward, which XLA stored and read twice
-    # (loop_tanh_fusion, 0.05 ms, and two readers, 0.23 ms with other work, of fwd+bwd at B8
-    # L2048 H64: session 17's compiled HLO; `api._pre_token_sum`). Opt-in until timed
+    # (A custom VJP for XLA's chunk totals that formed pi tanh again in the backward instead of
+    # storing the float32 rate tied with this, session 18: removed.)
     pre_angles: int = 1
     # 1: the chunk output kernel as a Pallas Mosaic GPU kernel (`pallas_mosaic_gpu`: TMA, wgmma)
     # where it covers the shape (bf16 / f16 SISO, 64-token chunks), the Triton one elsewhere;

@@ -141,29 +141,6 @@ def test_rotary_chunk(R):
     _matches_reference(functools.partial(kernel, chunk=32, blocks=blocks), inp, state, p, 10)
 
 
-def test_rotary_chunk_infer():
-    """`rotary_chunk_infer`: the inference forward's rotation on its own chunks (here 32 tokens
-    against 16 under autodiff): the same output and final state, the training path untouched."""
-    inp, state, p = make_problem(9, B, 72, 1, H, N, P, S, jnp.float32, True, groups=1)
-    inp = inp._replace(reset=inp.reset.at[:, 20].set(True))
-    small = 8 if INTERPRET else 16
-    base = TritonBlocks(rotary_chunk=small)
-    infer = dataclasses.replace(base, rotary_chunk_infer=32)
-    got, got_state = kernel(inp, state, 32, infer, **p)
-    want, want_state = kernel(inp, state, 32, base, **p)
-    assert rel(got, want) < 1e-6
-    check_state(got_state, want_state, 1e-6)
-    grids = {b: _kernel_bodies(lambda i, b=b: kernel(i, state, 32, b, **p), inp,
-                               name="mamba3_rotate_qk", grids=True) for b in (base, infer)}
-    Lp = 96  # 72 tokens padded to chunks of 32
-    assert [g[1] for g in grids[base]] == [Lp // small]
-    assert [g[1] for g in grids[infer]] == [Lp // 32]
-    train = _kernel_bodies(jax.grad(lambda x: jnp.sum(kernel(inp._replace(x=x), state, 32, infer,
-                                                            **p)[0])),
-                           inp.x, name="mamba3_rotate_qk", grids=True)
-    assert train and all(g[1] == Lp // small for g in train)
-
-
 def _matches_reference(fn, inp, state, p, seed):
     """fn's output, final state and every input gradient == the reference's (float32)."""
     want, want_state = reference(inp, state, **p)
@@ -289,7 +266,7 @@ def test_pre_activation_angles(rate_heads, pre_dtype):
     """The rotation kernels on the rate's pre-activation (`SSMInputs.angle_pre`, pi tanh in
     registers; the official kernels' input): forward, state and every gradient (angle_pre and
     dt included) == the reference's on pi tanh(angle_pre) * dt, and == the kernels on the float32
-    rate (`pre_angles=0`); `pre_angles=2` == 1."""
+    rate (`pre_angles=0`)."""
     inp, state, p = make_problem(8, B, 44, 1, H, N, P, S, jnp.float32, True, groups=1)
     inp = _with_factors(inp, rate_heads, 9)
     inp = inp._replace(angle_pre=(1.5 * inp.angle_rate).astype(pre_dtype))
@@ -316,16 +293,6 @@ def test_pre_activation_angles(rate_heads, pre_dtype):
                       for g in got_g),
                 tuple(g._replace(angle_pre=None) if hasattr(g, "angle_pre") else g
                       for g in want_g), GRAD_TOL["float32"])
-    # pre_angles=2: the chunk totals' backward forms pi tanh again (`_pre_token_sum`): the same
-    # output and gradients as pre_angles=1 (the same operations, in a custom VJP)
-    again = _from_pre(functools.partial(kernel, chunk=32, blocks=dataclasses.replace(
-        blocks, pre_angles=2)))
-    got2, state2 = again(inp, state, **p)
-    assert rel(got2, got) < 1e-6
-    check_state(state2, got_state, 1e-6)
-    got2_g = vjp_all(again, inp, state, p, ct)
-    assert got2_g[0].angle_pre.dtype == jnp.dtype(pre_dtype)
-    check_grads(got2_g, got_g, 1e-6)
 
 
 def test_factored_angles_bad_shapes():
@@ -424,10 +391,8 @@ def test_bad_options_rejected():
         kernel(inp, state, 16, TritonBlocks(bp=24), **p)
     with pytest.raises(backends.Unsupported, match="rotary_chunk 12"):
         kernel(inp, state, 16, TritonBlocks(rotary_chunk=12), **p)
-    with pytest.raises(backends.Unsupported, match="rotary_chunk_infer 24"):
-        kernel(inp, state, 16, TritonBlocks(rotary_chunk_infer=24), **p)
-    for bad in (TritonBlocks(pre_angles=3), TritonBlocks(pass_unroll=0)):
-        with pytest.raises(ValueError, match="pre_angles must be 0, 1 or 2"):
+    for bad in (TritonBlocks(pre_angles=2), TritonBlocks(pass_unroll=0)):
+        with pytest.raises(ValueError, match="pre_angles must be 0 or 1"):
             kernel(inp, state, 16, bad, **p)
 
 
