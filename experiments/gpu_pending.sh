@@ -102,7 +102,8 @@ prefill)  # the opt-in kernel options built in session 17, beside the official k
   ;;
 lm)  # issue 13's state-size study, its central cells first (Mamba-3 SISO at d_state 64 against
   # Mamba-2 at 128, each beside the other's size), two seeds, 1,000 steps (65M tokens) a run;
-  # four shards share the GPU (a small_gpu run leaves most of it idle). Resumable: run the part
+  # LM_SHARDS shards share the GPU (a small_gpu run leaves most of it idle; four ran out of
+  # memory on an H100, session 18). Resumable: run the part
   # again while the machine is warm (TERM checkpoints the runs; the compile cache skips the
   # compiles). The runs' metrics come back as a tar.
   mkdir -p runs/lm_state_size runs/jax_cache
@@ -111,13 +112,14 @@ lm)  # issue 13's state-size study, its central cells first (Mamba-3 SISO at d_s
   sel="--study state_size --variants ${LM_VARIANTS:-siso_N64,siso_N128,mamba2_N64,mamba2_N128}
     --seeds 0,1 --set train.steps=1000 --workdir runs/lm_state_size --out runs/lm_state_size_out"
   budget=$(left 560)
-  for i in 0 1 2 3; do
-    timeout -s TERM $budget python3 experiments/lm_compare.py $sel --shard $i/4 \
+  n=${LM_SHARDS:-2}
+  for i in $(seq 0 $((n - 1))); do
+    timeout -s TERM $budget python3 experiments/lm_compare.py $sel --shard $i/$n \
       --time_budget $((budget - 20)) > "$OUT/lm_$i.log" 2>&1 &
   done
   wait
   python3 experiments/lm_compare.py $sel --collect_only 2>&1 | tail -15
-  tail -3 "$OUT"/lm_*.log runs/lm_state_size/*/train.log | cut -c1-200
+  for f in "$OUT"/lm_*.log runs/lm_state_size/*/train.log; do echo "== $f"; tail -n 3 "$f" | cut -c1-200; done
   tar -czf "$OUT/lm_state_size.tgz" --exclude='checkpoints' --exclude='*.npz' -C runs \
     lm_state_size lm_state_size_out 2>/dev/null; ls -la "$OUT"
   ;;

@@ -96,7 +96,8 @@ def aggregate(rows: list[dict]) -> list[dict]:
     """Mean and spread (sample std; min..max) of final test bits/byte per variant."""
     out = {}
     for r in rows:
-        if r.get("eval_bpb") is None:
+        # a stopped or failed run's last evaluation is not a result (step 0's, for one that died)
+        if r.get("eval_bpb") is None or not r.get("complete"):
             continue
         out.setdefault(r["variant"], []).append(r)
     table = []
@@ -185,6 +186,7 @@ def main(argv=None):
     rows = sweep.collect(runs)
     for row, r in zip(rows, runs, strict=True):
         row["variant"] = r["variant"]
+        row["complete"] = sweep.is_complete(r["workdir"])
     table = aggregate(rows)
     out = args.out or os.path.join("experiments", "results", f"lm_{args.study}")
     write(args.study, table, rows, out, runs)
