@@ -88,17 +88,16 @@ stream)  # issue 10: how fast a kernel streams the decode state (XLA, Pallas Tri
       --mosaic $m 2>&1 | grep -E "^\| |Error" | grep -v "^\| N\|---" | tail -22
   done
   ;;
-prefill)  # the opt-in kernel options built in session 17, beside the official kernels:
-  # `pass_unroll` (the sequential passes' chain at small B H: shape c), `pre_angles=2` and
-  # `core_gate=1` (XLA work of the backward: fwd+bwd at a, b), `rotary_chunk_infer` (the
-  # inference forward's rotation on larger chunks: fwd at a, b)
+prefill)  # the opt-in kernel options, beside the official kernels: `pass_unroll` (the
+  # sequential passes' chain at small B H: shape c), `core_gate=1` (XLA work of the backward:
+  # fwd+bwd at a, b). Session 18 ran it with `pre_angles=2` and `rotary_chunk_infer` too (both
+  # removed since)
   OUT=$OUT timeout 240 bash experiments/gpu_prefill.sh --shapes c --modes fwd,fwd+bwd \
     --variants "ours,pass_unroll=2,pass_unroll=4" --reps 10 | tail -8
   b() { timeout $(left $1) python3 -m pallas_kernels.chunked_scan.bench \
     --official "$OUT/official.json" --reps 10 "${@:2}" 2>&1 | grep -v '^{' | tail -12; }
   b 420 --shapes a,b --modes fwd+bwd \
-    --variants "ours,pre_angles=2,core_gate=1,pre_angles=2;core_gate=1"
-  b 570 --shapes a,b --modes fwd --variants "ours,rotary_chunk_infer=32,rotary_chunk_infer=64"
+    --variants "ours,core_gate=1"
   ;;
 lm)  # issue 13's state-size study, its central cells first (Mamba-3 SISO at d_state 64 against
   # Mamba-2 at 128, each beside the other's size), two seeds, 1,000 steps (65M tokens) a run;

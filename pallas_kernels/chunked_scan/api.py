@@ -131,7 +131,8 @@ def _carried_angles(inp: SSMInputs, state: SSMState, seg, padt, C: int, L: int,
     at the last token (B, H, S)."""
     if factored:
         dt = padt(inp.angle_dt.astype(f32))
-        # with pre, XLA forms the rate only inside the reductions below (fused, not stored)
+        # with pre, the float32 rate exists only for the reductions below (XLA keeps it for
+        # their backward: session 17's HLO; recomputing it there instead did not pay, session 18)
         rate = (math.pi * jnp.tanh(padt(inp.angle_pre).astype(f32)) if pre
                 else padt(inp.angle_rate.astype(f32)))
         inc = (rate, dt)

@@ -87,7 +87,7 @@ class TritonBlocks:
     # (session 12, with fast_trig): fwd 0.630 -> 0.547 ms (B8 L2048 H32), 1.360 -> 1.234
     # (B1 L16384); fwd+bwd 2.288 -> 2.207 (H32), 4.520 -> 4.420 (H64), 4.949 -> 5.030 (B1 L16384).
     # (A custom VJP for XLA's chunk totals that formed pi tanh again in the backward instead of
-    # storing the float32 rate tied with this, session 18: removed.)
+    # storing the float32 rate timed level with this in session 18: removed.)
     pre_angles: int = 1
     # 1: the chunk output kernel as a Pallas Mosaic GPU kernel (`pallas_mosaic_gpu`: TMA, wgmma)
     # where it covers the shape (bf16 / f16 SISO, 64-token chunks), the Triton one elsewhere;
