@@ -10,14 +10,31 @@ import mqar  # noqa: E402
 
 
 def test_seed_aggregation_mean_and_spread():
-    rows = [{"variant": "siso_N64", "eval_bpb": 2.0, "params_M": 5.0},
-            {"variant": "siso_N64", "eval_bpb": 2.4, "params_M": 5.0},
-            {"variant": "mamba2_N64", "eval_bpb": 2.5, "params_M": 5.1},
-            {"variant": "mamba2_N64", "eval_bpb": None, "params_M": 5.1}]  # unfinished run
+    rows = [{"variant": "siso_N64", "eval_bpb": 2.0, "params_M": 5.0, "complete": True},
+            {"variant": "siso_N64", "eval_bpb": 2.4, "params_M": 5.0, "complete": True},
+            {"variant": "mamba2_N64", "eval_bpb": 2.5, "params_M": 5.1, "complete": True},
+            {"variant": "mamba2_N64", "eval_bpb": None, "params_M": 5.1},  # no evaluation yet
+            # a run that died or was stopped: its last evaluation (here step 0's) is no result
+            {"variant": "mamba2_N64", "eval_bpb": 4.25, "params_M": 5.1, "complete": False},
+            {"variant": "siso_N128", "eval_bpb": 4.25, "params_M": 5.2, "complete": False}]
     table = {t["variant"]: t for t in lm_compare.aggregate(rows)}
     assert math.isclose(table["siso_N64"]["test_bpb_mean"], 2.2)
     assert math.isclose(table["siso_N64"]["test_bpb_std"], math.sqrt(0.08))
     assert table["mamba2_N64"]["seeds"] == 1 and math.isnan(table["mamba2_N64"]["test_bpb_std"])
+    assert "siso_N128" not in table
+
+
+def test_plan_selects_variants(tmp_path):
+    runs = lm_compare.plan("state_size", "configs/small_gpu.py", str(tmp_path), [0, 1], {},
+                           ["mamba2_N128", "siso_N64"])
+    assert [r["name"] for r in runs] == ["mamba2_N128_seed0", "mamba2_N128_seed1",
+                                         "siso_N64_seed0", "siso_N64_seed1"]  # study order
+    try:
+        lm_compare.plan("state_size", "configs/small_gpu.py", str(tmp_path), [0], {}, ["siso_N8"])
+    except SystemExit as e:
+        assert "unknown state_size variants ['siso_N8']" in str(e)
+    else:
+        raise AssertionError("an unknown variant was accepted")
 
 
 def test_study_plans_cover_the_paper_tables(tmp_path):
